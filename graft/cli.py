@@ -1,0 +1,122 @@
+"""The ``graft`` command line. Stage commands call the same functions as the DVC stages and the flow.
+
+Heavy imports (torch, prefect) happen inside the commands that need them, so ``graft predict``
+loads only onnxruntime, Pillow and NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from graft import GraftError
+
+STAGES = ("ingest", "featurize", "train", "evaluate", "export")
+
+
+def _stage(name: str, params_path: str) -> dict:
+    from importlib import import_module
+
+    from graft.params import load_params
+
+    params = load_params(params_path)
+    module = {"train": "tasks.train_head"}.get(name, f"tasks.{name}")
+    return getattr(import_module(module), name)(params)
+
+
+def metrics_table(path: str | Path = "metrics/metrics.json") -> str:
+    """The model and baseline rows of metrics.json as a fixed-width table."""
+    m = json.loads(Path(path).read_text())
+    rows = [(m["model_name"], m["model"]), (f"baseline: raw pixels {m['baseline_size']}px + logreg", m["baseline"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'model':<{width}}  accuracy  macro_f1  bal_acc     ece     n"]
+    lines += [f"{name:<{width}}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['balanced_accuracy']:>7.4f}  {r['ece']:>6.4f}  {r['n']:>4}"
+              for name, r in rows]
+    return "\n".join(lines)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import csv
+
+    from graft.predict import OnnxClassifier, list_images, predict_files
+
+    model = OnnxClassifier(args.model, threads=args.threads)
+    paths = list_images(args.target)
+    if not paths:
+        raise GraftError(f"no image files under {args.target}")
+    records = list(predict_files(model, paths, args.batch_size, args.top_k))
+    if args.out:
+        from graft.atomic import write_text
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["path", "label", "probability", "error"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+        write_text(args.out, buf.getvalue())
+    for r in records:
+        shown = f"{r['label']}\t{r['probability']:.4f}" if r["error"] is None else f"ERROR\t{r['error']}"
+        print(f"{r['path']}\t{shown}")
+    bad = sum(r["error"] is not None for r in records)
+    print(f"{len(records) - bad} predicted, {bad} unreadable", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="Transfer learning for image classification.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        s = sub.add_parser(name, help=f"run the {name} stage")
+        s.add_argument("--params", default="params.yaml")
+    s = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    s.add_argument("--params", default="params.yaml")
+    s = sub.add_parser("demo-data", help="write scikit-learn's handwritten digits as class folders")
+    s.add_argument("--out", default="data/raw")
+    s.add_argument("--per-class", type=int, default=None, help="keep only N images per class")
+    s = sub.add_parser("predict", help="classify a file or folder with an exported ONNX model (onnxruntime only)")
+    s.add_argument("target")
+    s.add_argument("--model", default="models/model.onnx")
+    s.add_argument("--out", help="also write the predictions as CSV")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--top-k", type=int, default=1)
+    s.add_argument("--threads", type=int, default=0)
+    s = sub.add_parser("metrics", help="print the model vs baseline table from metrics.json")
+    s.add_argument("--path", default="metrics/metrics.json")
+    sub.add_parser("backbones", help="list the registered backbones")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGES:
+            print(json.dumps({args.command: _stage(args.command, args.params)}, default=str))
+        elif args.command == "run":
+            from flows.pipeline import pipeline
+
+            pipeline(args.params)
+        elif args.command == "demo-data":
+            from graft.demo import write_digits
+
+            counts = write_digits(args.out, args.per_class)
+            print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}")
+        elif args.command == "predict":
+            _predict(args)
+        elif args.command == "metrics":
+            print(metrics_table(args.path))
+        elif args.command == "backbones":
+            from graft.backbones import REGISTRY
+
+            print("\n".join([*REGISTRY, "timm:<any timm model name>"]))
+    except GraftError as exc:
+        print(f"graft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The one typed params object: ``params.yaml`` is read once into :class:`Params`.
+
+Unknown keys, wrong types and out-of-range values fail with a one-line message naming the key.
+Defaults carry a short reason beside them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from graft import GraftError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SplitParams(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class DataParams(_Strict):
+    root: str = "data/raw"  # class folders, train/val/test folders, or where manifest paths resolve
+    manifest: Optional[str] = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
+    out_dir: str = "data"  # manifest.parquet, quarantine.csv, classes.json land here
+    split: SplitParams = SplitParams()
+
+
+class IngestParams(_Strict):
+    max_bad_fraction: float = Field(0.2, ge=0, le=1)  # fail the stage when more files than this are bad
+    label_conflicts: Literal["quarantine", "keep"] = "quarantine"  # same bytes under two labels
+    min_images_per_class: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=64)  # decoding threads (Pillow releases the GIL)
+
+
+class FeaturizeParams(_Strict):
+    backbone: str = "efficientnet_lite0"  # see `graft backbones`
+    weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
+    image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(2, ge=1, le=64)  # decoder threads feeding the model
+    threads: int = Field(0, ge=0, le=256)  # torch intra-op threads; 0 = all cores
+    cache_dir: str = "cache/features"  # shared by every run; keyed by image sha256 x backbone fingerprint
+    part_rows: int = Field(2048, ge=1)  # rows per Parquet part: bounds memory and lost work on a crash
+    out: str = "data/features.parquet"  # the features of this manifest's images, for the train stage
+
+
+class TrainParams(_Strict):
+    mode: Literal["head"] = "head"
+    head: Literal["logreg", "mlp"] = "logreg"
+    hidden: int = Field(512, ge=1)  # MLP hidden width
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(300, ge=1)
+    patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
+    class_weights: bool = False  # weight the loss by inverse class frequency of the train split
+    model_dir: str = "models"
+
+
+class EvaluateParams(_Strict):
+    baseline_size: int = Field(16, ge=4, le=128)  # raw-pixel baseline: images downscaled to NxN grey
+    ece_bins: int = Field(15, ge=2, le=100)
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    report: str = "reports/report.md"
+
+
+class ExportParams(_Strict):
+    opset: int = Field(17, ge=13, le=21)
+    atol: float = Field(1e-4, gt=0)  # max |p_onnx - p_torch| allowed at batch 1 and batch N
+    check_batch: int = Field(8, ge=2, le=256)
+    out: str = "models/model.onnx"
+
+
+class Params(_Strict):
+    seed: int = 0
+    data: DataParams = DataParams()
+    ingest: IngestParams = IngestParams()
+    featurize: FeaturizeParams = FeaturizeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}".replace("\n", " ")
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate a mapping into :class:`Params`; raise :class:`GraftError` with a one-line message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GraftError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise GraftError(_one_line(exc, source)) from None
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    p = Path(path)
+    if not p.is_file():
+        raise GraftError(f"{p}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise GraftError(f"{p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, str(p))

@@ -1,0 +1,77 @@
+"""Serve an exported model with onnxruntime only (no torch import on this path)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from graft import GraftError
+from graft.images import IMAGE_EXTENSIONS, BadImage, Preprocess, load_rgb, preprocess
+
+
+class OnnxClassifier:
+    """An exported graft model: reads its preprocessing and class names from the ONNX metadata."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 0):
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise GraftError(f"model {path} not found: run `dvc repro` (export stage) or pass --model")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
+            raise GraftError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "graft.classes" not in meta:
+            raise GraftError(f"{path} has no graft metadata: export it with graft")
+        self.classes: list[str] = json.loads(meta["graft.classes"])
+        spec = json.loads(meta["graft.input"])
+        self.preprocess = Preprocess(spec["resize_shorter_side"], spec["height"], tuple(spec["mean"]),
+                                     tuple(spec["std"]), spec["interpolation"])
+        self.metadata = dict(meta)
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["probabilities"], {"image": batch})[0]
+
+
+def list_images(target: str | os.PathLike[str]) -> list[Path]:
+    """One file, or every image file under a folder (hidden entries skipped, links to folders not followed)."""
+    p = Path(target)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise GraftError(f"{p}: no such file or folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(filenames)
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return out
+
+
+def predict_files(model: OnnxClassifier, paths: list[Path], batch_size: int = 32, top_k: int = 1) -> Iterator[dict]:
+    """Yield one record per file: the top-k labels and probabilities, or the reason it was skipped."""
+    for i in range(0, len(paths), batch_size):
+        chunk, arrays, records = paths[i : i + batch_size], [], []
+        for p in chunk:
+            try:
+                arrays.append(preprocess(load_rgb(p, min_side=model.preprocess.resize)[0], model.preprocess))
+                records.append({"path": str(p)})
+            except BadImage as exc:
+                yield {"path": str(p), "label": None, "probability": None, "error": str(exc)}
+        if not arrays:
+            continue
+        proba = model.predict_arrays(np.stack(arrays))
+        for rec, pr in zip(records, proba):
+            top = np.argsort(-pr)[:top_k]
+            rec.update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
+            if top_k > 1:
+                rec["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
+            yield rec

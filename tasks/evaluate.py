@@ -1,0 +1,153 @@
+"""Evaluate: test-split metrics for the model and, beside them, a raw-pixel baseline.
+
+The baseline (logistic regression on downscaled grey pixels) tells a user whether transfer helps
+at all on their data; ImageNet features can lose to raw pixels on small grey images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
+                             precision_recall_fscore_support)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from graft import GraftError
+from graft.atomic import write_csv, write_json, write_text, write_with
+from graft.images import load_rgb
+from graft.params import Params
+from tasks import stage_task
+from tasks.featurize import load_feature_table
+from tasks.train_head import head_from_payload, load_model, split_arrays
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width bins."""
+    conf, pred = proba.max(1), proba.argmax(1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs((pred[sel] == y[sel]).mean() - conf[sel].mean())
+    return float(ece)
+
+
+def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int = 15) -> dict:
+    """Accuracy, macro-F1, balanced accuracy, ECE and per-class precision/recall/F1."""
+    pred = proba.argmax(1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": round(float(accuracy_score(y, pred)), 4),
+        "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 4),
+        "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4),
+        "ece": round(expected_calibration_error(y, proba, bins), 4),
+        "n": int(len(y)),
+        "per_class": {c: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
+                          "f1": round(float(f[i]), 4), "support": int(s[i])} for i, c in enumerate(classes)},
+    }
+
+
+def pixel_matrix(paths: list[Path], size: int) -> np.ndarray:
+    """Images as flattened size x size grey pixels in [0, 1] (the baseline's input)."""
+    out = np.empty((len(paths), size * size), np.float32)
+    for i, p in enumerate(paths):
+        img = load_rgb(p, min_side=size)[0].convert("L").resize((size, size), resample=3, reducing_gap=2.0)
+        out[i] = np.asarray(img, np.float32).ravel() / 255.0
+    return out
+
+
+def raw_pixel_baseline(manifest: pd.DataFrame, root: Path, classes: list[str], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit logistic regression on train-split raw pixels; return test labels and probabilities."""
+    index = {c: i for i, c in enumerate(classes)}
+    tr, te = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(pixel_matrix([root / p for p in tr["path"]], size), tr["label"].map(index))
+    proba = np.zeros((len(te), len(classes)))
+    proba[:, clf.classes_] = clf.predict_proba(pixel_matrix([root / p for p in te["path"]], size))
+    return te["label"].map(index).to_numpy(), proba
+
+
+def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Test labels and the trained model's probabilities on the cached test features."""
+    payload = load_model(Path(params.train.model_dir) / "model.pt")
+    if payload["classes"] != classes:
+        raise GraftError("model classes differ from data/classes.json: rerun train")
+    feats, _ = load_feature_table(params.featurize.out)
+    x, y = split_arrays(manifest, feats, classes, "test")
+    with torch.no_grad():
+        proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
+    return y, proba
+
+
+def plot_confusion(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(y, pred, labels=range(len(classes)), display_labels=classes,
+                                            ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def report_markdown(metrics: dict) -> str:
+    m, b = metrics["model"], metrics["baseline"]
+    rows = "\n".join(
+        f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['balanced_accuracy']:.4f} | {r['ece']:.4f} |"
+        for name, r in ((metrics["model_name"], m), (f"baseline: raw pixels {metrics['baseline_size']}x{metrics['baseline_size']} + logreg", b)))
+    verdict = ("Transfer beats the raw-pixel baseline." if m["macro_f1"] > b["macro_f1"] else
+               "**The raw-pixel baseline is as good or better: transfer does not help here as configured.** "
+               "Try `train.mode: finetune`, another backbone, or a smaller `featurize.image_size`.")
+    per_class = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                          for c, v in m["per_class"].items())
+    counts = ", ".join(f"{k}: {v}" for k, v in metrics["counts"].items())
+    return (f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
+            f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
+            f"## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
+
+
+def evaluate(params: Params) -> dict:
+    """Run the evaluate stage: metrics.json, confusion data and PNG, and the Markdown report."""
+    ep = params.evaluate
+    out = Path(params.data.out_dir)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    classes = json.loads((out / "classes.json").read_text())["classes"]
+    if not (manifest["split"] == "test").any():
+        raise GraftError("the test split is empty: add images or raise data.split.test")
+    y, proba = model_test_proba(params, manifest, classes)
+    yb, proba_b = raw_pixel_baseline(manifest, Path(params.data.root), classes, ep.baseline_size, params.seed)
+    model_metrics = classification_metrics(y, proba, classes, ep.ece_bins)
+    baseline = classification_metrics(yb, proba_b, classes, ep.ece_bins)
+    baseline.pop("per_class")
+    metrics = {
+        "model_name": f"{params.featurize.backbone} + {params.train.head} head",
+        "model": model_metrics,
+        "baseline": baseline,
+        "baseline_size": ep.baseline_size,
+        "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
+    }
+    mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
+    write_json(mdir / "metrics.json", metrics)
+    pred = proba.argmax(1)
+    write_csv(mdir / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}))
+    plot_confusion(pdir / "confusion.png", y, pred, classes)
+    write_text(ep.report, report_markdown(metrics))
+    return metrics
+
+
+evaluate_task = stage_task(evaluate, "evaluate")
