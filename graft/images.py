@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
-_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM", "MPO")
+# No "MPO": it is not an Image.open format (the JPEG opener returns MPO files itself), and naming it
+# makes Pillow raise KeyError for any file no listed format accepts.
+_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 _ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -82,7 +84,10 @@ def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None
     Raises:
         BadImage: with a short reason for the quarantine record.
     """
-    fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    try:
+        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as exc:
+        raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -92,15 +97,21 @@ def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None
                 raise BadImage("not a recognised image format") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise BadImage(f"decompression bomb: {exc}".split(" could be")[0]) from None
+            except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
+                raise BadImage(f"cannot decode: {exc}") from None
             width, height = img.size
             if width == 0 or height == 0:
                 raise BadImage("image has zero width or height")
-            orientation = img.getexif().get(0x0112, 1)
-            if orientation in _ORIENTATION_SWAPS:
-                width, height = height, width
-            if min_side and img.format in ("JPEG", "MPO"):
-                img.draft(img.mode, (min_side, min_side))
+            # catch_warnings is process-global, so another thread may lift the "error" filter: check directly
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise BadImage(f"decompression bomb: Image size ({width * height} pixels) exceeds limit of "
+                               f"{Image.MAX_IMAGE_PIXELS} pixels,")
             try:
+                orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
+                if orientation in _ORIENTATION_SWAPS:
+                    width, height = height, width
+                if min_side and img.format in ("JPEG", "MPO"):
+                    img.draft(img.mode, (min_side, min_side))
                 img.load()
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise BadImage(f"cannot decode: {exc}") from None

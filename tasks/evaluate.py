@@ -76,16 +76,17 @@ def raw_pixel_baseline(manifest: pd.DataFrame, root: Path, classes: list[str], s
     return te["label"].map(index).to_numpy(), proba
 
 
-def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Test labels and the trained model's probabilities on the cached test features."""
+def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Test labels, the trained model's probabilities on the cached test features, and its name."""
     payload = load_model(Path(params.train.model_dir) / "model.pt")
+    name = f"{payload['backbone']['name']} + {payload['head']['kind']} head"
     if payload["classes"] != classes:
         raise GraftError("model classes differ from data/classes.json: rerun train")
     feats, _ = load_feature_table(params.featurize.out)
     x, y = split_arrays(manifest, feats, classes, "test")
     with torch.no_grad():
         proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
-    return y, proba
+    return y, proba, name
 
 
 def plot_confusion(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:
@@ -129,13 +130,13 @@ def evaluate(params: Params) -> dict:
     classes = json.loads((out / "classes.json").read_text())["classes"]
     if not (manifest["split"] == "test").any():
         raise GraftError("the test split is empty: add images or raise data.split.test")
-    y, proba = model_test_proba(params, manifest, classes)
+    y, proba, model_name = model_test_proba(params, manifest, classes)
     yb, proba_b = raw_pixel_baseline(manifest, Path(params.data.root), classes, ep.baseline_size, params.seed)
     model_metrics = classification_metrics(y, proba, classes, ep.ece_bins)
     baseline = classification_metrics(yb, proba_b, classes, ep.ece_bins)
     baseline.pop("per_class")
     metrics = {
-        "model_name": f"{params.featurize.backbone} + {params.train.head} head",
+        "model_name": model_name,
         "model": model_metrics,
         "baseline": baseline,
         "baseline_size": ep.baseline_size,

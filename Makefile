@@ -1,0 +1,36 @@
+# graft: `make demo` runs the whole pipeline on the embedded default; `make test` runs the tests.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo test test-fast repro bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## demo: digits -> Lite0 features -> head -> metrics vs raw-pixel baseline -> ONNX (a few minutes on 2 cores)
+demo: install
+	@start=$$(date +%s); \
+	test -d data/raw || graft demo-data --out data/raw; \
+	dvc repro && graft metrics && echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+## test: the whole suite, including the end-to-end `dvc repro` with the real Lite0 weights
+test: install
+	pytest -q
+
+## test-fast: unit tests only (skips the slow end-to-end and real-weights tests)
+test-fast: install
+	pytest -q -m "not slow"
+
+repro: install
+	dvc repro
+
+clean:
+	rm -rf data/features.parquet data/manifest.parquet data/classes.json data/quarantine.csv \
+	       models metrics plots reports

@@ -1,0 +1,249 @@
+"""Tests for graft.params: defaults, the repo's params.yaml, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from graft import GraftError
+from graft.params import Params, load_params, parse_params
+from tests.conftest import REPO
+
+
+def _one_line_error(exc_info: pytest.ExceptionInfo) -> str:
+    """The error message, checked to be exactly one non-empty line."""
+    msg = str(exc_info.value)
+    assert msg.strip(), "empty error message"
+    assert len(msg.splitlines()) == 1, f"message is not one line: {msg!r}"
+    return msg
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    """Write ``text`` to a params file under ``tmp_path``."""
+    p = tmp_path / "params.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, typing.Any]:
+    """Every known dotted key of ``model`` mapped to its annotation (nested models included)."""
+    out: dict[str, typing.Any] = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        out[key] = field.annotation
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out.update(_leaf_fields(field.annotation, f"{key}."))
+    return out
+
+
+def _nest(dotted: str, value: object) -> dict:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    parts = dotted.split(".")
+    out: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def test_defaults_load() -> None:
+    """An empty mapping (and an empty file) gives the documented defaults."""
+    p = parse_params({})
+    assert p == Params()
+    assert p.train.lr == pytest.approx(3e-3)
+    assert p.featurize.backbone == "efficientnet_lite0"
+    assert p.data.split.train + p.data.split.val + p.data.split.test == pytest.approx(1.0)
+    assert parse_params(None) == Params()
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    """An empty params.yaml is valid and equals the defaults."""
+    assert load_params(_write(tmp_path, "")) == Params()
+
+
+def test_repo_params_yaml_loads() -> None:
+    """The repository's own params.yaml validates and matches its raw YAML values."""
+    path = REPO / "params.yaml"
+    p = load_params(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert p.seed == raw["seed"]
+    assert p.train.lr == pytest.approx(raw["train"]["lr"])
+    assert p.featurize.backbone == raw["featurize"]["backbone"]
+    assert p.export.out == raw["export"]["out"]
+    assert p.model_dump(mode="json")["data"]["split"] == pytest.approx(raw["data"]["split"])
+
+
+def test_params_are_frozen() -> None:
+    """The params object cannot be mutated after loading."""
+    p = parse_params({})
+    with pytest.raises(Exception):
+        p.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train": {"learning_rate": 0.1}}, "train.learning_rate"),
+        ({"bogus": 1}, "bogus"),
+        ({"data": {"split": {"holdout": 0.1}}}, "data.split.holdout"),
+    ],
+)
+def test_unknown_key(raw: dict, key: str) -> None:
+    """An unknown key fails with a one-line message naming it as unknown."""
+    with pytest.raises(GraftError) as info:
+        parse_params(raw)
+    msg = _one_line_error(info)
+    assert f"{key}: unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"max_epochs": 2.5}}, "train.max_epochs"),
+        ({"train": {"head": "svm"}}, "train.head"),
+        ({"featurize": {"batch_size": [8]}}, "featurize.batch_size"),
+        ({"data": {"root": 5}}, "data.root"),
+        ({"seed": "zero"}, "seed"),
+        ({"data": {"split": 0.5}}, "data.split"),
+    ],
+)
+def test_wrong_type(raw: dict, key: str) -> None:
+    """A wrong type fails with a one-line message naming the dotted key."""
+    with pytest.raises(GraftError) as info:
+        parse_params(raw)
+    assert f"{key}: " in _one_line_error(info)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"lr": 11}}, "train.lr"),
+        ({"featurize": {"image_size": 8}}, "featurize.image_size"),
+        ({"ingest": {"max_bad_fraction": 1.5}}, "ingest.max_bad_fraction"),
+        ({"export": {"opset": 5}}, "export.opset"),
+        ({"evaluate": {"ece_bins": 1}}, "evaluate.ece_bins"),
+    ],
+)
+def test_out_of_range(raw: dict, key: str) -> None:
+    """An out-of-range value fails with a one-line message naming the key and the bad value."""
+    with pytest.raises(GraftError) as info:
+        parse_params(raw)
+    msg = _one_line_error(info)
+    assert f"{key}: " in msg
+    value = next(iter(next(iter(raw.values())).values()))
+    assert repr(value) in msg
+
+
+def test_split_must_sum_to_one() -> None:
+    """Split fractions that do not sum to 1 fail naming data.split."""
+    with pytest.raises(GraftError) as info:
+        parse_params({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}})
+    msg = _one_line_error(info)
+    assert "data.split" in msg
+    assert "must be 1" in msg
+
+
+def test_valid_split_override() -> None:
+    """A split that sums to 1 is accepted as given."""
+    p = parse_params({"data": {"split": {"train": 0.6, "val": 0.2, "test": 0.2}}})
+    assert (p.data.split.train, p.data.split.val, p.data.split.test) == (0.6, 0.2, 0.2)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_top_level(tmp_path: Path, text: str) -> None:
+    """A YAML file whose top level is not a mapping fails naming the file and the problem."""
+    path = _write(tmp_path, text)
+    with pytest.raises(GraftError) as info:
+        load_params(path)
+    msg = _one_line_error(info)
+    assert str(path) in msg
+    assert "top level must be a mapping" in msg
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    """Malformed YAML fails with one line naming the file and the line."""
+    path = _write(tmp_path, "train:\n  lr: 0.1\n  head: [logreg\nseed: 1\n")
+    with pytest.raises(GraftError) as info:
+        load_params(path)
+    msg = _one_line_error(info)
+    assert str(path) in msg
+    assert "not valid YAML" in msg
+    assert " line " in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing params file fails with one line naming the path."""
+    path = tmp_path / "nope" / "params.yaml"
+    with pytest.raises(GraftError) as info:
+        load_params(path)
+    msg = _one_line_error(info)
+    assert str(path) in msg
+    assert "not found" in msg
+
+
+def test_file_error_names_key_and_file(tmp_path: Path) -> None:
+    """A bad value in a file names both the file and the dotted key."""
+    path = _write(tmp_path, "train:\n  lr: -1\n")
+    with pytest.raises(GraftError) as info:
+        load_params(path)
+    msg = _one_line_error(info)
+    assert msg.startswith(f"{path}: train.lr: ")
+
+
+_KEYS = _leaf_fields(Params)
+_NESTED = {k for k, ann in _KEYS.items() if isinstance(ann, type) and issubclass(ann, BaseModel)}
+_junk_text = st.text(min_size=1, max_size=20).map(lambda s: "x" + s)  # never parses as a number or bool
+_wrong_for_scalar = st.one_of(
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), min_size=1, max_size=2),
+)
+
+
+def _wrong_values(key: str) -> st.SearchStrategy:
+    """Values that are the wrong type for ``key`` whatever the value."""
+    ann = _KEYS[key]
+    if key in _NESTED:  # a section: any scalar or list is wrong
+        return st.one_of(st.integers(), st.floats(allow_nan=False), _junk_text, st.lists(st.integers(), max_size=3))
+    args = set(typing.get_args(ann)) - {type(None)}
+    if ann is str or args == {str}:
+        return st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), _wrong_for_scalar)
+    # int, float, bool, Literal[...] and Optional[int]: non-numeric text and containers are all wrong
+    return st.one_of(_junk_text, _wrong_for_scalar)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_wrong_type_anywhere_names_the_key(data: st.DataObject) -> None:
+    """A wrong-typed value at any known key fails with a one-line message naming that key."""
+    key = data.draw(st.sampled_from(sorted(_KEYS)), label="key")
+    value = data.draw(_wrong_values(key), label="value")
+    with pytest.raises(GraftError) as info:
+        parse_params(_nest(key, value))
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1, msg
+    assert msg.startswith(f"params: {key}: "), msg
+
+
+def test_cli_bad_params_exits_2_with_one_line(tmp_path: Path) -> None:
+    """`graft train --params bad.yaml` exits 2 with one 'graft: error:' line and no traceback."""
+    bad = _write(tmp_path, "train:\n  lr: fast\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "train", "--params", str(bad)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("graft: error:")
+    assert "train.lr" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
