@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -89,34 +88,31 @@ def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fh, formats=_FORMATS)
-            except Image.UnidentifiedImageError:
-                raise BadImage("not a recognised image format") from None
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise BadImage(f"decompression bomb: {exc}".split(" could be")[0]) from None
-            except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
-                raise BadImage(f"cannot decode: {exc}") from None
-            width, height = img.size
-            if width == 0 or height == 0:
-                raise BadImage("image has zero width or height")
-            # catch_warnings is process-global, so another thread may lift the "error" filter: check directly
-            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-                raise BadImage(f"decompression bomb: Image size ({width * height} pixels) exceeds limit of "
-                               f"{Image.MAX_IMAGE_PIXELS} pixels,")
-            try:
-                orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
-                if orientation in _ORIENTATION_SWAPS:
-                    width, height = height, width
-                if min_side and img.format in ("JPEG", "MPO"):
-                    img.draft(img.mode, (min_side, min_side))
-                img.load()
-            except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                raise BadImage(f"cannot decode: {exc}") from None
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img), (width, height)
+        try:
+            img = Image.open(fh, formats=_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise BadImage("not a recognised image format") from None
+        except Image.DecompressionBombError:
+            raise BadImage(f"decompression bomb: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+        except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
+            raise BadImage(f"cannot decode: {exc}") from None
+        width, height = img.size
+        if width == 0 or height == 0:
+            raise BadImage("image has zero width or height")
+        # Checked here rather than through Pillow's warning: warning filters are process-global (threads).
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
+        try:
+            orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
+            if orientation in _ORIENTATION_SWAPS:
+                width, height = height, width
+            if min_side and img.format == "JPEG":
+                img.draft(img.mode, (min_side, min_side))
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise BadImage(f"cannot decode: {exc}") from None
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img), (width, height)
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
     finally:
@@ -141,3 +137,21 @@ def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:
 def load_batch(paths: Sequence[str | os.PathLike[str]], pp: Preprocess) -> np.ndarray:
     """Decode and preprocess a list of files into one float32 NCHW array."""
     return np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths])
+
+
+def prefetch_map(fn, chunks, workers: int):
+    """Yield ``fn(chunk)`` for each chunk in order, computing up to ``workers`` chunks ahead in threads.
+
+    Decoding in Pillow releases the GIL, so this overlaps image decoding with model work.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(fn, chunk))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -53,22 +53,31 @@ def _walk(top: Path) -> tuple[list[Path], list[Path]]:
     return images, ignored
 
 
-def _subdirs(p: Path) -> list[Path]:
-    return sorted(d for d in p.iterdir() if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))
+def _subdirs(p: Path, root: Path) -> list[Path]:
+    """Visible sub-folders. A symlinked folder counts only if it points outside the data root
+    (a link back into the tree would list images twice or loop); links inside it are not followed."""
+    inside = root.resolve()
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and not (d.is_symlink() and d.resolve().is_relative_to(inside)))
 
 
 def discover_folders(root: Path) -> tuple[list[Candidate], list[dict], int]:
-    """Candidates from a class-folder or train/val/test tree; loose files at the top are quarantined."""
+    """Candidates from a class-folder or train/val/test tree; loose images at the top are quarantined."""
     if not root.is_dir():
         raise GraftError(f"data root {root} does not exist (run `graft demo-data` or set data.root)")
-    top = _subdirs(root)
+    top = _subdirs(root, root)
     presplit = bool(top) and {d.name for d in top} <= set(SPLITS) and "train" in {d.name for d in top}
     groups = [(d, d.name) for d in top] if presplit else [(root, None)]
     cands, quarantine, ignored = [], [], 0
+    loose = [(root, None)] + groups if presplit else groups
+    for base, _ in loose:  # images with no class folder are recorded; other loose files (README) ignored
+        for f in sorted(x for x in base.iterdir() if x.is_file() and not x.name.startswith(".")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                quarantine.append({"path": f.relative_to(root).as_posix(), "reason": "not inside a class folder"})
+            else:
+                ignored += 1
     for base, split in groups:
-        classes = _subdirs(base)
-        for f in (x for x in base.iterdir() if x.is_file() and not x.name.startswith(".")):
-            quarantine.append({"path": f.relative_to(root).as_posix(), "reason": "not inside a class folder"})
+        classes = _subdirs(base, root)
         for cdir in classes:
             images, skipped = _walk(cdir)
             ignored += len(skipped)
@@ -176,13 +185,15 @@ def ingest(params: Params) -> dict:
     else:
         cands, quarantine, ignored = discover_folders(root)
     if not cands:
-        raise GraftError(f"no images found under {root} (expected <class>/<image> folders, train/val/test folders, or data.manifest)")
+        write_csv(out / "quarantine.csv", pd.DataFrame(quarantine, columns=["path", "reason"]))
+        raise GraftError(f"no usable images found under {root} (expected <class>/<image> folders, train/val/test "
+                         f"folders, or data.manifest); {len(quarantine)} file(s) refused, see {out / 'quarantine.csv'}")
+    n_total = len(cands) + len(quarantine)  # every file seen, including those refused before decoding
     with ThreadPoolExecutor(params.ingest.workers) as pool:
         results = list(pool.map(inspect_file, cands))
     good = [r for r in results if "sha256" in r]
     quarantine += [r for r in results if "sha256" not in r]
     rows = pd.DataFrame(good, columns=MANIFEST_COLUMNS)
-    n_total = len(cands) + sum(1 for q in quarantine if q["reason"] == "not inside a class folder")
 
     conflicts = label_conflicts(rows)
     if len(conflicts) and params.ingest.label_conflicts == "quarantine":
