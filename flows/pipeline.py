@@ -9,6 +9,7 @@ from graft.params import load_params
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.featurize import featurize_task
+from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
 from tasks.train_head import train_task
 
@@ -26,7 +27,7 @@ def pipeline(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     summary = {"ingest": ingest_task(params)}
     summary["featurize"] = featurize_task(params)
-    summary["train"] = train_task(params)
+    summary["train"] = (finetune_task if params.train.mode == "finetune" else train_task)(params)
     metrics = evaluate_task(params)
     summary["export"] = export_task(params)
     create_table_artifact(metrics_rows(metrics), key="graft-metrics", description="test metrics vs raw-pixel baseline")

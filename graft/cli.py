@@ -16,12 +16,16 @@ from graft import GraftError
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 
 
-def _stage(name: str, params_path: str) -> dict:
+def _stage(name: str, params_path: str, resume: bool | None = None) -> dict:
     from importlib import import_module
 
     from graft.params import load_params
 
     params = load_params(params_path)
+    if name == "train" and params.train.mode == "finetune":
+        from tasks.finetune import finetune
+
+        return finetune(params, resume=resume)
     module = {"train": "tasks.train_head"}.get(name, f"tasks.{name}")
     return getattr(import_module(module), name)(params)
 
@@ -69,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         s.add_argument("--params", default="params.yaml")
+        if name == "train":
+            g = s.add_mutually_exclusive_group()
+            g.add_argument("--resume", action="store_true", default=None,
+                           help="finetune: continue from the last checkpoint (default: resume when one matches)")
+            g.add_argument("--fresh", dest="resume", action="store_false", help="finetune: ignore any checkpoint")
     s = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     s.add_argument("--params", default="params.yaml")
     s = sub.add_parser("demo-data", help="write scikit-learn's handwritten digits as class folders")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in STAGES:
-            print(json.dumps({args.command: _stage(args.command, args.params)}, default=str))
+            print(json.dumps({args.command: _stage(args.command, args.params, getattr(args, "resume", None))}, default=str))
         elif args.command == "run":
             from flows.pipeline import pipeline
 

@@ -59,8 +59,42 @@ class FeaturizeParams(_Strict):
     out: str = "data/features.parquet"  # the features of this manifest's images, for the train stage
 
 
+class AugmentParams(_Strict):
+    random_resized_crop: bool = True
+    scale_min: float = Field(0.6, gt=0, le=1)  # smallest crop area share for random resized crop
+    ratio: tuple[float, float] = (0.75, 1.3333)  # aspect-ratio range of the random crop
+    hflip: bool = True  # off for data where left/right matters (digits, text)
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast jitter strength
+
+    @model_validator(mode="after")
+    def _ratio_order(self) -> "AugmentParams":
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        return self
+
+
+class FinetuneParams(_Strict):
+    strategy: Literal["head", "last_n", "full", "staged"] = "staged"
+    last_n: Optional[int] = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
+    head_epochs: int = Field(1, ge=0)  # staged: epochs with the backbone frozen before unfreezing
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(2e-3, gt=0, le=10)  # head learning rate; peak of the schedule
+    backbone_lr_mult: float = Field(0.2, gt=0, le=10)  # discriminative LR: backbone top block gets lr * this
+    layer_decay: float = Field(0.8, gt=0, le=1)  # each earlier block gets this factor more (1 = off)
+    weight_decay: float = Field(0.02, ge=0)
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up (cosine schedule)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
+    image_size: Optional[int] = Field(None, ge=16, le=1024)  # null = the backbone's own (224 for Lite0)
+    workers: int = Field(2, ge=1, le=64)  # decoder threads
+    threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
+    augment: AugmentParams = AugmentParams()
+
+
 class TrainParams(_Strict):
-    mode: Literal["head"] = "head"
+    mode: Literal["head", "finetune"] = "head"  # feature transfer (cached features) or parameter transfer
     head: Literal["logreg", "mlp"] = "logreg"
     hidden: int = Field(512, ge=1)  # MLP hidden width
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -71,6 +105,16 @@ class TrainParams(_Strict):
     patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
     class_weights: bool = False  # weight the loss by inverse class frequency of the train split
     model_dir: str = "models"
+    init_from: Optional[str] = None  # finetune: start from an earlier graft model (file or folder)
+    finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="after")
+    def _init_needs_finetune(self) -> "TrainParams":
+        if self.init_from and self.mode != "finetune":
+            raise ValueError("init_from needs mode: finetune")
+        if self.mode == "finetune" and self.finetune.strategy == "last_n" and not self.finetune.last_n:
+            raise ValueError("finetune.strategy last_n needs finetune.last_n")
+        return self
 
 
 class EvaluateParams(_Strict):

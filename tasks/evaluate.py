@@ -24,7 +24,8 @@ from graft.images import load_rgb
 from graft.params import Params
 from tasks import stage_task
 from tasks.featurize import load_feature_table
-from tasks.train_head import head_from_payload, load_model, split_arrays
+from graft.model import head_from_payload, load_model
+from tasks.train_head import split_arrays
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
@@ -82,8 +83,14 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
     name = f"{payload['backbone']['name']} + {payload['head']['kind']} head"
     if payload["classes"] != classes:
         raise GraftError("model classes differ from data/classes.json: rerun train")
+    index = {c: i for i, c in enumerate(classes)}
+    y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
+    if payload["kind"] == "finetune":
+        from tasks.finetune import finetuned_test_proba
+
+        return y, finetuned_test_proba(payload, manifest, Path(params.data.root), classes), name.replace("head", "finetune")
     feats, _ = load_feature_table(params.featurize.out)
-    x, y = split_arrays(manifest, feats, classes, "test")
+    x, _ = split_arrays(manifest, feats, classes, "test")
     with torch.no_grad():
         proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
     return y, proba, name

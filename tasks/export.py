@@ -21,22 +21,10 @@ from torch import nn
 import graft
 from graft import GraftError
 from graft.atomic import atomic_path
-from graft.backbones import FeatureExtractor, build_backbone
 from graft.images import Preprocess, load_batch
+from graft.model import classifier_from_payload, load_model
 from graft.params import Params
 from tasks import stage_task
-from tasks.train_head import head_from_payload, load_model
-
-
-class Classifier(nn.Module):
-    """Images in [0, 1] -> class probabilities: frozen features, head, softmax."""
-
-    def __init__(self, features: FeatureExtractor, head: nn.Module):
-        super().__init__()
-        self.features, self.head = features, head
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.features(image)), dim=1)
 
 
 def data_hash(manifest: pd.DataFrame) -> str:
@@ -111,12 +99,7 @@ def export(params: Params) -> dict:
     xp = params.export
     manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet")
     payload = load_model(Path(params.train.model_dir) / "model.pt")
-    bcfg = payload["backbone"]
-    bb = build_backbone(bcfg["name"], bcfg["weights"], bcfg["image_size"])
-    if bcfg["fingerprint"] and bcfg["fingerprint"] != bb.fingerprint:
-        raise GraftError(f"backbone fingerprint {bb.fingerprint} differs from the one the model was trained on "
-                         f"({bcfg['fingerprint']}): rerun featurize and train")
-    model = Classifier(bb.model, head_from_payload(payload)).eval()
+    model, bb = classifier_from_payload(payload)
     meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"])
     images = check_images(manifest, Path(params.data.root), bb.preprocess, xp.check_batch)
     with atomic_path(xp.out) as tmp:

@@ -16,8 +16,6 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,7 +30,7 @@ from tqdm.auto import tqdm
 from graft import GraftError
 from graft.atomic import write_json, write_parquet
 from graft.backbones import Backbone, build_backbone
-from graft.images import BadImage, Preprocess, load_rgb, preprocess
+from graft.images import BadImage, Preprocess, load_rgb, prefetch_map, preprocess
 from graft.params import Params
 from tasks import stage_task
 
@@ -112,14 +110,7 @@ def _decode(chunk: list[tuple[str, str]], pp: Preprocess) -> tuple[list[str], np
 def decoded_batches(items: list[tuple[str, str]], pp: Preprocess, batch_size: int, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """Decode batches in a thread pool, ``workers`` batches ahead of the consumer (decode overlaps inference)."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_decode, chunk, pp))
-            if len(pending) > workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from prefetch_map(lambda chunk: _decode(chunk, pp), chunks, workers)
 
 
 def compute_features(bb: Backbone, items: list[tuple[str, str]], cache: Path, batch_size: int,

@@ -17,28 +17,11 @@ import torch
 from torch import nn
 
 from graft import GraftError
-from graft.atomic import atomic_path, write_json
+from graft.atomic import write_json
+from graft.model import Head, head_config, head_from_payload, load_model, save_model  # noqa: F401 (re-exported)
 from graft.params import Params, TrainParams
 from tasks import stage_task
 from tasks.featurize import load_feature_table
-
-MODEL_FORMAT = "graft-model/1"
-
-
-class Head(nn.Module):
-    """Standardise features, then a linear layer (``logreg``) or a one-hidden-layer MLP."""
-
-    def __init__(self, dim: int, n_classes: int, kind: str = "logreg", hidden: int = 512, dropout: float = 0.0):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-        if kind == "logreg":
-            self.net = nn.Sequential(nn.Linear(dim, n_classes))
-        else:
-            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net((f - self.mean) / self.std)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -103,29 +86,27 @@ def split_arrays(manifest: pd.DataFrame, feats: dict[str, np.ndarray], classes: 
     return np.stack([feats[s] for s in rows["sha256"]]), rows["label"].map(index).to_numpy(np.int64)
 
 
-def save_model(path: str | Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+def write_curves(history: list[dict], params: Params) -> None:
+    """Loss and accuracy per epoch for train and val: DVC plot data (CSV) and a PNG."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def load_model(path: str | Path) -> dict:
-    """Load a graft model file safely (``weights_only=True``: tensors and plain containers only)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise GraftError(f"model {path} not found: run the train stage first") from None
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        raise GraftError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise GraftError(f"{path} is not a graft model (format {MODEL_FORMAT})")
-    return payload
+    from graft.atomic import write_csv, write_with
 
-
-def head_from_payload(payload: dict) -> Head:
-    cfg = payload["head"]
-    head = Head(cfg["dim"], len(payload["classes"]), cfg["kind"], cfg["hidden"], cfg["dropout"])
-    head.load_state_dict(payload["state_dict"])
-    return head.eval()
+    frame = pd.DataFrame(history)[["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]]
+    write_csv(Path(params.evaluate.metrics_dir) / "curves.csv", frame)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for split in ("train", "val"):
+        ax_loss.plot(frame["epoch"], frame[f"{split}_loss"], label=split)
+        ax_acc.plot(frame["epoch"], frame[f"{split}_accuracy"], label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_loss.legend()
+    fig.tight_layout()
+    write_with(Path(params.evaluate.plots_dir) / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def train(params: Params) -> dict:
@@ -139,12 +120,11 @@ def train(params: Params) -> dict:
     head, history = fit_head(x_tr, y_tr, x_val, y_val, len(classes), tp, params.seed)
     best = min(history, key=lambda h: h["val_loss"])
     payload = {
-        "format": MODEL_FORMAT,
         "kind": "head",
         "classes": classes,
         "backbone": {"name": params.featurize.backbone, "weights": params.featurize.weights,
                      "image_size": params.featurize.image_size, "fingerprint": meta.get("graft.fingerprint", "")},
-        "head": {"kind": tp.head, "dim": int(x_tr.shape[1]), "hidden": tp.hidden, "dropout": tp.dropout},
+        "head": head_config(tp.head, x_tr.shape[1], tp.hidden, tp.dropout),
         "state_dict": head.state_dict(),
         "history": history,
     }
@@ -153,6 +133,7 @@ def train(params: Params) -> dict:
                "val_loss": round(best["val_loss"], 4), "val_accuracy": round(best["val_accuracy"], 4),
                "train_images": int(len(y_tr)), "val_images": int(len(y_val))}
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
+    write_curves(history, params)
     return summary
 
 

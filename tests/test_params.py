@@ -214,6 +214,8 @@ def _wrong_values(key: str) -> st.SearchStrategy:
     if key in _NESTED:  # a section: any scalar or list is wrong
         return st.one_of(st.integers(), st.floats(allow_nan=False), _junk_text, st.lists(st.integers(), max_size=3))
     args = set(typing.get_args(ann)) - {type(None)}
+    if typing.get_origin(ann) is tuple:  # a list would be coerced: only text and mappings are always wrong
+        return st.one_of(_junk_text, st.dictionaries(st.text(max_size=5), st.integers(), min_size=1, max_size=2))
     if ann is str or args == {str}:
         return st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), _wrong_for_scalar)
     # int, float, bool, Literal[...] and Optional[int]: non-numeric text and containers are all wrong
@@ -235,7 +237,8 @@ def test_wrong_type_anywhere_names_the_key(data: st.DataObject) -> None:
 
 def test_cli_bad_params_exits_2_with_one_line(tmp_path: Path) -> None:
     """`graft train --params bad.yaml` exits 2 with one 'graft: error:' line and no traceback."""
-    bad = _write(tmp_path, "train:\n  lr: fast\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: fast\n", encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "graft.cli", "train", "--params", str(bad)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,

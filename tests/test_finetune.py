@@ -1,0 +1,204 @@
+"""Parameter transfer: strategies, frozen BatchNorm, LR groups, resume equivalence, init_from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from graft import GraftError
+from graft.backbones import build_backbone
+from graft.model import Classifier, load_model, make_head, head_config
+from graft.params import FinetuneParams, parse_params
+from tasks.finetune import (finetune, initial_model, layer_groups, lr_factor, param_groups, set_trainable,
+                            trainable_groups, train_mode)
+from tasks.ingest import ingest
+from tests.conftest import make_params, write_tree
+
+FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
+
+
+def tiny_classifier(n_classes: int = 3) -> tuple[Classifier, list]:
+    bb = build_backbone("tiny_cnn")
+    model = Classifier(bb.model, make_head(head_config("logreg", bb.feature_dim, 8, 0.0), n_classes))
+    return model, layer_groups(model.features.body)
+
+
+def ft_params(ws: Path, **finetune: object) -> "Params":  # noqa: F821
+    return make_params(ws, {"train": {"mode": "finetune", "finetune": {**FAST, **finetune}}})
+
+
+def trainable_names(model: Classifier) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lite0_layer_groups_cover_stem_blocks_and_head_conv() -> None:
+    """EfficientNet-Lite0 splits into stem, its 7 stages and the head conv, input to output."""
+    bb = build_backbone("efficientnet_lite0")
+    groups = layer_groups(bb.model.body)
+    assert len(groups) == 9
+    assert groups[0][0] is bb.model.body.conv_stem and groups[-1][0] is bb.model.body.conv_head
+    covered = {id(p) for g in groups for p in g.parameters()}
+    assert covered == {id(p) for p in bb.model.body.parameters()}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra", "epoch", "expected_groups"),
+    [("head", {}, 0, 0), ("full", {}, 0, 2), ("last_n", {"last_n": 1}, 0, 1),
+     ("staged", {"head_epochs": 2}, 1, 0), ("staged", {"head_epochs": 2}, 2, 2),
+     ("staged", {"head_epochs": 1, "last_n": 1}, 1, 1)],
+)
+def test_strategies_set_requires_grad(strategy: str, extra: dict, epoch: int, expected_groups: int) -> None:
+    """Each strategy trains the head plus exactly the expected top groups of the backbone."""
+    model, groups = tiny_classifier()
+    fp = FinetuneParams(strategy=strategy, **extra)
+    n = trainable_groups(len(groups), fp, epoch)
+    set_trainable(model, groups, n)
+    assert n == expected_groups
+    head = {f"head.{k}" for k, _ in model.head.named_parameters()}
+    assert head <= trainable_names(model)
+    for i, g in enumerate(groups):
+        trains = {p.requires_grad for p in g.parameters()}
+        assert trains == {i >= len(groups) - expected_groups}
+
+
+def test_frozen_batchnorm_statistics_do_not_move(ws: Path) -> None:
+    """With last_n=1 the first block's BatchNorm running stats stay put; the trained block's move."""
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = ft_params(ws, strategy="last_n", last_n=1, epochs=1)
+    ingest(params)
+    model, _, _ = initial_model(params, ["a", "b", "c"])
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    finetune(params)
+    after = load_model(Path(params.train.model_dir))["state_dict"]
+    frozen = [k for k in before if k.startswith("features.body.1.")]
+    trained = [k for k in before if k.startswith("features.body.4.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_train_mode_keeps_frozen_groups_in_eval() -> None:
+    """train_mode puts frozen groups (and their BatchNorm) in eval, trainable ones in train."""
+    model, groups = tiny_classifier()
+    set_trainable(model, groups, 1)
+    train_mode(model, groups)
+    assert not groups[0].training and all(not m.training for m in groups[0].modules())
+    assert groups[1].training and model.head.training
+
+
+def test_param_groups_apply_layerwise_lr_decay() -> None:
+    """Head at lr; backbone group i at lr * backbone_lr_mult * layer_decay ** depth; no decay on biases."""
+    model, groups = tiny_classifier()
+    fp = FinetuneParams(lr=1e-2, backbone_lr_mult=0.5, layer_decay=0.1, weight_decay=0.05)
+    pg = {g["name"]: g for g in param_groups(model, groups, fp)}
+    assert pg["head"]["lr"] == pytest.approx(1e-2)
+    assert pg["backbone.1"]["lr"] == pytest.approx(1e-2 * 0.5)
+    assert pg["backbone.0"]["lr"] == pytest.approx(1e-2 * 0.5 * 0.1)
+    assert pg["backbone.0"]["weight_decay"] == 0.05 and pg["backbone.0/no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim <= 1 for p in pg["head/no_decay"]["params"])
+    n_params = sum(len(g["params"]) for g in pg.values())
+    assert n_params == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine() -> None:
+    """The LR factor rises linearly during warm-up, peaks at 1 and decays to 0."""
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(ws: Path) -> None:
+    """Interrupt after epoch 1, resume: the final weights equal those of a run that was never stopped."""
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = ft_params(ws, strategy="staged", head_epochs=1, epochs=3)
+    ingest(params)
+    finetune(params)
+    reference = load_model(Path(params.train.model_dir))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch: int) -> None:
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(params, on_epoch_end=stop_after_first)
+    checkpoint = Path(params.train.model_dir) / "checkpoints/last.pt"
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    summary = finetune(params, resume=True)
+    resumed = load_model(Path(params.train.model_dir))
+    assert summary["epochs"] == 3 and not checkpoint.exists()
+    assert resumed["history"] == reference["history"]
+    for k, v in reference["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(ws: Path) -> None:
+    """--resume with nothing to resume names the checkpoint path."""
+    write_tree(ws / "raw", per_class=6)
+    params = ft_params(ws)
+    ingest(params)
+    with pytest.raises(GraftError, match="no checkpoint"):
+        finetune(params, resume=True)
+
+
+def test_init_from_a_source_model_with_other_classes(ws: Path) -> None:
+    """A target with 3 classes starts from a 2-class source: backbone copied, classifier rebuilt."""
+    src = ws / "source"
+    write_tree(src / "raw", classes=("cat", "dog"), per_class=6)
+    sp = make_params(src, {"train": {"mode": "finetune", "finetune": {**FAST, "strategy": "full", "epochs": 1}}})
+    ingest(sp)
+    finetune(sp)
+    source = load_model(Path(sp.train.model_dir) / "model.pt")
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=6)
+    tp = make_params(ws, {"train": {"mode": "finetune", "init_from": sp.train.model_dir, "finetune": FAST}})
+    model, _, note = initial_model(tp, ["a", "b", "c"])
+    state = model.state_dict()
+    body = [k for k in source["state_dict"] if k.startswith("features.")]
+    assert body and all(torch.equal(state[k], source["state_dict"][k]) for k in body)
+    assert model.head.net[-1].out_features == 3
+    assert "rebuilt for 3 classes" in note["head"]
+
+    same = make_params(src, {"train": {"mode": "finetune", "init_from": str(Path(sp.train.model_dir) / "model.pt"), "finetune": FAST}})
+    model2, _, note2 = initial_model(same, ["cat", "dog"])
+    assert note2["head"] == "loaded"
+    assert torch.equal(model2.head.net[-1].weight, source["state_dict"]["head.net.0.weight"])
+
+
+def test_init_from_a_model_with_another_backbone_is_refused(ws: Path) -> None:
+    """A source trained on tiny_cnn cannot seed a Lite0 fine-tune."""
+    src = ws / "source"
+    write_tree(src / "raw", per_class=6)
+    sp = ft_params(src, epochs=1)
+    ingest(sp)
+    finetune(sp)
+    tp = parse_params({"featurize": {"backbone": "efficientnet_lite0"},
+                       "train": {"mode": "finetune", "init_from": sp.train.model_dir}})
+    with pytest.raises(GraftError, match="backbone 'tiny_cnn'"):
+        initial_model(tp, ["cat", "dog"])
+
+
+def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> None:
+    """Both kinds feed the same evaluate and export stages and give the same ONNX contract."""
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+    import onnx
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = ft_params(ws, epochs=2)
+    ingest(params)
+    finetune(params)
+    metrics = evaluate(params)
+    assert metrics["model_name"] == "tiny_cnn + logreg finetune"
+    assert (Path(params.evaluate.metrics_dir) / "curves.csv").is_file()
+    assert (Path(params.evaluate.plots_dir) / "curves.png").is_file()
+    export(params)
+    meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}
+    assert meta["graft.kind"] == "finetune" and json.loads(meta["graft.classes"]) == ["a", "b", "c"]
+    assert json.loads(meta["graft.input"])["height"] == 32
