@@ -7,6 +7,7 @@ loads only onnxruntime, Pillow and NumPy.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,13 @@ def _stage(name: str, params_path: str, resume: bool | None = None) -> dict:
 
         return finetune(params, resume=resume)
     module = {"train": "tasks.train_head"}.get(name, f"tasks.{name}")
-    return getattr(import_module(module), name)(params)
+    fn = getattr(import_module(module), name)
+    if name == "featurize":  # the cache is shared across workspaces: queue behind another featurize of it
+        from graft.lock import cache_lock
+
+        with cache_lock(params.featurize.cache_dir):
+            return fn(params)
+    return fn(params)
 
 
 def metrics_table(path: str | Path = "metrics/metrics.json") -> str:
@@ -70,9 +77,12 @@ def _predict(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Transfer learning for image classification.")
     sub = p.add_subparsers(dest="command", required=True)
+    wait_help = ("seconds to wait when another graft run holds this workspace's lock "
+                 "(default: $GRAFT_LOCK_WAIT, else 0 = refuse at once)")
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         s.add_argument("--params", default="params.yaml")
+        s.add_argument("--wait", type=float, default=None, metavar="SECONDS", help=wait_help)
         if name == "train":
             g = s.add_mutually_exclusive_group()
             g.add_argument("--resume", action="store_true", default=None,
@@ -80,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--fresh", dest="resume", action="store_false", help="finetune: ignore any checkpoint")
     s = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     s.add_argument("--params", default="params.yaml")
+    s.add_argument("--wait", type=float, default=None, metavar="SECONDS", help=wait_help)
     s = sub.add_parser("demo-data", help="write scikit-learn's handwritten digits as class folders")
     s.add_argument("--out", default="data/raw")
     s.add_argument("--per-class", type=int, default=None, help="keep only N images per class")
@@ -100,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in STAGES:
-            print(json.dumps({args.command: _stage(args.command, args.params, getattr(args, "resume", None))}, default=str))
-        elif args.command == "run":
-            from flows.pipeline import pipeline
+            from graft.lock import workspace_lock
 
-            pipeline(args.params)
+            with workspace_lock(args.params, args.wait):  # overlapping runs would rewrite each other's outputs
+                summary = _stage(args.command, args.params, getattr(args, "resume", None))
+            print(json.dumps({args.command: summary}, default=str))
+        elif args.command == "run":
+            from graft.lock import workspace_lock
+
+            with workspace_lock(args.params, args.wait):  # taken before Prefect starts: a refusal is quick
+                from flows.pipeline import pipeline
+
+                pipeline(args.params)
         elif args.command == "demo-data":
             from graft.demo import write_digits
 
@@ -120,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join([*REGISTRY, "timm:<any timm model name>"]))
     except GraftError as exc:
         print(f"graft: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # graft.atomic maps a full disk during a write; this catches it anywhere else (mkdir, temp file).
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"graft: error: disk full{where}: free space and rerun; finished outputs are intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("graft: interrupted", file=sys.stderr)

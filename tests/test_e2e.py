@@ -89,3 +89,18 @@ def test_predict_with_the_exported_model(repo_copy: tuple[Path, dict]) -> None:
     labels = [line.split("\t")[1] for line in out]
     assert all(label in [str(d) for d in range(10)] for label in labels)
     assert labels.count("3") >= 6  # mostly right on its own training digits
+
+
+def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tuple[Path, dict]) -> None:
+    """`dvc exp run -S train.mode=finetune` fine-tunes the real Lite0 and exports the same ONNX contract."""
+    repo, env = repo_copy
+    out = _run(["dvc", "exp", "run", "-S", "train.mode=finetune", "-S", "train.finetune.epochs=4", "-S", "train.finetune.batch_size=16",
+                "-S", "train.finetune.image_size=64"], repo, env).stdout
+    assert "Running stage 'train'" in out and "Running stage 'featurize'" not in out
+    metrics = json.loads((repo / "metrics/metrics.json").read_text())
+    assert metrics["model_name"] == "efficientnet_lite0 + logreg finetune"
+    assert metrics["model"]["accuracy"] > 0.3  # 4 short epochs on 84 images: well above 10% chance
+    curves = (repo / "metrics/curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch,train_loss,val_loss") and len(curves) == 5
+    predicted = _run(["graft", "predict", "data/raw/5", "--model", "models/model.onnx"], repo, env).stdout
+    assert len(predicted.splitlines()) == 12
