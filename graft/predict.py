@@ -75,3 +75,11 @@ def predict_files(model: OnnxClassifier, paths: list[Path], batch_size: int = 32
             if top_k > 1:
                 rec["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
             yield rec
+
+
+def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:
+    """Probabilities for readable image files (a bad file raises :class:`BadImage`)."""
+    pp = model.preprocess
+    out = [model.predict_arrays(np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths[i : i + batch_size]]))
+           for i in range(0, len(paths), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(model.classes)), np.float32)

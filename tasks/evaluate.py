@@ -24,6 +24,7 @@ from graft.images import load_rgb
 from graft.params import Params
 from tasks import stage_task
 from tasks.featurize import load_feature_table
+from tasks.leakage import leakage_markdown, leakage_report
 from graft.model import head_from_payload, load_model
 from tasks.train_head import split_arrays
 
@@ -82,7 +83,10 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     name = f"{payload['backbone']['name']} + {payload['head']['kind']} head"
     if payload["classes"] != classes:
-        raise GraftError("model classes differ from data/classes.json: rerun train")
+        new, gone = sorted(set(classes) - set(payload["classes"])), sorted(set(payload["classes"]) - set(classes))
+        raise GraftError(f"model classes differ from data/classes.json (new in the data: {new or 'none'}; "
+                         f"only in the model: {gone or 'none'}): rerun train, or fine-tune from the old model "
+                         "with train.init_from to keep what it learned")
     index = {c: i for i, c in enumerate(classes)}
     y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
     if payload["kind"] == "finetune":
@@ -129,8 +133,18 @@ def report_markdown(metrics: dict) -> str:
             f"## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
 
 
+def _read_quarantine(out: Path) -> pd.DataFrame | None:
+    path = out / "quarantine.csv"
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+
+
+def _features_if_any(path: str) -> dict[str, np.ndarray] | None:
+    """The featurize output for the leakage check; fine-tuning may run without one."""
+    return load_feature_table(path)[0] if Path(path).is_file() else None
+
+
 def evaluate(params: Params) -> dict:
-    """Run the evaluate stage: metrics.json, confusion data and PNG, and the Markdown report."""
+    """Run the evaluate stage: metrics.json, confusion data and PNG, leakage.csv and the Markdown report."""
     ep = params.evaluate
     out = Path(params.data.out_dir)
     manifest = pd.read_parquet(out / "manifest.parquet")
@@ -150,11 +164,13 @@ def evaluate(params: Params) -> dict:
         "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
     }
     mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
+    leakage = leakage_report(params, manifest, _read_quarantine(out), _features_if_any(params.featurize.out))
+    metrics["leakage"] = {k: v for k, v in leakage.items() if k not in ("top", "exact")}
     write_json(mdir / "metrics.json", metrics)
     pred = proba.argmax(1)
     write_csv(mdir / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}))
     plot_confusion(pdir / "confusion.png", y, pred, classes)
-    write_text(ep.report, report_markdown(metrics))
+    write_text(ep.report, report_markdown(metrics) + "\n" + leakage_markdown(leakage, (out / "leakage.csv").as_posix()))
     return metrics
 
 

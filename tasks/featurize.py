@@ -3,35 +3,44 @@
 Cache layout (shared by all runs and all checkouts that point at the same ``cache_dir``)::
 
     <cache_dir>/<backbone>-<fingerprint>/meta.json        what the fingerprint stands for
+    <cache_dir>/<backbone>-<fingerprint>/backbone.onnx    the checked ONNX export (onnxruntime engine)
     <cache_dir>/<backbone>-<fingerprint>/part-*.parquet   sha256: string, feature: float32[d]
 
-Parts are written atomically as they fill, so a killed run keeps its finished parts and a rerun
-computes only the rest. Readers check every part's schema and drop duplicate keys (two runs racing
-on one image write identical rows).
+The data path: decoder threads turn files into fixed-size batches (the same ``load_rgb`` +
+``preprocess`` as ingest and predict), an engine (:mod:`graft.engine`) turns batches into
+features while the next batches decode, and features stream into Parquet parts of ``part_rows``
+rows. Parts are written atomically as they fill (and on an error, with what was finished), so a
+killed run keeps its finished parts and a rerun computes only the rest. Memory stays flat in the
+number of images: one part, a few batches in flight, and the key sets.
+
+When every image is already cached, Lite0 is described without being built and no engine starts:
+the rerun reads the cache's ``sha256`` columns and writes this manifest's feature table.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from tqdm.auto import tqdm
 
 from graft import GraftError
-from graft.atomic import write_json, write_parquet
-from graft.backbones import Backbone, build_backbone
+from graft.atomic import write_json, write_parquet, write_with
+from graft.backbones import Backbone, build_backbone, describe_backbone, fingerprint_of
+from graft.engine import Engine, TorchEngine, ort_engine, resolve_engine
 from graft.images import BadImage, Preprocess, load_rgb, prefetch_map, preprocess
-from graft.params import Params
+from graft.params import FeaturizeParams, Params
 from tasks import stage_task
 
 log = logging.getLogger("graft.featurize")
@@ -41,9 +50,12 @@ def feature_schema(dim: int) -> pa.Schema:
     return pa.schema([("sha256", pa.string()), ("feature", pa.list_(pa.float32(), dim))])
 
 
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
 def cache_dir_for(root: str | Path, bb: Backbone) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in bb.name)
-    return Path(root) / f"{safe}-{bb.fingerprint}"
+    return Path(root) / f"{_safe(bb.name)}-{bb.fingerprint}"
 
 
 def _parts(cache: Path, dim: int) -> list[Path]:
@@ -61,36 +73,71 @@ def _parts(cache: Path, dim: int) -> list[Path]:
     return parts
 
 
-def open_cache(cache: Path, bb: Backbone) -> None:
-    """Create the cache folder or check that its meta.json matches this backbone."""
+def open_cache(cache: Path, description: dict) -> None:
+    """Create the cache folder or check that its meta.json matches this backbone description."""
     meta = cache / "meta.json"
     if meta.exists():
-        import json
-
-        found = json.loads(meta.read_text())
-        if found != bb.describe():
+        if json.loads(meta.read_text()) != description:
             raise GraftError(f"feature cache {cache} was made by a different backbone config; remove it")
     else:
-        write_json(meta, bb.describe())
+        write_json(meta, description)
 
 
 def cached_keys(cache: Path, dim: int) -> set[str]:
+    """Every key in the cache, reading only the ``sha256`` column of each part."""
     keys: set[str] = set()
     for p in _parts(cache, dim):
         keys.update(pq.read_table(p, columns=["sha256"]).column(0).to_pylist())
     return keys
 
 
+def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Table]:
+    """Stream the cached rows for ``shas``, one part at a time, each key once; raise if any is missing.
+
+    Memory holds one part plus the key sets, never the whole cache.
+    """
+    wanted = set(shas)
+    value_set = pa.array(sorted(wanted), pa.string())
+    seen: set[str] = set()
+    for p in _parts(cache, dim):
+        keys = pq.read_table(p, columns=["sha256"]).column(0)
+        hits = pc.is_in(keys, value_set=value_set)
+        if not pc.any(hits).as_py():
+            continue  # nothing of ours in this part: skip reading its features
+        keep = []
+        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist()):
+            if key not in seen:  # racing runs may both have written a key: keep its first row
+                seen.add(key)
+                keep.append(i)
+        if keep:
+            yield pq.read_table(p).take(pa.array(keep, pa.int64()))
+    if len(seen) != len(wanted):
+        raise GraftError(f"{len(wanted) - len(seen)} image(s) missing from feature cache {cache}; rerun featurize")
+
+
 def read_features(cache: Path, dim: int, shas: Iterable[str]) -> pa.Table:
-    """Features for ``shas`` from the cache (one row per key); raise if any is missing."""
-    wanted = pa.array(sorted(set(shas)), pa.string())
-    tables = [t.filter(pc.is_in(t["sha256"], wanted)) for t in (pq.read_table(p) for p in _parts(cache, dim))]
-    table = pa.concat_tables(tables) if tables else feature_schema(dim).empty_table()
-    _, first = np.unique(table["sha256"].to_numpy(zero_copy_only=False), return_index=True)
-    table = table.take(pa.array(first))
-    if table.num_rows != len(wanted):
-        raise GraftError(f"{len(wanted) - table.num_rows} image(s) missing from feature cache {cache}; rerun featurize")
-    return table
+    """Features for ``shas`` from the cache (one row per key) as one table; raise if any is missing."""
+    tables = list(iter_features(cache, dim, shas))
+    return pa.concat_tables(tables) if tables else feature_schema(dim).empty_table()
+
+
+def write_features(cache: Path, dim: int, shas: Iterable[str], out: str | Path, metadata: dict[bytes, bytes]) -> int:
+    """Write the cached features of ``shas`` to ``out`` atomically, streaming part by part; return the row count."""
+    schema = feature_schema(dim).with_metadata(metadata)
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for table in iter_features(cache, dim, shas):
+                writer.write_table(table.replace_schema_metadata(metadata))
+                rows += table.num_rows
+
+    write_with(out, write)
+    return rows
+
+
+# --- compute: decode -> engine -> parts
 
 
 def _decode(chunk: list[tuple[str, str]], pp: Preprocess) -> tuple[list[str], np.ndarray]:
@@ -108,63 +155,142 @@ def _decode(chunk: list[tuple[str, str]], pp: Preprocess) -> tuple[list[str], np
 
 
 def decoded_batches(items: list[tuple[str, str]], pp: Preprocess, batch_size: int, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Decode batches in a thread pool, ``workers`` batches ahead of the consumer (decode overlaps inference)."""
-    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    yield from prefetch_map(lambda chunk: _decode(chunk, pp), chunks, workers)
+    """Decode fixed-size batches in a pool of ``workers`` threads, at most ``workers + 1`` batches ahead."""
+    chunks = (items[i : i + batch_size] for i in range(0, len(items), batch_size))
+    yield from prefetch_map(functools.partial(_decode, pp=pp), chunks, workers)
 
 
-def compute_features(bb: Backbone, items: list[tuple[str, str]], cache: Path, batch_size: int,
-                     workers: int, part_rows: int) -> int:
-    """Run ``bb`` over ``items`` (sha256, path) and append the features to ``cache`` in parts."""
-    model = bb.model.to(memory_format=torch.channels_last)
-    buf_sha: list[str] = []
-    buf_feat: list[np.ndarray] = []
+def feature_batches(engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int,
+                    workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(sha256s, features) per batch, in order: decoding overlaps inference, both bounded.
 
-    def flush() -> None:
-        if buf_sha:
-            table = pa.table({"sha256": pa.array(buf_sha, pa.string()),
-                              "feature": pa.FixedSizeListArray.from_arrays(np.concatenate(buf_feat).ravel(), bb.feature_dim)},
-                             schema=feature_schema(bb.feature_dim))
-            write_parquet(cache / f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet", table)
-            buf_sha.clear()
-            buf_feat.clear()
+    Decoder threads run ahead of the engine; an engine with several streams gets that many
+    batches at once (one thread each). Pillow and onnxruntime release the GIL.
+    """
+    batches = decoded_batches(items, pp, batch_size, workers)
+    if engine.streams <= 1:
+        for shas, x in batches:
+            yield shas, engine(x)
+    else:
+        yield from prefetch_map(lambda b: (b[0], engine(b[1])), batches, engine.streams)
 
-    done = 0
-    with tqdm(total=len(items), unit="img", desc=f"featurize {bb.name}", disable=None) as bar, torch.inference_mode():
-        for shas, x in decoded_batches(items, bb.preprocess, batch_size, workers):
-            feats = model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
-            buf_sha.extend(shas)
-            buf_feat.append(feats.float().numpy().astype(np.float32, copy=False))
-            done += len(shas)
-            bar.update(len(shas))
-            if len(buf_sha) >= part_rows:
-                flush()
-        flush()
-    return done
+
+class PartWriter:
+    """Buffer feature rows and write them to the cache as atomic Parquet parts of about ``part_rows`` rows."""
+
+    def __init__(self, cache: Path, dim: int, part_rows: int):
+        self.cache, self.dim, self.part_rows = cache, dim, part_rows
+        self.shas: list[str] = []
+        self.feats: list[np.ndarray] = []
+        self.written = 0
+
+    def add(self, shas: list[str], feats: np.ndarray) -> None:
+        if feats.shape != (len(shas), self.dim):
+            raise GraftError(f"engine returned features of shape {feats.shape}, expected ({len(shas)}, {self.dim})")
+        self.shas.extend(shas)
+        self.feats.append(np.asarray(feats, np.float32))
+        if len(self.shas) >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.shas:
+            return
+        values = pa.array(np.concatenate(self.feats).ravel())
+        table = pa.table({"sha256": pa.array(self.shas, pa.string()),
+                          "feature": pa.FixedSizeListArray.from_arrays(values, self.dim)}, schema=feature_schema(self.dim))
+        write_parquet(self.cache / f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet", table)
+        self.written += len(self.shas)
+        self.shas, self.feats = [], []
+
+
+def compute_features(engine: Engine, pp: Preprocess, dim: int, items: list[tuple[str, str]], cache: Path,
+                     batch_size: int, workers: int, part_rows: int, desc: str = "featurize") -> int:
+    """Run ``engine`` over ``items`` (sha256, path) and append the features to ``cache`` in parts.
+
+    On an error or interrupt the rows already computed are flushed first, so a rerun resumes.
+
+    Returns:
+        The number of images computed.
+    """
+    parts = PartWriter(cache, dim, part_rows)
+    with tqdm(total=len(items), unit="img", desc=desc, disable=None) as bar:
+        try:
+            for shas, feats in feature_batches(engine, items, pp, batch_size, workers):
+                parts.add(shas, feats)
+                bar.update(len(shas))
+        except BaseException:
+            try:
+                parts.flush()  # keep what was finished
+            except Exception:  # noqa: BLE001 - the original error matters more (e.g. the disk is full)
+                log.warning("could not keep %d computed rows after an error", len(parts.shas))
+            raise
+        parts.flush()
+    return parts.written
+
+
+# --- the stage
+
+
+def make_engine(fp: FeaturizeParams, cache: Path, description: dict, backbone: Callable[[], Backbone]) -> Engine:
+    """The configured engine; ``backbone`` is called only if the torch model is needed."""
+    name = resolve_engine(fp.engine)
+    if name == "torch":
+        return TorchEngine(backbone().model, fp.threads, fp.amp)
+    meta = {"graft.kind": "backbone", "graft.backbone": description["name"],
+            "graft.describe": json.dumps(description, sort_keys=True)}
+    return ort_engine(cache, fingerprint_of(description), lambda: backbone().model, description["crop"], meta,
+                      fp.threads, fp.streams)
+
+
+def _preprocess_of(description: dict) -> Preprocess:
+    d = description
+    return Preprocess(d["resize"], d["crop"], tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
 
 
 def featurize(params: Params, backbone: Backbone | None = None) -> dict:
-    """Fill the cache for every image in the manifest, then write this manifest's feature table."""
+    """Fill the cache for every image in the manifest, then write this manifest's feature table.
+
+    Args:
+        params: the run's params (``featurize`` section, data paths).
+        backbone: an already built backbone (tests); by default it is built from params, and only
+            when its description or its torch model is actually needed.
+
+    Returns:
+        A summary: counts, the engine used, seconds and throughput of the computed part.
+    """
+    t_start = time.perf_counter()
     fp = params.featurize
-    manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet")
-    bb = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size)
-    if fp.threads:
-        torch.set_num_threads(fp.threads)
-    cache = cache_dir_for(fp.cache_dir, bb)
-    open_cache(cache, bb)
-    root = Path(params.data.root)
+    manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet", columns=["path", "sha256"])
     unique = manifest.drop_duplicates("sha256")
-    have = cached_keys(cache, bb.feature_dim)
-    todo = [(r.sha256, str(root / r.path)) for r in unique.itertuples() if r.sha256 not in have]
-    t0 = time.perf_counter()
-    computed = compute_features(bb, todo, cache, fp.batch_size, fp.workers, fp.part_rows) if todo else 0
-    seconds = time.perf_counter() - t0
-    table = read_features(cache, bb.feature_dim, unique["sha256"])
-    meta = {b"graft.backbone": bb.name.encode(), b"graft.fingerprint": bb.fingerprint.encode()}
-    write_parquet(fp.out, table.replace_schema_metadata(meta))
-    return {"backbone": bb.name, "fingerprint": bb.fingerprint, "images": len(unique), "computed": computed,
-            "from_cache": len(unique) - computed, "seconds": round(seconds, 2),
-            "img_per_s": round(computed / seconds, 1) if computed else None, "cache": str(cache)}
+
+    @functools.cache
+    def bb() -> Backbone:
+        return backbone or build_backbone(fp.backbone, fp.weights, fp.image_size)
+
+    cheap = None if backbone else describe_backbone(fp.backbone, fp.weights, fp.image_size)
+    description = cheap or bb().describe()
+    name, fingerprint, dim = description["name"], fingerprint_of(description), description["feature_dim"]
+    cache = Path(fp.cache_dir) / f"{_safe(name)}-{fingerprint}"
+    open_cache(cache, description)
+    have = cached_keys(cache, dim)
+    root = Path(params.data.root)
+    todo = [(sha, str(root / path)) for sha, path in zip(unique["sha256"], unique["path"]) if sha not in have]
+    engine_name, computed, seconds = None, 0, 0.0
+    if todo:
+        engine = make_engine(fp, cache, description, bb)
+        if cheap and bb.cache_info().currsize and bb().describe() != cheap:
+            raise GraftError(f"{name}: the described and the built backbone disagree (a graft bug); use another backbone")
+        engine_name = engine.name
+        t0 = time.perf_counter()
+        computed = compute_features(engine, _preprocess_of(description), dim, todo, cache, fp.batch_size,
+                                    fp.workers, fp.part_rows, desc=f"featurize {name}")
+        seconds = time.perf_counter() - t0
+    meta = {b"graft.backbone": name.encode(), b"graft.fingerprint": fingerprint.encode()}
+    write_features(cache, dim, unique["sha256"], fp.out, meta)
+    return {"backbone": name, "fingerprint": fingerprint, "engine": engine_name, "images": len(unique),
+            "computed": computed, "from_cache": len(unique) - computed, "seconds": round(seconds, 2),
+            "img_per_s": round(computed / seconds, 1) if computed else None,
+            "stage_seconds": round(time.perf_counter() - t_start, 2), "cache": str(cache)}
 
 
 def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone
 from graft.images import load_rgb, preprocess
@@ -24,21 +27,33 @@ DIM = 32  # tiny_cnn feature width
 
 
 class CountingBackbone:
-    """A tiny_cnn backbone whose model counts the images it runs on (via a forward hook)."""
+    """A tiny_cnn backbone that counts the images its featurize engine runs on (either engine)."""
 
     def __init__(self, image_size: int | None = None):
         self.bb = build_backbone("tiny_cnn", image_size=image_size)
         self.seen = 0
-        self.bb.model.register_forward_hook(self._hook)
+        self._lock = threading.Lock()
 
-    def _hook(self, module, inputs, output) -> None:
-        """Add the batch size of each forward pass to the counter."""
-        self.seen += inputs[0].shape[0]
+    def _counted(self, engine):
+        """Wrap ``engine`` so each batch adds its size to the counter (streams call it from threads)."""
+        owner = self
+
+        class Counted:
+            name, streams = engine.name, engine.streams
+
+            def __call__(self, x):
+                with owner._lock:
+                    owner.seen += len(x)
+                return engine(x)
+
+        return Counted()
 
     def run(self, params) -> dict:
-        """Featurize with this backbone; return the summary after checking it agrees with the hook."""
+        """Featurize with this backbone; return the summary after checking it agrees with the counter."""
         before = self.seen
-        summary = featurize(params, backbone=self.bb)
+        real = tasks.featurize.make_engine
+        with mock.patch.object(tasks.featurize, "make_engine", lambda *a, **k: self._counted(real(*a, **k))):
+            summary = featurize(params, backbone=self.bb)
         assert summary["computed"] == self.seen - before
         return summary
 
@@ -53,11 +68,11 @@ def _parts(cache: Path) -> list[Path]:
     return sorted(cache.glob("part-*.parquet"))
 
 
-@pytest.fixture
-def setup(ws: Path):
-    """A workspace with 2 x 10 generated images, ingested, and its params."""
+@pytest.fixture(params=["onnxruntime", "torch"])
+def setup(ws: Path, request: pytest.FixtureRequest):
+    """A workspace with 2 x 10 generated images, ingested, and its params (once per engine)."""
     write_tree(ws / "raw", ("cat", "dog"), per_class=10)
-    params = make_params(ws)
+    params = make_params(ws, {"featurize": {"engine": request.param}})
     ingest(params)
     return ws, params
 
