@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast repro bench clean
+.PHONY: install demo test test-fast repro retrain retrain-flow deploy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ test-fast: install
 
 repro: install
 	dvc repro
+
+## retrain: what CI does on new data: reproduce, diff metrics against git, fail if the gate fails
+GATE_AGAINST ?= HEAD
+retrain: install
+	dvc repro
+	dvc metrics diff $(GATE_AGAINST) --md
+	graft gate --against $(GATE_AGAINST)
+
+## retrain-flow: the Prefect retrain flow (champion/challenger in models/, history in models/history.parquet)
+retrain-flow: install
+	graft retrain
+
+## deploy: serve the pipeline and retrain flows on the cron in params.yaml (needs `prefect server start`)
+deploy: install
+	python -m flows.deploy --params params.yaml
 
 clean:
 	rm -rf data/features.parquet data/manifest.parquet data/classes.json data/quarantine.csv \

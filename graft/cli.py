@@ -74,6 +74,23 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"{len(records) - bad} predicted, {bad} unreadable", file=sys.stderr)
 
 
+def _gate(args: argparse.Namespace) -> int:
+    """CI's promotion gate: the workspace's test metrics against those committed at ``--against``."""
+    import subprocess
+
+    from graft.params import load_params
+    from tasks.retrain import gate
+
+    current = json.loads(Path(args.path).read_text())["model"]
+    shown = subprocess.run(["git", "show", f"{args.against}:{args.path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        print(f"gate: no {args.path} at {args.against}: nothing to compare, pass")
+        return 0
+    ok, reason = gate(current, json.loads(shown.stdout)["model"], load_params(args.params).retrain)
+    print(f"gate: {'PASS' if ok else 'FAIL'}: {reason}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Transfer learning for image classification.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--threads", type=int, default=0)
+    s = sub.add_parser("retrain", help="the retrain flow: challenger vs champion on the current data")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--wait", type=float, default=None, metavar="SECONDS", help=wait_help)
+    s = sub.add_parser("gate", help="exit 1 if metrics.json fails the retrain gate against a git revision's")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--against", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
+    s.add_argument("--path", default="metrics/metrics.json")
     s = sub.add_parser("metrics", help="print the model vs baseline table from metrics.json")
     s.add_argument("--path", default="metrics/metrics.json")
     sub.add_parser("backbones", help="list the registered backbones")
@@ -123,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
                 from flows.pipeline import pipeline
 
                 pipeline(args.params)
+        elif args.command == "retrain":
+            from graft.lock import workspace_lock
+
+            with workspace_lock(args.params, args.wait):
+                from flows.retrain import retrain
+
+                decision = retrain(args.params)["decision"]
+            return 1 if decision == "rejected" else 0
+        elif args.command == "gate":
+            return _gate(args)
         elif args.command == "demo-data":
             from graft.demo import write_digits
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+from graft.lock import ENV_HELD
 from graft.params import Params
 from tasks.ingest import ingest
 from tests.conftest import REPO, class_image, make_params
@@ -94,8 +95,8 @@ def reasons(q: pd.DataFrame) -> dict[str, str]:
 
 def graft_env() -> dict[str, str]:
     """The environment for a graft subprocess: this checkout importable, quiet progress bars, one thread."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != ENV_HELD}  # an unrelated run, not a child of a lock holder
+    return {**env, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def graft_cmd(*args: str, slow: float | None = None) -> list[str]:
