@@ -22,22 +22,25 @@ from graft import GraftError
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # the writer may have closed its handle: fsync by reopening
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path:
+            tmp_path.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise GraftError(f"disk full while writing {final}; the previous file is untouched") from exc
         raise
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path:
+            tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -68,6 +71,17 @@ def write_parquet(path: str | os.PathLike[str], table: Any) -> Path:
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
     return write_with(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` via memory: a full disk then fails as a plain OSError ("disk full"), not in torch's C++."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())
 
 
 def write_csv(path: str | os.PathLike[str], frame: Any) -> Path:

@@ -74,6 +74,19 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"{len(records) - bad} predicted, {bad} unreadable", file=sys.stderr)
 
 
+def _predict_dask(args: argparse.Namespace) -> None:
+    """``graft predict --dask``: one Prefect task per shard on a Dask cluster, one Parquet of predictions."""
+    from flows.scale import predict_dask
+    from graft.params import DaskParams
+
+    if not args.out:
+        raise GraftError("--dask needs --out PREDICTIONS.parquet")
+    if args.workers < 1 or args.shard_size < 1:
+        raise GraftError("--workers and --shard-size must be at least 1")
+    dask = DaskParams(address=args.address, n_workers=args.workers, threads_per_worker=1)
+    print(json.dumps({"predict": predict_dask(args.target, args.model, args.out, dask, args.shard_size, args.batch_size)}))
+
+
 def _gate(args: argparse.Namespace) -> int:
     """CI's promotion gate: the workspace's test metrics against those committed at ``--against``."""
     import subprocess
@@ -118,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--threads", type=int, default=0)
+    # scale-out (flows/scale.py): shards over a Dask cluster through Prefect; imports prefect/dask, not torch
+    s.add_argument("--dask", action="store_true", help="run over a Dask cluster: a LocalCluster, or --address")
+    s.add_argument("--address", help="with --dask: the Dask scheduler, e.g. tcp://scheduler:8786")
+    s.add_argument("--workers", type=int, default=2, help="with --dask and no --address: LocalCluster workers")
+    s.add_argument("--shard-size", type=int, default=512, help="with --dask: images per Prefect task")
     s = sub.add_parser("retrain", help="the retrain flow: challenger vs champion on the current data")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--wait", type=float, default=None, metavar="SECONDS", help=wait_help)
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = write_digits(args.out, args.per_class)
             print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}")
         elif args.command == "predict":
-            _predict(args)
+            _predict_dask(args) if args.dask else _predict(args)
         elif args.command == "metrics":
             print(metrics_table(args.path))
         elif args.command == "backbones":

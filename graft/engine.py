@@ -59,10 +59,18 @@ def resolve_engine(name: str) -> str:
     return "torch" if torch.cuda.is_available() else "onnxruntime"
 
 
+AUTO_STREAMS = 4  # beyond this, split cores inside sessions: each stream holds a batch of activations
+
+
 def plan_threads(threads: int, streams: int) -> tuple[int, int]:
-    """(streams, intra-op threads per stream) from the params' totals; 0 means one per core."""
+    """(streams, intra-op threads per stream) from the params; 0 threads = all cores, 0 streams = auto.
+
+    Auto gives one single-threaded session per core up to :data:`AUTO_STREAMS` sessions: on 2
+    cores, two sessions that each alternate with the decoders, instead of one whose two threads
+    wait for each other at every operator while a decoder holds a core.
+    """
     total = threads or cpu_cores()
-    n = min(streams or total, total)
+    n = min(streams or AUTO_STREAMS, total)
     return n, max(1, total // n)
 
 
@@ -107,9 +115,11 @@ class OrtEngine:
             self._free.put(sess)
 
 
-def check_onnx(path: Path, model, size: int, tol: float = ONNX_TOL) -> float:
+def check_onnx(path: Path, model, size: int, tol: float | None = None) -> float:
     """Largest relative feature difference between ``path`` and torch at batch 1 and 4; raise above ``tol``."""
     import torch
+
+    tol = ONNX_TOL if tol is None else tol
 
     x = np.random.default_rng(0).random((4, 3, size, size), dtype=np.float32)
     with torch.inference_mode():

@@ -121,9 +121,9 @@ def _record(fd: int) -> None:
     """Write who holds the lock into the lock file (in place: the file itself is the lock)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    data = json.dumps(info).encode()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(info).encode())
 
 
 @contextlib.contextmanager
@@ -154,8 +154,14 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
             with _held_guard:
                 _held[key] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # e.g. params.yaml on a read-only mount: run, but say that nothing guards it
+        print(f"graft: warning: cannot create the {what} {path} ({exc.strerror}); running without it",
+              file=sys.stderr, flush=True)
+        yield
+        return
     try:
         deadline, told = time.monotonic() + wait_s, False
         while not _try_lock(fd):
@@ -189,6 +195,8 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
 
 def workspace_lock(params_path: str | os.PathLike[str], wait_s: float | None = None) -> contextlib.AbstractContextManager[None]:
     """The lock that serialises graft runs on the workspace of ``params_path``."""
+    if not Path(params_path).is_file():  # loading the params will fail with the clear message; make no folders
+        return contextlib.nullcontext()
     wait = default_wait() if wait_s is None else wait_s
     return file_lock(workspace_of(params_path) / WORKSPACE_LOCK, wait, "workspace lock",
                      f"wait for it to finish, or pass --wait SECONDS (or set {ENV_WAIT}) to queue behind it")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from graft import GraftError
-from graft.atomic import atomic_path
+from graft.atomic import write_torch
 from graft.backbones import Backbone, FeatureExtractor, build_backbone
 
 MODEL_FORMAT = "graft-model/1"
@@ -61,8 +61,7 @@ def make_head(cfg: dict, n_classes: int) -> Head:
 
 def save_model(path: str | Path, payload: dict) -> None:
     """Write a model file atomically (a crash never leaves half a model at ``path``)."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": MODEL_FORMAT, **payload}, tmp)
+    write_torch(path, {"format": MODEL_FORMAT, **payload})
 
 
 def load_model(path: str | Path) -> dict:

@@ -47,19 +47,32 @@ class IngestParams(_Strict):
     workers: int = Field(2, ge=1, le=64)  # decoding threads (Pillow releases the GIL)
 
 
+class DaskParams(_Strict):
+    """Where ``featurize.runner: dask`` runs: an existing Dask scheduler, or a LocalCluster started for the run."""
+
+    address: Optional[str] = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
+    n_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one backbone each)
+    threads_per_worker: int = Field(1, ge=1, le=256)  # shards run at once per worker; each shard uses one core
+    decode_threads: int = Field(0, ge=0, le=64)  # per shard: 0 decodes inline (CPU workers); >0 overlaps decoding (GPU workers)
+    retries: int = Field(2, ge=0, le=10)  # Prefect retries of a failed shard (I/O errors; a lost worker is rescheduled by Dask)
+
+
 class FeaturizeParams(_Strict):
     backbone: str = "efficientnet_lite0"  # see `graft backbones`
     weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
     image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=1, le=64)  # decoder threads feeding the model
-    threads: int = Field(0, ge=0, le=256)  # torch intra-op threads; 0 = all cores
+    threads: int = Field(0, ge=0, le=256)  # inference threads (torch intra-op, or onnxruntime in total); 0 = all cores
     cache_dir: str = "cache/features"  # shared by every run; keyed by image sha256 x backbone fingerprint
     part_rows: int = Field(2048, ge=1)  # rows per Parquet part: bounds memory and lost work on a crash
     out: str = "data/features.parquet"  # the features of this manifest's images, for the train stage
     engine: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: torch on CUDA, onnxruntime on CPU (~5x torch eager)
-    streams: int = Field(0, ge=0, le=64)  # onnxruntime sessions run side by side; 0 = one single-threaded session per core
+    streams: int = Field(0, ge=0, le=64)  # onnxruntime sessions run side by side; 0 = one per core, at most 4 (threads split among them)
     amp: bool = True  # torch engine on CUDA: fp16 autocast (features within ~1e-3 of fp32; same cache key)
+    runner: Literal["local", "dask"] = "local"  # dask: shards run as Prefect tasks on a Dask cluster (docs/scale.md)
+    shard_size: int = Field(512, ge=1, le=1_000_000)  # images per dask shard (one Parquet part each): ~5 s of Lite0 on one core
+    dask: DaskParams = DaskParams()
 
 
 class AugmentParams(_Strict):
@@ -135,7 +148,7 @@ class ExportParams(_Strict):
     check_batch: int = Field(8, ge=2, le=256)
     out: str = "models/model.onnx"
     quantize: Optional[Literal["int8"]] = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
-    calibration_images: int = Field(64, ge=1, le=10000)  # train-split images that calibrate the int8 activation ranges
+    calibration_images: int = Field(128, ge=1, le=10000)  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
 
 
 class RetrainParams(_Strict):

@@ -117,6 +117,11 @@ def plot_confusion(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[st
     plt.close(fig)
 
 
+def _cell(text: str) -> str:
+    """A Markdown table cell: a label with '|' or a newline must not break the table."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def report_markdown(metrics: dict) -> str:
     m, b = metrics["model"], metrics["baseline"]
     rows = "\n".join(
@@ -125,7 +130,7 @@ def report_markdown(metrics: dict) -> str:
     verdict = ("Transfer beats the raw-pixel baseline." if m["macro_f1"] > b["macro_f1"] else
                "**The raw-pixel baseline is as good or better: transfer does not help here as configured.** "
                "Try `train.mode: finetune`, another backbone, or a smaller `featurize.image_size`.")
-    per_class = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+    per_class = "\n".join(f"| {_cell(c)} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
                           for c, v in m["per_class"].items())
     counts = ", ".join(f"{k}: {v}" for k, v in metrics["counts"].items())
     return (f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"

@@ -19,6 +19,7 @@ the rerun reads the cache's ``sha256`` columns and writes this manifest's featur
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -83,11 +84,18 @@ def open_cache(cache: Path, description: dict) -> None:
         write_json(meta, description)
 
 
-def cached_keys(cache: Path, dim: int) -> set[str]:
-    """Every key in the cache, reading only the ``sha256`` column of each part."""
+def cached_keys(cache: Path, dim: int, among: Iterable[str] | None = None) -> set[str]:
+    """The keys in the cache (only those ``among`` these, if given), reading only the ``sha256`` columns.
+
+    With ``among`` the set is bounded by the manifest, not by a shared cache that may be far larger.
+    """
+    value_set = None if among is None else pa.array(sorted(set(among)), pa.string())
     keys: set[str] = set()
     for p in _parts(cache, dim):
-        keys.update(pq.read_table(p, columns=["sha256"]).column(0).to_pylist())
+        col = pq.read_table(p, columns=["sha256"]).column(0)
+        if value_set is not None:
+            col = pc.filter(col, pc.is_in(col, value_set=value_set))
+        keys.update(col.to_pylist())
     return keys
 
 
@@ -213,9 +221,10 @@ def compute_features(engine: Engine, pp: Preprocess, dim: int, items: list[tuple
         The number of images computed.
     """
     parts = PartWriter(cache, dim, part_rows)
-    with tqdm(total=len(items), unit="img", desc=desc, disable=None) as bar:
+    batches = feature_batches(engine, items, pp, batch_size, workers)
+    with tqdm(total=len(items), unit="img", desc=desc, disable=None) as bar, contextlib.closing(batches):
         try:
-            for shas, feats in feature_batches(engine, items, pp, batch_size, workers):
+            for shas, feats in batches:
                 parts.add(shas, feats)
                 bar.update(len(shas))
         except BaseException:
@@ -272,7 +281,7 @@ def featurize(params: Params, backbone: Backbone | None = None) -> dict:
     name, fingerprint, dim = description["name"], fingerprint_of(description), description["feature_dim"]
     cache = Path(fp.cache_dir) / f"{_safe(name)}-{fingerprint}"
     open_cache(cache, description)
-    have = cached_keys(cache, dim)
+    have = cached_keys(cache, dim, among=unique["sha256"])
     root = Path(params.data.root)
     todo = [(sha, str(root / path)) for sha, path in zip(unique["sha256"], unique["path"]) if sha not in have]
     engine_name, computed, seconds = None, 0, 0.0

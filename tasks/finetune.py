@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graft import GraftError
-from graft.atomic import atomic_path, write_json
+from graft.atomic import write_json, write_torch
 from graft.backbones import Backbone, build_backbone
 from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.model import Classifier, classifier_from_payload, head_config, load_model, make_head, save_model
@@ -229,6 +229,18 @@ def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict | None:
+    """A training checkpoint (``weights_only=True``), None if absent; one clear error if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or hostile file
+        raise GraftError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0][:120]}); "
+                         "delete it or run `graft train --fresh`") from None
+    return ck if isinstance(ck, dict) else None
+
+
 def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items: tuple[list[str], np.ndarray],
         pp: Preprocess, fp: FinetuneParams, n_classes: int, seed: int, checkpoint: Path, key: str,
         class_weighted: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
@@ -250,8 +262,8 @@ def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items:
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=fp.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     start, best, best_loss, since, history = 0, copy.deepcopy(model.state_dict()), float("inf"), 0, []
-    if checkpoint.is_file():
-        ck = torch.load(checkpoint, map_location=device, weights_only=True)
+    ck = read_checkpoint(checkpoint, device)
+    if ck:
         if ck.get("key") == key:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -294,10 +306,9 @@ def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items:
             best, best_loss, since = copy.deepcopy(model.state_dict()), val_loss, 0
         else:
             since += 1
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since,
-                        "history": history}, tmp)
+        write_torch(checkpoint, {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since,
+                                 "history": history})
         if on_epoch_end:
             on_epoch_end(epoch + 1)
     return {k: v.cpu() for k, v in best.items()}, history
@@ -328,7 +339,7 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     checkpoint = Path(tp.model_dir) / "checkpoints" / "last.pt"
     if resume is False:
         checkpoint.unlink(missing_ok=True)
-    elif resume and not (checkpoint.is_file() and torch.load(checkpoint, weights_only=True).get("key") == key):
+    elif resume and (read_checkpoint(checkpoint) or {}).get("key") != key:
         raise GraftError(f"--resume: no checkpoint of this configuration at {checkpoint}")
     best, history = fit(model, items("train"), items("val"), bb.preprocess, fp, len(classes), params.seed,
                         checkpoint, key, tp.class_weights, on_epoch_end)

@@ -130,14 +130,17 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
                  else discover_folders(root)[0])
     except GraftError:  # the data changed since ingest; the counts in ingest's summary still stand
         cands = []
-    labels = {c.rel: c.label for c in cands}
+    labels: dict[str, list[str]] = {}
+    for c in cands:  # a manifest may list one file twice, under two labels: keep them in order
+        labels.setdefault(c.rel, []).append(c.label)
     rows = []
     for p in paths:
         try:
             sha = hashlib.sha256((root / p).read_bytes()).hexdigest()
         except OSError:
             continue
-        rows.append({"path": p, "sha256": sha, "label": labels.get(p, "?"), "split": "quarantined"})
+        mine = labels.get(p) or ["?"]
+        rows.append({"path": p, "sha256": sha, "label": mine.pop(0) if len(mine) > 1 else mine[0], "split": "quarantined"})
     return pd.DataFrame(rows, columns=["path", "sha256", "label", "split"])
 
 

@@ -117,7 +117,12 @@ def train(params: Params) -> dict:
     feats, meta = load_feature_table(params.featurize.out)
     x_tr, y_tr = split_arrays(manifest, feats, classes, "train")
     x_val, y_val = split_arrays(manifest, feats, classes, "val")
-    head, history = fit_head(x_tr, y_tr, x_val, y_val, len(classes), tp, params.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the head's matrices are small: one thread is as fast and immune to a busy host
+    try:
+        head, history = fit_head(x_tr, y_tr, x_val, y_val, len(classes), tp, params.seed)
+    finally:
+        torch.set_num_threads(threads)
     best = min(history, key=lambda h: h["val_loss"])
     payload = {
         "kind": "head",

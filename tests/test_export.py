@@ -19,7 +19,8 @@ from graft import GraftError
 from graft.images import load_batch
 from graft.model import classifier_from_payload, load_model
 from tasks.evaluate import evaluate
-from tasks.export import data_hash, export
+from graft.predict import OnnxClassifier
+from tasks.export import calibration_paths, data_hash, export, int8_path
 from tasks.featurize import featurize
 from tasks.ingest import ingest
 from tasks.train_head import train
@@ -185,3 +186,101 @@ def test_evaluate_accepts_the_quoted_label(exported, tmp_path: Path) -> None:
     assert 'chat "noir" é' in metrics["model"]["per_class"]
     conf = pd.read_csv(Path(params.evaluate.metrics_dir) / "confusion.csv", encoding="utf-8")
     assert set(conf["actual"]) <= set(CLASSES)
+
+
+# --- int8 quantization and export.json
+
+
+def test_int8_model_beside_fp32_with_metadata(exported) -> None:
+    """export.quantize: int8 (the default) writes model.int8.onnx with fp32's graft metadata plus its recipe."""
+    root, params, summary = exported
+    q = int8_path(params.export.out)
+    assert q == Path(params.export.out).with_name("model.int8.onnx")
+    assert summary["int8"] == str(q) and q.is_file()
+    fp32_meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}
+    int8_proto = onnx.load(str(q))
+    int8_meta = {p.key: p.value for p in int8_proto.metadata_props}
+    assert {k: int8_meta[k] for k in fp32_meta} == fp32_meta
+    assert json.loads(int8_meta["graft.quantization"])["dtype"] == "int8"
+    assert any(n.op_type == "QuantizeLinear" for n in int8_proto.graph.node)
+    assert [i.name for i in int8_proto.graph.input] == ["image"]
+    clf = OnnxClassifier(q)
+    assert clf.classes == sorted(CLASSES)
+    assert clf.preprocess == OnnxClassifier(params.export.out).preprocess
+
+
+def test_int8_agrees_with_fp32(exported) -> None:
+    """The int8 model's argmax matches fp32's on most manifest images."""
+    root, params, _ = exported
+    x, ref = _torch_reference(root, params, 40)
+    got = _session(int8_path(params.export.out)).run(["probabilities"], {"image": x})[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-4)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
+
+
+def test_export_json_fields(exported) -> None:
+    """metrics/export.json has both models' test accuracy and batch-1/batch-32 latency, and the ratios."""
+    root, params, summary = exported
+    report = json.loads((Path(params.evaluate.metrics_dir) / "export.json").read_text())
+    n_test = pd.read_parquet(root / "data" / "manifest.parquet").query("split == 'test'")["sha256"].nunique()
+    for kind in ("fp32", "int8"):
+        m = report[kind]
+        assert m["test_images"] == n_test > 0
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["latency_ms"]["batch_1"] > 0 and m["latency_ms"]["batch_32"] > 0
+        assert m["bytes"] == Path(m["path"]).stat().st_size
+    assert report["fp32"]["argmax_agreement_with_fp32"] == 1.0
+    assert 0.0 <= report["int8"]["argmax_agreement_with_fp32"] <= 1.0
+    assert report["int8_speedup_batch_32"] > 0 and report["int8_speedup_batch_1"] > 0
+    assert report["int8_accuracy_drop"] == pytest.approx(report["fp32"]["test_accuracy"] - report["int8"]["test_accuracy"],
+                                                         abs=1e-4)
+    assert report["latency_setup"]["statistic"] == "median"
+    assert summary["int8_speedup_batch_32"] == report["int8_speedup_batch_32"]
+
+
+def test_quantize_null_removes_stale_int8(exported, tmp_path: Path) -> None:
+    """With export.quantize: null only fp32 is written and an older model.int8.onnx is removed."""
+    root, _, _ = exported
+    dst = tmp_path / "w"
+    shutil.copytree(root, dst)
+    params = make_params(dst, {"train": {"max_epochs": 80}, "export": {"quantize": None}})
+    assert int8_path(params.export.out).is_file()
+    summary = export(params)
+    assert "int8" not in summary
+    assert not int8_path(params.export.out).exists()
+    report = json.loads((Path(params.evaluate.metrics_dir) / "export.json").read_text())
+    assert set(report) == {"fp32", "latency_setup"}
+
+
+def test_calibration_uses_train_split_only(exported) -> None:
+    """Calibration images come from the train split, distinct, classes interleaved, at most n."""
+    root, params, _ = exported
+    manifest = pd.read_parquet(root / "data" / "manifest.parquet")
+    paths = calibration_paths(manifest, root / "raw", 6)
+    rel = [p.relative_to(root / "raw").as_posix() for p in paths]
+    rows = manifest.set_index("path").loc[rel]
+    assert len(rel) == len(set(rel)) == 6
+    assert (rows["split"] == "train").all()
+    assert set(rows["label"].head(3)) == set(CLASSES)
+    assert len(calibration_paths(manifest, root / "raw", 10_000)) == manifest.query("split == 'train'")["sha256"].nunique()
+
+
+def test_failed_quantization_publishes_neither(exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If int8 quantization fails, export raises one line and both previous models stay as they were."""
+    import onnxruntime.quantization
+
+    root, _, _ = exported
+    params = _copy_workspace(root, tmp_path / "w")
+    out, q = Path(params.export.out), int8_path(params.export.out)
+    before = (out.read_bytes(), q.read_bytes())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported op\nsecond line")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", broken)
+    with pytest.raises(GraftError) as info:
+        export(params)
+    assert "int8 quantization failed" in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert (out.read_bytes(), q.read_bytes()) == before
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".quantize")] == []

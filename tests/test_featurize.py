@@ -19,7 +19,7 @@ import tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone
 from graft.images import load_rgb, preprocess
-from tasks.featurize import cache_dir_for, feature_schema, featurize, load_feature_table, read_features
+from tasks.featurize import cache_dir_for, cached_keys, feature_schema, featurize, load_feature_table, read_features
 from tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
@@ -278,3 +278,142 @@ def test_meta_mismatch_is_rejected(setup) -> None:
     meta.write_text(meta.read_text().replace('"pool": "avg"', '"pool": "max"'))
     with pytest.raises(GraftError, match="different backbone config"):
         featurize(params)
+
+
+def _failing_engine(after_batches: int):
+    """A make_engine replacement whose engine raises on batch number ``after_batches + 1``."""
+    real = tasks.featurize.make_engine
+
+    def make(*args, **kwargs):
+        engine, calls = real(*args, **kwargs), [0]
+
+        class Failing:
+            name, streams = engine.name, 1  # one stream: the failure point is deterministic
+
+            def __call__(self, x):
+                calls[0] += 1
+                if calls[0] > after_batches:
+                    raise RuntimeError("simulated crash")
+                return engine(x)
+
+        return Failing()
+
+    return make
+
+
+def _cached_rows(cache: Path) -> list[str]:
+    """Every sha256 row in the cache's parts (duplicates included)."""
+    return [k for p in _parts(cache) for k in pq.read_table(p, columns=["sha256"]).column(0).to_pylist()]
+
+
+def test_interrupted_run_keeps_what_was_done(ws: Path) -> None:
+    """A run that fails after 5 batches keeps their rows (flushed parts + the rest on the way out);
+    the rerun computes exactly the remainder."""
+    write_tree(ws / "raw", ("cat", "dog"), per_class=10)
+    params = make_params(ws, {"featurize": {"batch_size": 2, "part_rows": 4}})
+    ingest(params)
+    counter = CountingBackbone()
+    with mock.patch.object(tasks.featurize, "make_engine", _failing_engine(5)):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            featurize(params, backbone=counter.bb)
+    cache = cache_dir_for(params.featurize.cache_dir, counter.bb)
+    kept = _cached_rows(cache)
+    assert len(kept) == len(set(kept)) == 10  # 5 batches of 2, none lost, none twice
+    assert len(_parts(cache)) == 3  # two full parts of 4, then the 2 rows buffered at the crash
+    summary = counter.run(params)
+    assert summary["computed"] == counter.seen == 10
+    assert summary["from_cache"] == 10
+    rows = _cached_rows(cache)
+    assert len(rows) == len(set(rows)) == 20
+
+
+def test_cache_hit_starts_no_engine(setup) -> None:
+    """When every image is cached, no engine (and no ONNX export) is created at all."""
+    ws, params = setup
+    featurize(params)
+    with mock.patch.object(tasks.featurize, "make_engine", side_effect=AssertionError("engine started")):
+        summary = featurize(params)
+    assert summary["computed"] == 0 and summary["engine"] is None
+
+
+def test_feature_table_streams_part_by_part(setup) -> None:
+    """features.parquet is written one row group per cache part holding wanted rows; others are skipped."""
+    ws, params = setup
+    params = make_params(ws, {"featurize": {"engine": params.featurize.engine, "part_rows": 6}})
+    summary = featurize(params)
+    cache = Path(summary["cache"])
+    foreign = pa.table({"sha256": pa.array(["e" * 64], pa.string()),
+                        "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)},
+                       schema=feature_schema(DIM))
+    pq.write_table(foreign, cache / "part-0-unrelated.parquet")
+    featurize(params)
+    meta = pq.read_metadata(params.featurize.out)
+    assert meta.num_rows == 20
+    assert meta.num_row_groups == len(_parts(cache)) - 1  # every part but the unrelated one
+
+
+_KILLABLE = """
+import sys, time
+import tasks.featurize as tf
+from graft.params import parse_params
+import json
+params = parse_params(json.loads(sys.argv[1]))
+real = tf.make_engine
+
+def slow(*a, **k):
+    engine = real(*a, **k)
+    class Slow:
+        name, streams = engine.name, 1
+        def __call__(self, x):
+            time.sleep(0.3)
+            return engine(x)
+    return Slow()
+
+tf.make_engine = slow
+tf.featurize(params)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_computes_the_rest(ws: Path) -> None:
+    """SIGKILL a featurize subprocess after its first part lands; the rerun computes only the rest."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_tree(ws / "raw", ("cat", "dog"), per_class=10)
+    overrides = {"featurize": {"batch_size": 2, "part_rows": 4}}
+    params = make_params(ws, overrides)
+    ingest(params)
+    cache = cache_dir_for(params.featurize.cache_dir, build_backbone("tiny_cnn"))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(params.model_dump(mode="json"))],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (cache.is_dir() and _parts(cache)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    kept = _cached_rows(cache)
+    assert 4 <= len(kept) < 20 and len(kept) == len(set(kept))
+    counter = CountingBackbone()
+    summary = counter.run(params)
+    assert summary["computed"] == counter.seen == 20 - len(kept)
+    rows = _cached_rows(cache)
+    assert len(rows) == len(set(rows)) == 20
+
+
+def test_cached_keys_among_the_manifest(setup) -> None:
+    """cached_keys(among=...) returns only the manifest's keys, not the rest of a shared cache."""
+    ws, params = setup
+    summary = featurize(params)
+    cache = Path(summary["cache"])
+    other = pa.table({"sha256": pa.array(["d" * 64], pa.string()),
+                      "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)},
+                     schema=feature_schema(DIM))
+    pq.write_table(other, cache / "part-other-project.parquet")
+    shas = _unique(params)
+    assert cached_keys(cache, DIM) == shas | {"d" * 64}
+    assert cached_keys(cache, DIM, among=list(shas)[:5] + ["0" * 64]) == set(list(shas)[:5])

@@ -106,11 +106,6 @@ def graft_cmd(*args: str, slow: float | None = None) -> list[str]:
     return [sys.executable, "-m", "tests.faults.slow_cli", str(slow), *args]
 
 
-def run_graft(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run the real ``graft`` CLI to completion in a subprocess."""
-    return subprocess.run(graft_cmd(*args), cwd=cwd, env=graft_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def start_graft(*args: str, cwd: Path, slow: float | None = None) -> subprocess.Popen:
     """Start the real ``graft`` CLI in a subprocess; its output goes to a log file read by :func:`output_of`."""
     log_path = cwd / f"graft-{time.monotonic_ns()}.log"

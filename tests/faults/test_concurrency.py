@@ -40,6 +40,7 @@ def _workspace(root: Path, shared_cache: Path, own: range) -> Path:
     return write_params(root, params)
 
 
+@pytest.mark.slow
 def test_row15_two_featurize_processes_on_one_cache_store_every_key_once(tmp_path: Path) -> None:
     """Two `graft featurize` runs started together on one cache: they queue on the cache lock, the second
     computes only what the first did not, every key sits in the cache once, both tables read back whole."""
@@ -118,13 +119,14 @@ def _one_error_line(capsys: pytest.CaptureFixture) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_row26_overlapping_run_is_refused_naming_the_running_graft(ws: Path, capsys: pytest.CaptureFixture) -> None:
     """While a real `graft featurize` runs, `graft train` on the same workspace is refused in one line naming it."""
     write_tree(ws / "raw", per_class=12)
     params = params_for(ws, {"featurize": {"part_rows": 4, "batch_size": 4}})
     ingest(params)
     path = write_params(ws, params)
-    running = start_graft("featurize", "--params", str(path), cwd=ws, slow=0.3)
+    running = start_graft("featurize", "--params", str(path), cwd=ws, slow=0.4)
     wait_until(lambda: (holder(ws / WORKSPACE_LOCK) or {}).get("pid") == running.pid, running)
 
     rc = main(["train", "--params", str(path)])
@@ -210,3 +212,33 @@ def test_row26_lock_is_reentrant_in_process_and_for_children(ws: Path) -> None:
     assert ENV_HELD not in os.environ
     with workspace_lock(path, 0):  # released: free again
         pass
+
+
+def test_row26_missing_params_file_makes_no_lock_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A mistyped --params fails on the params, and the lock does not create the folder it names."""
+    missing = tmp_path / "typo" / "params.yaml"
+
+    assert main(["ingest", "--params", str(missing)]) == 2
+
+    assert "params file not found" in _one_error_line(capsys)
+    assert not missing.parent.exists()
+
+
+def test_row26_unwritable_workspace_runs_with_a_warning(ws: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """params.yaml on a read-only mount: the lock file cannot be made, the run goes ahead and says so."""
+    write_tree(ws / "raw", per_class=6)
+    path = write_params(ws, params_for(ws))
+    real_open = os.open
+
+    def read_only(file, flags, *args, **kwargs):
+        if Path(file).name == WORKSPACE_LOCK:
+            raise PermissionError(13, "Read-only file system", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+
+    assert main(["ingest", "--params", str(path)]) == 0
+
+    assert f"graft: warning: cannot create the workspace lock {ws / WORKSPACE_LOCK} (Read-only file system); " \
+           "running without it" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from tasks.ingest import hash_split, ingest
 from tasks.leakage import leakage_report
 from tasks.train_head import train
 from tests.conftest import class_image, write_tree
-from tests.faults.conftest import encode, params_for, png_bytes, read_quarantine, reasons, run_ingest
+from tests.faults.conftest import encode, params_for, png_bytes, reasons, run_ingest
 
 
 def _empty_class(raw: Path) -> None:
