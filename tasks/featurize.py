@@ -267,6 +267,10 @@ def featurize(params: Params, backbone: Backbone | None = None) -> dict:
     Returns:
         A summary: counts, the engine used, seconds and throughput of the computed part.
     """
+    if params.featurize.runner == "dask":  # shards as Prefect tasks on a Dask cluster (flows/scale.py, docs/scale.md)
+        from flows.scale import featurize_dask
+
+        return featurize_dask(params)  # workers build their own backbone: ``backbone`` is not used there
     t_start = time.perf_counter()
     fp = params.featurize
     manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet", columns=["path", "sha256"])

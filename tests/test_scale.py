@@ -26,10 +26,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fsspec.implementations.local import LocalFileSystem
 
 from graft import GraftError
-from graft.params import DaskParams
 from tasks.featurize import featurize
 from tasks.ingest import ingest
-from tasks.shard import (FeaturizeJob, cache_rows, compare_caches, make_shards, plan_featurize, resolve_url,
+from tasks.shard import (FeaturizeJob, compare_caches, make_shards, plan_featurize, resolve_url,
                          run_featurize_shard, shard_id)
 from tests.conftest import REPO, class_image, make_params, write_tree
 
@@ -168,30 +167,37 @@ def test_scale_flow_imports_no_torch() -> None:
 class FlakyFS(LocalFileSystem):
     """Local files under ``flaky://``, configured per worker by :class:`FlakyFSPlugin`.
 
-    Every read is logged (pid, file name) to ``read_log`` and may be slowed by ``delay_s``; the
-    first read of each file named in ``fail`` raises a transient OSError (a marker file in
-    ``marker_dir``, shared by all workers, makes it fail only once).
+    Every read is logged (pid, file name) to ``read_log``. The first read of each file named in
+    ``fail`` raises a transient OSError; the first read of the file named ``hang`` blocks (the
+    worker is then stuck inside a shard until the test kills it). Marker files in ``marker_dir``,
+    shared by all workers, make each of these happen once.
     """
 
     protocol = "flaky"
-    marker_dir, fail, delay_s, read_log = "", frozenset(), 0.0, ""
+    marker_dir, fail, hang, read_log = "", frozenset(), "", ""
 
     @classmethod
     def _strip_protocol(cls, path):
         return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+    def _first_time(self, tag: str) -> bool:
+        try:
+            fd = os.open(Path(self.marker_dir) / tag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, f"{os.getpid()}\n".encode())  # who got there first (the test kills it)
+        os.close(fd)
+        return True
 
     def _open(self, path, mode="rb", **kwargs):
         name = Path(self._strip_protocol(path)).name
         if self.read_log:
             with open(self.read_log, "a", encoding="utf-8") as fh:
                 fh.write(f"{os.getpid()} {name}\n")
-        time.sleep(self.delay_s)
-        if name in self.fail:
-            try:
-                os.close(os.open(Path(self.marker_dir) / name, os.O_CREAT | os.O_EXCL))
-                raise ConnectionResetError(f"injected transient read error for {name}")
-            except FileExistsError:
-                pass
+        if name in self.fail and self._first_time(f"fail-{name}"):
+            raise ConnectionResetError(f"injected transient read error for {name}")
+        if name == self.hang and self._first_time(f"hang-{name}"):
+            time.sleep(120)  # killed long before this ends
         return super()._open(self._strip_protocol(path), mode, **kwargs)
 
 
@@ -200,8 +206,8 @@ class FlakyFSPlugin(WorkerPlugin):
 
     name = "graft-test-fs"  # registering again replaces the previous configuration
 
-    def __init__(self, marker_dir: str = "", fail: tuple[str, ...] = (), delay_s: float = 0.0, read_log: str = ""):
-        self.config = {"marker_dir": marker_dir, "fail": frozenset(fail), "delay_s": delay_s, "read_log": read_log}
+    def __init__(self, marker_dir: str, fail: tuple[str, ...] = (), hang: str = "", read_log: str = ""):
+        self.config = {"marker_dir": marker_dir, "fail": frozenset(fail), "hang": hang, "read_log": read_log}
 
     def setup(self, worker) -> None:
         import fsspec
@@ -257,7 +263,7 @@ def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, pr
     summary = featurize_dask(params)
     assert summary["shards"] == 15 and summary["computed"] == 60
     assert summary["retried_shards"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # each injected failure happened once
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"fail-{n}" for n in names)  # each failed once
     after = client.run(load_counts)
     builds = {w: after[w].get("featurize", 0) - before[w].get("featurize", 0) for w in after}
     assert all(n <= 1 for n in builds.values()), builds  # 15 shards, at most one engine per worker
@@ -346,43 +352,40 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
 @pytest.mark.prefect
 def test_killed_worker_loses_and_duplicates_nothing(dataset: tuple[Path, Path], cluster, prefect_harness,
                                                    tmp_path: Path) -> None:
-    """SIGKILL a worker in the middle of a shard: the shard is redone elsewhere, every key lands exactly once."""
+    """SIGKILL a worker stuck inside a shard: the shard is redone elsewhere, every key lands exactly once."""
     from flows.scale import featurize_dask
 
     root, reference = dataset
     lc, client = cluster
+    hang = sorted(p.name for p in (root / "raw/dog").glob("*.png"))[7]
     reads = tmp_path / "reads.log"
-    reads.touch()
-    client.register_plugin(FlakyFSPlugin(delay_s=0.1, read_log=str(reads)))  # 4 images: >= 0.4 s inside each shard
+    client.register_plugin(FlakyFSPlugin(str(tmp_path), hang=hang, read_log=str(reads)))
     params = _dask_params(root, "cache-kill", shard_size=4, address=lc.scheduler_address,
                           data_root=f"flaky://{root / 'raw'}")
     folder = root / "cache-kill"
-    worker_pids = set(client.run(os.getpid).values())
+    marker = tmp_path / f"hang-{hang}"
     killed: dict = {}
 
-    def kill_a_worker_mid_shard() -> None:
-        deadline = time.monotonic() + 120
+    def kill_the_stuck_worker() -> None:
+        deadline = time.monotonic() + 100
         while time.monotonic() < deadline:
-            lines = reads.read_text().splitlines(keepends=True)
-            lines = [line for line in lines if line.endswith("\n")]  # a line may be half written
-            if lines and any(folder.glob("*/part-shard-*.parquet")):
-                pid = int(lines[-1].split(" ", 1)[0])  # this worker is sleeping inside a read of an unfinished shard
-                if pid in worker_pids:
-                    killed["pid"], killed["parts_before"] = pid, len(list(folder.glob("*/part-shard-*.parquet")))
-                    os.kill(pid, signal.SIGKILL)
-                    return
+            text = marker.read_text() if marker.exists() else ""
+            if text.endswith("\n"):  # a worker is blocked reading ``hang``, in the middle of its shard
+                killed["pid"] = int(text)
+                time.sleep(0.5)  # let the other worker finish a few shards meanwhile
+                killed["parts_before"] = len(list(folder.glob("*/part-shard-*.parquet")))
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_a_worker_mid_shard, daemon=True)
+    killer = threading.Thread(target=kill_the_stuck_worker, daemon=True)
     killer.start()
     summary = featurize_dask(params)
     killer.join(5)
-    assert killed, "no worker was killed"
+    assert killed, "no worker reached the blocking read"
     assert killed["parts_before"] < summary["shards"] == 15  # killed mid-run
     log = [line.split(" ", 1) for line in reads.read_text().splitlines()]
-    by_killed = {name for pid, name in log if int(pid) == killed["pid"]}
-    redone = {name for pid, name in log if int(pid) != killed["pid"] and name in by_killed}
-    assert redone, "the shard in flight on the killed worker was not redone elsewhere"
+    assert {int(pid) for pid, name in log if name == hang} - {killed["pid"]}, "the stuck shard was not redone elsewhere"
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed process
     assert killed["pid"] not in client.run(os.getpid).values()
     assert len(list(_cache(folder).glob("part-*.parquet"))) == 15  # one part per shard, none twice
