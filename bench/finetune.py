@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 from graft.demo import write_digits
 from graft.params import load_params, parse_params

@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from graft import GraftError
 from graft.atomic import write_json
 from graft.model import Head, head_config, head_from_payload, load_model, save_model  # noqa: F401 (re-exported)
 from graft.params import Params, TrainParams

@@ -67,6 +67,17 @@ def ws(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run tiny models on one thread: as fast, steady on shared CPUs, and bit-identical across processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for the whole session (starting one costs ~10 s)."""

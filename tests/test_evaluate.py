@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
@@ -24,13 +23,7 @@ CLASSES = ("cat", "dog", "bird")
 METRIC_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "n"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run the tiny models on one thread: steady timings when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_ece_zero_for_confident_correct_predictions() -> None:

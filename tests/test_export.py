@@ -29,13 +29,7 @@ from tests.conftest import make_params, write_tree
 CLASSES = ("cat", 'chat "noir" é', "dog")  # a label with spaces, quotes and non-ASCII must survive
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run the tiny models on one thread: steady timings when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from graft import GraftError
 from graft.params import RetrainParams
-from tasks.retrain import DataDiff, diff_manifests, gate, gate_test_set, load_champion, promote
+from tasks.retrain import diff_manifests, gate, gate_test_set, load_champion, promote
 from tests.conftest import make_params, write_tree
 
 

@@ -26,13 +26,7 @@ from tests.conftest import make_params, write_tree
 K = 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Train these tiny heads on one thread: faster than two, and steady when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _problem(seed: int, n_test_extra: int = 0) -> tuple[np.ndarray, ...]:

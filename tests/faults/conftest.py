@@ -15,7 +15,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -29,12 +28,9 @@ ONE_THREAD = {"featurize": {"threads": 1, "workers": 1}, "train": {"finetune": {
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run the tiny models on one thread: steady timings on shared CPUs, identical numbers across processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Identical numbers across processes (subprocess runs use one thread too)."""
     yield
-    torch.set_num_threads(before)
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
