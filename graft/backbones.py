@@ -26,7 +26,7 @@ from graft.images import Preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_VERSION = 1  # bump when the pooling or preprocessing code changes meaning
+FEATURE_VERSION = 2  # 2: centre box resampled in one pass. Bump when the pooling or preprocessing code changes meaning
 
 
 class Normalize(nn.Module):

@@ -127,9 +127,10 @@ def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:
     w, h = img.size
     scale = pp.resize / min(w, h)
     nw, nh = max(pp.crop, round(w * scale)), max(pp.crop, round(h * scale))
-    img = img.resize((nw, nh), _RESAMPLE[pp.interpolation], reducing_gap=3.0)
     left, top = (nw - pp.crop) // 2, (nh - pp.crop) // 2
-    img = img.crop((left, top, left + pp.crop, top + pp.crop))
+    # Resample only the centre box of the source (one pass, ~2x less work than resize-then-crop).
+    box = (left * w / nw, top * h / nh, (left + pp.crop) * w / nw, (top + pp.crop) * h / nh)
+    img = img.resize((pp.crop, pp.crop), _RESAMPLE[pp.interpolation], box=box, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
