@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graft: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         # graft.atomic maps a full disk during a write; this catches it anywhere else (mkdir, temp file).
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"graft: error: disk full{where}: free space and rerun; finished outputs are intact", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"graft: error: disk full{where}: free space and rerun; finished outputs are intact", file=sys.stderr)
+        else:
+            print(f"graft: error: I/O error{where}: {exc.strerror or exc}; rerun when the storage is back", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("graft: interrupted", file=sys.stderr)

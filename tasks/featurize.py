@@ -156,8 +156,10 @@ def _decode(chunk: list[tuple[str, str]], pp: Preprocess) -> tuple[list[str], np
             if hashlib.sha256(data).hexdigest() != sha:
                 raise GraftError(f"{path} changed since ingest (content hash differs); rerun ingest")
             arrays.append(preprocess(load_rgb(data, min_side=pp.resize)[0], pp))
-        except (OSError, BadImage) as exc:
-            raise GraftError(f"{path}: cannot read for featurize ({exc}); rerun ingest") from None
+        except BadImage as exc:
+            raise GraftError(f"{path}: cannot decode for featurize ({exc}); rerun ingest") from None
+        except OSError as exc:  # kept an OSError: a transient read failure is retried by the Prefect task
+            raise OSError(exc.errno, f"{path}: cannot read for featurize ({exc.strerror or exc})") from exc
         shas.append(sha)
     return shas, np.stack(arrays)
 

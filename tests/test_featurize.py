@@ -417,3 +417,29 @@ def test_cached_keys_among_the_manifest(setup) -> None:
     shas = _unique(params)
     assert cached_keys(cache, DIM) == shas | {"d" * 64}
     assert cached_keys(cache, DIM, among=list(shas)[:5] + ["0" * 64]) == set(list(shas)[:5])
+
+
+def test_a_transient_read_error_stays_retryable_and_a_rerun_completes(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO while reading an image surfaces as OSError (Prefect retries it), not as a bad-input GraftError."""
+    import errno
+    from types import SimpleNamespace
+
+    from tasks import _transient
+
+    ws, params = setup
+    victim = sorted((ws / "raw/dog").iterdir())[3]
+    real = Path.read_bytes
+
+    def flaky(self: Path) -> bytes:
+        if self == victim:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    with pytest.raises(OSError) as info:
+        featurize(params)
+    assert not isinstance(info.value, GraftError) and victim.name in str(info.value)
+    state = SimpleNamespace(result=lambda raise_on_failure=False: info.value)
+    assert _transient(None, None, state)
+    monkeypatch.undo()
+    assert featurize(params)["images"] == 20  # the storage is back: the rerun finishes
