@@ -59,12 +59,12 @@ def main() -> None:
         ft = evaluate(ft_p)
     fp = ft_p.train.finetune
     print(f"\ndemo digits: {head['counts']}  (fine-tune: {fp.strategy}, {summary['epochs']} epochs at {fp.image_size}px)")
-    print(f"{'model':<40} {'accuracy':>8} {'macro_f1':>8} {'wall_s':>8}")
+    print(f"{'model':<58} {'accuracy':>8} {'macro_f1':>8} {'wall_s':>8}")
     rows = [(f"raw pixels {head['baseline_size']}px + logreg (baseline)", head["baseline"], float("nan")),
             (f"{head['model_name']} (featurize {t_feat:.0f}s + train)", head["model"], t_feat + t_head),
             (ft["model_name"], ft["model"], t_ft)]
     for name, m, wall in rows:
-        print(f"{name:<40} {m['accuracy']:>8.4f} {m['macro_f1']:>8.4f} {wall:>8.1f}")
+        print(f"{name:<58} {m['accuracy']:>8.4f} {m['macro_f1']:>8.4f} {wall:>8.1f}")
     print(f"finetune - head accuracy: {ft['model']['accuracy'] - head['model']['accuracy']:+.4f}; "
           f"finetune - baseline: {ft['model']['accuracy'] - head['baseline']['accuracy']:+.4f}")
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +220,6 @@ def challenger_params(params: Params, name: str) -> Params:
                                                        "report": str(base / "report.md")}),
         "export": params.export.model_copy(update={"out": str(base / "model.onnx")}),
     })
-
-
-def diff_summary(diff: DataDiff) -> dict:
-    return asdict(diff)
 
 
 onnx_metrics_task = stage_task(onnx_metrics, "gate-metrics")
