@@ -57,24 +57,23 @@ def list_images(target: str | os.PathLike[str]) -> list[Path]:
 
 
 def predict_files(model: OnnxClassifier, paths: list[Path], batch_size: int = 32, top_k: int = 1) -> Iterator[dict]:
-    """Yield one record per file: the top-k labels and probabilities, or the reason it was skipped."""
+    """Yield one record per file, in input order: the top-k labels and probabilities, or why it was skipped."""
     for i in range(0, len(paths), batch_size):
-        chunk, arrays, records = paths[i : i + batch_size], [], []
-        for p in chunk:
+        records, arrays, good = [], [], []
+        for p in paths[i : i + batch_size]:
             try:
                 arrays.append(preprocess(load_rgb(p, min_side=model.preprocess.resize)[0], model.preprocess))
+                good.append(len(records))
                 records.append({"path": str(p)})
             except BadImage as exc:
-                yield {"path": str(p), "label": None, "probability": None, "error": str(exc)}
-        if not arrays:
-            continue
-        proba = model.predict_arrays(np.stack(arrays))
-        for rec, pr in zip(records, proba):
-            top = np.argsort(-pr)[:top_k]
-            rec.update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
-            if top_k > 1:
-                rec["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
-            yield rec
+                records.append({"path": str(p), "label": None, "probability": None, "error": str(exc)})
+        if arrays:
+            for k, pr in zip(good, model.predict_arrays(np.stack(arrays))):
+                top = np.argsort(-pr)[:top_k]
+                records[k].update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
+                if top_k > 1:
+                    records[k]["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
+        yield from records
 
 
 def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:

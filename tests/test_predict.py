@@ -112,6 +112,21 @@ def test_corrupt_image_is_an_error_row(predicted) -> None:
     assert "not a recognised image format" in bad["error"].iloc[0]
 
 
+def test_rows_keep_the_input_order_even_around_a_bad_file(served, predicted) -> None:
+    """Rows come out in the order the files were listed; an unreadable file keeps its place."""
+    from graft.predict import predict_files
+
+    _, params, folder = served
+    _, out = predicted
+    rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
+    assert list(rows["path"]) == [str(p) for p in list_images(folder)]
+    files = sorted(folder.glob("new *.png"))
+    order = [files[0], folder / "broken.png", files[1], files[2]]
+    got = list(predict_files(OnnxClassifier(params.export.out), order, batch_size=3))
+    assert [r["path"] for r in got] == [str(p) for p in order]
+    assert [r["error"] is None for r in got] == [True, False, True, True]
+
+
 def test_predict_agrees_with_torch(served, predicted) -> None:
     """Every predicted label equals the argmax of the torch model on the same image."""
     root, params, _ = served
