@@ -67,6 +67,18 @@ def ws(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def run_stages(params: Params, *stages):
+    """Run stage functions (ingest, featurize, ...) in order on one torch thread; return the last result."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [stage(params) for stage in stages][-1]
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run tiny models on one thread: as fast, steady on shared CPUs, and bit-identical across processes."""

@@ -24,7 +24,7 @@ from tasks.export import calibration_paths, data_hash, export, int8_path
 from tasks.featurize import featurize
 from tasks.ingest import ingest
 from tasks.train_head import train
-from tests.conftest import make_params, write_tree
+from tests.conftest import make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")  # a label with spaces, quotes and non-ASCII must survive
 
@@ -39,10 +39,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     (root / "raw").mkdir()
     write_tree(root / "raw", CLASSES, per_class=14)
     params = make_params(root, {"train": {"max_epochs": 80}})
-    ingest(params)
-    featurize(params)
-    train(params)
-    summary = export(params)
+    summary = run_stages(params, ingest, featurize, train, export)
     return root, params, summary
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -21,7 +20,7 @@ from tasks.ingest import ingest
 from tasks.leakage import (COLUMNS, cross_split_pairs, exact_cross_label_rows, leakage_markdown, leakage_report,
                            near_duplicate_rows)
 from tasks.train_head import train
-from tests.conftest import make_params, write_tree
+from tests.conftest import make_params, run_stages, write_tree
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
@@ -171,15 +170,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory):
     shutil.copyfile(root / "raw/cat/cat-002.png", root / "raw/dog/cat-in-dog-folder.png")
     params = make_params(root, {"train": {"max_epochs": 40}, "ingest": {"label_conflicts": "keep"},
                                 "evaluate": {"near_duplicate_threshold": 0.9999}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ingest(params)
-        featurize(params)
-        train(params)
-        metrics = evaluate(params)
-    finally:
-        torch.set_num_threads(threads)
+    metrics = run_stages(params, ingest, featurize, train, evaluate)
     return root, params, metrics
 
 

@@ -22,7 +22,7 @@ from tasks.export import export
 from tasks.featurize import featurize
 from tasks.ingest import ingest
 from tasks.train_head import train
-from tests.conftest import class_image, make_params, write_tree
+from tests.conftest import class_image, make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")
 
@@ -36,16 +36,11 @@ _RUN_PREDICT = (
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """An exported tiny_cnn model and a folder of new images (one corrupt, plus files to ignore)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("predict")
     (root / "raw").mkdir()
     write_tree(root / "raw", CLASSES, per_class=14)
     params = make_params(root, {"train": {"max_epochs": 80}})
-    ingest(params)
-    featurize(params)
-    train(params)
-    export(params)
+    run_stages(params, ingest, featurize, train, export)
     folder = root / "incoming"
     (folder / "sub dir").mkdir(parents=True)
     for ci in range(len(CLASSES)):
@@ -55,7 +50,6 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     (folder / "broken.png").write_bytes(b"this is not a PNG at all")
     (folder / ".hidden.png").write_bytes(b"hidden files are skipped")
     (folder / "notes.txt").write_text("not an image")
-    torch.set_num_threads(before)
     return root, params, folder
 
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import onnx
 import pandas as pd
-import torch
 
 from graft.predict import OnnxClassifier
 from tasks.export import export
 from tasks.featurize import featurize
 from tasks.ingest import ingest
 from tasks.train_head import train
-from tests.conftest import REPO, class_image, make_params
+from tests.conftest import REPO, class_image, make_params, run_stages
 
 SCANNED = ("graft", "tasks", "flows", "bench")
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
@@ -169,15 +168,7 @@ def test_onnx_metadata_strings_are_escaped_json(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     params = make_params(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")},
                                     "train": {"max_epochs": 20}, "export": {"quantize": None}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ingest(params)
-        featurize(params)
-        train(params)
-        export(params)
-    finally:
-        torch.set_num_threads(threads)
+    run_stages(params, ingest, featurize, train, export)
 
     meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}
     assert json.loads(meta["graft.classes"]) == sorted(LABELS)
