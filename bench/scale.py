@@ -17,7 +17,6 @@ shared machine the timings are noisy: the load average is printed before and aft
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import sys
@@ -28,50 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+from photos import SMALL, make_bases, write_photos  # noqa: E402  (bench/photos.py, shared with bench/featurize.py)
 
 from graft.params import Params, load_params, parse_params  # noqa: E402
-
-SIZE = (500, 375)  # a typical web photo: full-cost JPEG decode at Lite0's 256 px resize
-
-
-def _sources() -> list[np.ndarray]:
-    """Real photos bundled with scikit-image (a test dependency), or smooth noise if it is missing."""
-    try:
-        from skimage import data
-
-        return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    except ImportError:
-        rng = np.random.default_rng(0)
-        return [np.asarray(Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).resize((640, 480),
-                           Image.Resampling.BICUBIC)) for _ in range(4)]
-
-
-def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
-    """``count`` distinct photo-like JPEGs (random crops, shapes, noise) in two class folders."""
-    rng = np.random.default_rng(seed)
-    sources = [Image.fromarray(s[..., :3]) for s in _sources()]
-    for i in range(count):
-        src = sources[i % len(sources)]
-        w, h = src.size
-        cw = int(w * rng.uniform(0.5, 1.0))
-        ch = min(h, int(cw * SIZE[1] / SIZE[0]))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(SIZE, Image.Resampling.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(0, 4))):
-            x, y, r = int(rng.integers(0, SIZE[0])), int(rng.integers(0, SIZE[1])), int(rng.integers(20, 120))
-            draw.ellipse((x - r, y - r // 2, x + r, y + r // 2), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        img = img.filter(ImageFilter.GaussianBlur(0.6))
-        noise = rng.normal(0, 3.0, (SIZE[1], SIZE[0], 1))
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=int(rng.integers(80, 95)))
-        path = folder / f"class{i % 2}" / f"img_{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(buf.getvalue())
-
 
 def bench_params(ws: Path, backbone: str, name: str, runner: str, workers: int, shard_size: int) -> Params:
     """The repo's params with every path inside ``ws`` and a cache of its own per run."""
@@ -137,13 +95,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=180):
         ws = Path(args.dir or tmp)
         load_before = os.getloadavg()
-        write_jpegs(ws / "raw", count)
+        write_photos(ws / "raw", 0, count, make_bases(distinct=min(count, 64), large_fraction=0.0), 0.0)
         ingest(bench_params(ws, args.backbone, "cache-local", "local", 1, shard_size))
         local = featurize(bench_params(ws, args.backbone, "cache-local", "local", 1, shard_size))
         runs = {n: dask_run(bench_params(ws, args.backbone, f"cache-{n}w", "dask", n, shard_size)) for n in (1, 2)}
         load_after = os.getloadavg()
         one, two = runs[1], runs[2]
-        print(f"\nscale bench: {count} JPEGs {SIZE[0]}x{SIZE[1]}, {args.backbone}, shards of {shard_size} "
+        print(f"\nscale bench: {count} JPEGs {SMALL[0]}x{SMALL[1]}, {args.backbone}, shards of {shard_size} "
               f"({one['shards']} shards), {os.cpu_count()} CPUs; load average before {load_before[0]:.1f}, "
               f"after {load_after[0]:.1f}")
         print(f"{'runner':<30} {'img/s':>7} {'compute s':>10} {'worker CPU s':>13} {'cores got':>10} {'img/CPU s':>10}")
