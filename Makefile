@@ -44,7 +44,7 @@ retrain-flow: install
 
 ## deploy: serve the pipeline and retrain flows on the cron in params.yaml (needs `prefect server start`)
 deploy: install
-	python -m flows.deploy --params params.yaml
+	python -m graft.flows.deploy --params params.yaml
 
 clean:
 	rm -rf data/features.parquet data/manifest.parquet data/classes.json data/quarantine.csv \

@@ -137,7 +137,7 @@ _CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from graft.params import load_params
-from tasks.featurize import featurize
+from graft.tasks.featurize import featurize
 
 def hwm_kb():
     with open("/proc/self/status") as fh:
@@ -179,8 +179,9 @@ def run(args: argparse.Namespace, base: Path) -> None:
     from graft.backbones import build_backbone
     from graft.engine import cpu_cores
     from graft.images import load_batch
-    from tasks.featurize import make_engine, featurize
-    from tasks.ingest import ingest
+    from graft.tasks.featurize import featurize
+    from graft.engine import make_engine
+    from graft.tasks.ingest import ingest
 
     rss_counts = [int(c) for c in args.rss_counts.split(",") if c.strip()]
     n_add = max(1, args.count // 10)
@@ -201,9 +202,9 @@ def run(args: argparse.Namespace, base: Path) -> None:
     _, t_ingest = timed(ingest, params)
     fp = params.featurize
     bb = build_backbone(fp.backbone, fp.weights, fp.image_size)
-    from tasks.featurize import cache_dir_for, open_cache
+    from graft.cache import cache_dir_for, open_cache
 
-    cache = cache_dir_for(fp.cache_dir, bb)
+    cache = cache_dir_for(fp.cache_dir, bb.name, bb.fingerprint)
     open_cache(cache, bb.describe())
     engine, t_export = timed(make_engine, fp, cache, bb.describe(), lambda: bb)
     print(f"ingest {t_ingest:.1f} s; engine {engine.name} (streams {engine.streams}), one-time backbone export + check "

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from graft.demo import write_digits
 from graft.params import load_params, parse_params
-from tasks.evaluate import evaluate
-from tasks.featurize import featurize
-from tasks.finetune import finetune
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.evaluate import evaluate
+from graft.tasks.featurize import featurize
+from graft.tasks.finetune import finetune
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,10 +61,10 @@ def demo_params(ws: Path):
 def build_demo(ws: Path, per_class: int | None) -> tuple[dict, float]:
     """Run the demo pipeline up to export; return export.json and the export stage's seconds."""
     from graft.demo import write_digits
-    from tasks.export import export
-    from tasks.featurize import featurize
-    from tasks.ingest import ingest
-    from tasks.train_head import train
+    from graft.tasks.export import export
+    from graft.tasks.featurize import featurize
+    from graft.tasks.ingest import ingest
+    from graft.tasks.train_head import train
 
     params = demo_params(ws)
     if not (ws / "raw").exists():

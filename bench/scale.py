@@ -50,8 +50,8 @@ def dask_run(params: Params) -> dict:
     """
     from distributed import Client, LocalCluster
 
-    from flows.scale import featurize_dask
-    from tasks.shard import probe
+    from graft.flows.scale import featurize_dask
+    from graft.tasks.shard import probe
 
     dp = params.featurize.dask
     with LocalCluster(n_workers=dp.n_workers, threads_per_worker=dp.threads_per_worker, processes=True,
@@ -88,9 +88,9 @@ def main() -> int:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.featurize import featurize
-    from tasks.ingest import ingest
-    from tasks.shard import compare_caches
+    from graft.tasks.featurize import featurize
+    from graft.tasks.ingest import ingest
+    from graft.cache import compare_caches
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=180):
         ws = Path(args.dir or tmp)

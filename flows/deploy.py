@@ -1,7 +1,7 @@
 """Serve the pipeline and the retrain flow as scheduled Prefect deployments.
 
     prefect server start                      # in another terminal (or set PREFECT_API_URL)
-    python -m flows.deploy --params params.yaml
+    python -m graft.flows.deploy --params params.yaml
 
 Both deployments run on the cron in ``retrain.schedule``. Each has a deployment concurrency limit of
 one with the ENQUEUE strategy, so a run scheduled while the previous one is still going waits for it;
@@ -16,8 +16,8 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from flows.pipeline import pipeline
-from flows.retrain import retrain
+from graft.flows.pipeline import pipeline
+from graft.flows.retrain import retrain
 from graft.params import load_params
 
 ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)

@@ -7,14 +7,9 @@ from typing import Optional
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from graft.lock import cache_lock, workspace_lock
+from graft.lock import workspace_lock
 from graft.params import load_params
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
-from tasks.featurize import featurize_task
-from tasks.finetune import finetune_task
-from tasks.ingest import ingest_task
-from tasks.train_head import train_task
+from graft.stages import STAGES, run_stage
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
@@ -36,14 +31,10 @@ def pipeline(params_path: str = "params.yaml", wait_s: Optional[float] = None) -
 
 
 def _run_stages(params_path: str) -> dict:
-    """The stages in order, with featurize holding the shared cache's lock; returns their summaries."""
+    """The stages in order (:func:`graft.stages.run_stage` takes the cache lock); returns their summaries."""
     params = load_params(params_path)
-    summary = {"ingest": ingest_task(params)}
-    with cache_lock(params.featurize.cache_dir):  # the cache is shared with other workspaces
-        summary["featurize"] = featurize_task(params)
-    summary["train"] = (finetune_task if params.train.mode == "finetune" else train_task)(params)
-    metrics = evaluate_task(params)
-    summary["export"] = export_task(params)
+    summary = {name: run_stage(name, params, as_task=True) for name in STAGES}
+    metrics = summary.pop("evaluate")  # the full metrics go to the artifacts below, not the summary
     create_table_artifact(metrics_rows(metrics), key="graft-metrics", description="test metrics vs raw-pixel baseline")
     with open(params.evaluate.report, encoding="utf-8") as fh:
         create_markdown_artifact(fh.read(), key="graft-report", description="evaluation report")

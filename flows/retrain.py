@@ -6,25 +6,19 @@ a Markdown artifact. The workspace lock makes overlapping scheduled runs queue o
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
-import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from graft.lock import cache_lock, workspace_lock
+from graft.dataset import data_hash, read_classes, read_manifest
+from graft.lock import workspace_lock
 from graft.params import Params, load_params
-from tasks.evaluate import evaluate_task
-from tasks.export import data_hash, export_task
-from tasks.featurize import featurize_task
-from tasks.finetune import finetune_task
-from tasks.ingest import ingest_task
-from tasks.retrain import (DataDiff, append_history, challenger_params, check_class_change, comparison_markdown,
+from graft.stages import run_stage
+from graft.tasks.retrain import (DataDiff, append_history, challenger_params, check_class_change, comparison_markdown,
                            diff_manifests, gate, gate_test_set, load_champion, onnx_metrics_task, promote)
-from tasks.train_head import train_task
 
 
 def train_challenger(params: Params) -> tuple[Params, dict]:
@@ -36,7 +30,7 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
     candidates = []
     if params.train.mode == "head":
         head_p = challenger_params(params, "challenger")
-        candidates.append((head_p, train_task(head_p), evaluate_task(head_p)))
+        candidates.append((head_p, run_stage("train", head_p, as_task=True), run_stage("evaluate", head_p, as_task=True)))
         score = candidates[0][1]["val_accuracy"]  # validation, not test: the gate judges on test
         if rp.escalate_below_val_accuracy is None or score >= rp.escalate_below_val_accuracy:
             return _export(head_p, candidates[0][2])
@@ -46,14 +40,14 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
             candidates.clear()
     ft_p = challenger_params(params, "challenger-finetune")
     ft_p = ft_p.model_copy(update={"train": ft_p.train.model_copy(update={"mode": "finetune"})})
-    candidates.append((ft_p, finetune_task(ft_p), evaluate_task(ft_p)))
+    candidates.append((ft_p, run_stage("train", ft_p, as_task=True), run_stage("evaluate", ft_p, as_task=True)))
     # The better by validation accuracy (never by test, which the gate is about to use).
     chosen_p, _, metrics = max(candidates, key=lambda c: c[1]["val_accuracy"])
     return _export(chosen_p, metrics)
 
 
 def _export(chosen_p: Params, metrics: dict) -> tuple[Params, dict]:
-    export_task(chosen_p)
+    run_stage("export", chosen_p, as_task=True)
     return chosen_p, metrics
 
 
@@ -68,9 +62,9 @@ def _retrain(params: Params) -> dict:
     rp = params.retrain
     out = Path(params.data.out_dir)
     champion = load_champion(rp)
-    ingest_task(params)
-    manifest = pd.read_parquet(out / "manifest.parquet")
-    classes = json.loads((out / "classes.json").read_text())["classes"]
+    run_stage("ingest", params, as_task=True)
+    manifest = read_manifest(out)
+    classes = read_classes(out)
     diff = diff_manifests(champion["manifest"] if champion else None, manifest)
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": params.train.mode, "data_sha256": data_hash(manifest),
            "added": diff.added, "removed": diff.removed, "relabelled": diff.relabelled, "features_computed": 0,
@@ -80,8 +74,7 @@ def _retrain(params: Params) -> dict:
         return _record(rp, row, diff, None, None)
     if champion:
         check_class_change(diff, rp)
-    with cache_lock(params.featurize.cache_dir):
-        row["features_computed"] = featurize_task(params)["computed"]
+    row["features_computed"] = run_stage("featurize", params, as_task=True)["computed"]
     chosen, metrics = train_challenger(params)
     kind = "finetune" if chosen.train.mode == "finetune" else "head"
     row["kind"] = kind

@@ -2,11 +2,11 @@
 
 The flow runs on the driver (the machine that sees the manifest): it plans the shards, checks the
 workers, submits every shard through Prefect's ``DaskTaskRunner`` and gathers the small results.
-The shards themselves (``tasks/shard.py``) run on the Dask workers. With ``featurize.dask.address``
+The shards themselves (:mod:`graft.tasks.shard`) run on the Dask workers. With ``featurize.dask.address``
 graft uses that scheduler; without one a ``distributed.LocalCluster`` is started for the run and
 closed after it. Nothing is started when every image is already in the cache.
 
-    python -m flows.scale --params params.yaml [--address tcp://scheduler:8786]   # featurize on a Dask cluster
+    python -m graft.flows.scale --params params.yaml [--address tcp://scheduler:8786]   # featurize on a Dask cluster
     graft predict FOLDER --dask [--address ADDR] --model models/model.onnx --out preds.parquet
 """
 
@@ -27,8 +27,9 @@ from prefect_dask import DaskTaskRunner
 from graft import GraftError
 from graft.lock import cache_lock, workspace_lock
 from graft.params import DaskParams, Params, load_params
-from tasks.shard import (PredictJob, featurize_shard, finish_featurize, list_targets, make_shards, plan_featurize,
-                         predict_shard, probe, write_predictions)
+from graft.predict import list_targets, write_predictions
+from graft.tasks.shard import (PredictJob, featurize_shard, finish_featurize, make_shards, plan_featurize, predict_shard,
+                               probe)
 
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
 
@@ -101,21 +102,20 @@ def featurize_dask_flow(params: Params) -> dict:
     results: list[dict] = []
     workers: dict[str, int] = {}
     seconds = 0.0
-    with cache_lock(fp.cache_dir):  # the driver serialises featurize runs on this cache, as the local runner does
-        plan = plan_featurize(params)
-        if plan.shards:
-            workers = connect_workers("featurize")
-            log.info("%d images in %d shards on %d Dask workers (%d threads)", sum(len(s.items) for s in plan.shards),
-                     len(plan.shards), len(workers), sum(workers.values()))
-            shard = featurize_shard.with_options(retries=fp.dask.retries)
-            t0 = time.perf_counter()
-            results = gather([shard.submit(plan.job, s) for s in plan.shards])
-            seconds = time.perf_counter() - t0
-        finish_featurize(plan, fp.out)
+    plan = plan_featurize(params)  # the caller holds the cache lock (graft.stages.run_stage, featurize_cluster)
+    if plan.shards:
+        workers = connect_workers("featurize")
+        log.info("%d images in %d shards on %d Dask workers (%d threads)", sum(len(s.items) for s in plan.shards),
+                 len(plan.shards), len(workers), sum(workers.values()))
+        shard = featurize_shard.with_options(retries=fp.dask.retries)
+        t0 = time.perf_counter()
+        results = gather([shard.submit(plan.job, s) for s in plan.shards])
+        seconds = time.perf_counter() - t0
+    finish_featurize(plan, fp.out)
     computed = sum(r["computed"] for r in results)
     engines = sorted({r["engine"] for r in results if r["engine"]})
-    return {"backbone": plan.name, "fingerprint": plan.fingerprint, "engine": ",".join(engines) or None, "runner": "dask",
-            "images": len(plan.shas), "computed": computed, "from_cache": len(plan.shas) - computed,
+    return {"backbone": plan.cache.name, "fingerprint": plan.cache.fingerprint, "engine": ",".join(engines) or None, "runner": "dask",
+            "images": len(plan.cache.shas), "computed": computed, "from_cache": len(plan.cache.shas) - computed,
             "shards": len(plan.shards), "workers": len(workers), "retried_shards": sum(r["attempt"] > 1 for r in results),
             "seconds": round(seconds, 2), "img_per_s": round(computed / seconds, 1) if computed else None,
             "stage_seconds": round(time.perf_counter() - t_start, 2), "cache": plan.job.cache}
@@ -169,13 +169,13 @@ def featurize_cluster(params_path: str = "params.yaml", address: Optional[str] =
     if address:
         dask = params.featurize.dask.model_copy(update={"address": address})
         params = params.model_copy(update={"featurize": params.featurize.model_copy(update={"dask": dask})})
-    with workspace_lock(params_path):
+    with workspace_lock(params_path), cache_lock(params.featurize.cache_dir):
         return featurize_dask(params)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.scale``: featurize on the params' Dask cluster, whatever ``featurize.runner`` says."""
-    ap = argparse.ArgumentParser(prog="python -m flows.scale", description=main.__doc__)
+    """``python -m graft.flows.scale``: featurize on the params' Dask cluster, whatever ``featurize.runner`` says."""
+    ap = argparse.ArgumentParser(prog="python -m graft.flows.scale", description=main.__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--address", help="Dask scheduler address (overrides featurize.dask.address)")
     args = ap.parse_args(argv)

@@ -14,27 +14,19 @@ from pathlib import Path
 
 from graft import GraftError
 
-STAGES = ("ingest", "featurize", "train", "evaluate", "export")
+STAGES = ("ingest", "featurize", "train", "evaluate", "export")  # graft.stages.STAGES, without importing it
 
 
 def _stage(name: str, params_path: str, resume: bool | None = None) -> dict:
-    from importlib import import_module
-
     from graft.params import load_params
+    from graft.stages import run_stage
 
     params = load_params(params_path)
-    if name == "train" and params.train.mode == "finetune":
-        from tasks.finetune import finetune
-
-        return finetune(params, resume=resume)
-    module = {"train": "tasks.train_head"}.get(name, f"tasks.{name}")
-    fn = getattr(import_module(module), name)
-    if name == "featurize":  # the cache is shared across workspaces: queue behind another featurize of it
-        from graft.lock import cache_lock
-
-        with cache_lock(params.featurize.cache_dir):
-            return fn(params)
-    return fn(params)
+    if resume is None:
+        return run_stage(name, params)
+    if params.train.mode != "finetune":
+        raise GraftError(f"--resume/--fresh apply to fine-tuning; train.mode is {params.train.mode}")
+    return run_stage(name, params, resume=resume)
 
 
 def metrics_table(path: str | Path = "metrics/metrics.json") -> str:
@@ -76,7 +68,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _predict_dask(args: argparse.Namespace) -> None:
     """``graft predict --dask``: one Prefect task per shard on a Dask cluster, one Parquet of predictions."""
-    from flows.scale import predict_dask
+    from graft.flows.scale import predict_dask
     from graft.params import DaskParams
 
     if not args.out:
@@ -92,7 +84,7 @@ def _gate(args: argparse.Namespace) -> int:
     import subprocess
 
     from graft.params import load_params
-    from tasks.retrain import gate
+    from graft.tasks.retrain import gate
 
     current = json.loads(Path(args.path).read_text())["model"]
     shown = subprocess.run(["git", "show", f"{args.against}:{args.path}"], capture_output=True, text=True)
@@ -162,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             from graft.lock import workspace_lock
 
             with workspace_lock(args.params, args.wait):  # taken before Prefect starts: a refusal is quick
-                from flows.pipeline import pipeline
+                from graft.flows.pipeline import pipeline
 
                 pipeline(args.params)
         elif args.command == "retrain":
             from graft.lock import workspace_lock
 
             with workspace_lock(args.params, args.wait):
-                from flows.retrain import retrain
+                from graft.flows.retrain import retrain
 
                 decision = retrain(args.params)["decision"]
             return 1 if decision == "rejected" else 0

@@ -19,12 +19,16 @@ import os
 import queue
 import warnings
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from graft import GraftError
 from graft.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from graft.backbones import Backbone
+    from graft.params import FeaturizeParams
 
 log = logging.getLogger("graft.engine")
 
@@ -218,3 +222,20 @@ class TorchEngine:
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             out = self.model(x.contiguous(memory_format=torch.channels_last))
         return out.float().cpu().numpy()
+
+
+# --- the engine a featurize run asks for
+
+
+def make_engine(fp: FeaturizeParams, cache: Path, description: dict, backbone: Callable[[], Backbone]) -> Engine:
+    """The engine ``fp`` configures for the backbone ``description``; ``backbone`` is built only if needed."""
+    import json
+
+    from graft.backbones import fingerprint_of
+
+    if resolve_engine(fp.engine) == "torch":
+        return TorchEngine(backbone().model, fp.threads, fp.amp)
+    meta = {"graft.kind": "backbone", "graft.backbone": description["name"],
+            "graft.describe": json.dumps(description, sort_keys=True)}
+    return ort_engine(cache, fingerprint_of(description), lambda: backbone().model, description["crop"], meta,
+                      fp.threads, fp.streams)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from graft import GraftError
 from graft.images import IMAGE_EXTENSIONS, BadImage, Preprocess, load_rgb, preprocess
+from graft.sources import read_bytes
 
 
 class OnnxClassifier:
@@ -56,15 +57,40 @@ def list_images(target: str | os.PathLike[str]) -> list[Path]:
     return out
 
 
-def predict_files(model: OnnxClassifier, paths: list[Path], batch_size: int = 32, top_k: int = 1) -> Iterator[dict]:
-    """Yield one record per file, in input order: the top-k labels and probabilities, or why it was skipped."""
+def list_targets(target: str) -> list[str]:
+    """:func:`list_images` for a local target, or the image files under an fsspec URL (hidden entries skipped)."""
+    if "://" not in target:
+        return [str(p) for p in list_images(target)]
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(target)
+    if fs.isfile(root):
+        return [target]
+    if not fs.isdir(root):
+        raise GraftError(f"{target}: no such file or folder")
+
+    def wanted(p: str) -> bool:
+        rel = p[len(root):].strip("/").split("/")
+        return Path(p).suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel)
+
+    return sorted(fs.unstrip_protocol(p) for p in fs.find(root) if wanted(p))
+
+
+def predict_files(model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32,
+                  top_k: int = 1) -> Iterator[dict]:
+    """Yield one record per file (a path or an fsspec URL), in input order: the top-k labels and
+    probabilities, or why it was skipped. The one predict loop, local and on Dask workers."""
+    pp = model.preprocess
     for i in range(0, len(paths), batch_size):
-        records, arrays, good = [], [], []
+        records: list[dict] = []
+        arrays, good = [], []
         for p in paths[i : i + batch_size]:
             try:
-                arrays.append(preprocess(load_rgb(p, min_side=model.preprocess.resize)[0], model.preprocess))
+                arrays.append(preprocess(load_rgb(read_bytes(str(p)), min_side=pp.resize)[0], pp))
                 good.append(len(records))
                 records.append({"path": str(p)})
+            except FileNotFoundError:
+                records.append({"path": str(p), "label": None, "probability": None, "error": "file not found"})
             except BadImage as exc:
                 records.append({"path": str(p), "label": None, "probability": None, "error": str(exc)})
         if arrays:
@@ -74,6 +100,18 @@ def predict_files(model: OnnxClassifier, paths: list[Path], batch_size: int = 32
                 if top_k > 1:
                     records[k]["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
         yield from records
+
+
+def write_predictions(records: list[dict], out: str | Path) -> Path:
+    """Prediction records, sorted by path, as one Parquet file written atomically."""
+    import pyarrow as pa
+
+    from graft.atomic import write_parquet
+
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
+                        ("error", pa.string())])
+    rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: r["path"])
+    return write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
 
 
 def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:

@@ -6,56 +6,26 @@ at all on their data; ImageNet features can lose to raw pixels on small grey ima
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
-                             precision_recall_fscore_support)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
-from graft.atomic import write_csv, write_json, write_text, write_with
+from graft.atomic import write_csv, write_json, write_text
+from graft.cache import load_feature_table
+from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
-from graft.params import Params
-from tasks import stage_task
-from tasks.featurize import load_feature_table
-from tasks.leakage import leakage_markdown, leakage_report
+from graft.leakage import leakage_markdown, leakage_report
+from graft.metrics import classification_metrics
 from graft.model import head_from_payload, load_model
-from tasks.train_head import split_arrays
-
-
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
-    """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width bins."""
-    conf, pred = proba.max(1), proba.argmax(1)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += sel.mean() * abs((pred[sel] == y[sel]).mean() - conf[sel].mean())
-    return float(ece)
-
-
-def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int = 15) -> dict:
-    """Accuracy, macro-F1, balanced accuracy, ECE and per-class precision/recall/F1."""
-    pred = proba.argmax(1)
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    return {
-        "accuracy": round(float(accuracy_score(y, pred)), 4),
-        "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 4),
-        "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4),
-        "ece": round(expected_calibration_error(y, proba, bins), 4),
-        "n": int(len(y)),
-        "per_class": {c: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
-                          "f1": round(float(f[i]), 4), "support": int(s[i])} for i, c in enumerate(classes)},
-    }
+from graft.params import Params
+from graft.plots import plot_confusion
+from graft.tasks import stage_task
 
 
 def pixel_matrix(paths: list[Path], size: int) -> np.ndarray:
@@ -90,31 +60,15 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
     index = {c: i for i, c in enumerate(classes)}
     y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
     if payload["kind"] == "finetune":
-        from tasks.finetune import finetuned_test_proba
+        from graft.tune import classifier_proba
 
-        return y, finetuned_test_proba(payload, manifest, Path(params.data.root), classes), name.replace("head", "finetune")
+        paths, _ = split_items(manifest, params.data.root, classes, "test")
+        return y, classifier_proba(payload, paths), name.replace("head", "finetune")
     feats, _ = load_feature_table(params.featurize.out)
     x, _ = split_arrays(manifest, feats, classes, "test")
     with torch.no_grad():
         proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
     return y, proba, name
-
-
-def plot_confusion(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(y, pred, labels=range(len(classes)), display_labels=classes,
-                                            ax=ax, colorbar=False, xticks_rotation=45)
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
 
 def _cell(text: str) -> str:
@@ -152,8 +106,8 @@ def evaluate(params: Params) -> dict:
     """Run the evaluate stage: metrics.json, confusion data and PNG, leakage.csv and the Markdown report."""
     ep = params.evaluate
     out = Path(params.data.out_dir)
-    manifest = pd.read_parquet(out / "manifest.parquet")
-    classes = json.loads((out / "classes.json").read_text())["classes"]
+    manifest = read_manifest(out)
+    classes = read_classes(out)
     if not (manifest["split"] == "test").any():
         raise GraftError("the test split is empty: add images or raise data.split.test")
     y, proba, model_name = model_test_proba(params, manifest, classes)

@@ -14,7 +14,6 @@ accuracy and batch-1 / batch-32 latency go to ``<metrics_dir>/export.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -32,16 +31,11 @@ from torch import nn
 import graft
 from graft import GraftError
 from graft.atomic import atomic_path, write_json
+from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
 from graft.model import classifier_from_payload, load_model
 from graft.params import Params
-from tasks import stage_task
-
-
-def data_hash(manifest: pd.DataFrame) -> str:
-    """A hash of what the model was trained and tested on: (sha256, label, split) rows, sorted."""
-    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))
-    return hashlib.sha256("\n".join("\t".join(r) for r in rows).encode()).hexdigest()
+from graft.tasks import stage_task
 
 
 def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str) -> dict[str, str]:
@@ -262,15 +256,38 @@ def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.
     return report
 
 
+LATENCY_KEYS = ("latency_ms", "img_per_s_batch_32")  # wall-clock figures: they change on every run
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(the deterministic figures, a DVC metric; the wall-clock latencies, a plain report file).
+
+    Latencies differ on every run, so keeping them in a DVC metric would make ``dvc metrics diff``
+    and ``dvc exp show`` report a change that is only machine noise.
+    """
+    metrics: dict = {}
+    latency: dict = {}
+    for k, v in report.items():
+        if isinstance(v, dict) and "path" in v:  # one model's figures
+            metrics[k] = {f: x for f, x in v.items() if f not in LATENCY_KEYS}
+            latency[k] = {f: x for f, x in v.items() if f in LATENCY_KEYS}
+        elif k.startswith("int8_speedup") or k == "latency_setup":
+            latency[k] = v
+        else:
+            metrics[k] = v
+    return metrics, latency
+
+
 def export(params: Params) -> dict:
     """Run the export stage: write ``models/model.onnx`` only if it matches torch within tolerance.
 
     With ``export.quantize: int8`` also write ``model.int8.onnx``; record both models' test accuracy
-    and latency in ``<evaluate.metrics_dir>/export.json``.
+    in ``<evaluate.metrics_dir>/export.json`` (a DVC metric) and their latency in
+    ``export_latency.json`` beside the report (not a metric: it changes on every run).
     """
     xp = params.export
     root = Path(params.data.root)
-    manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet")
+    manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload)
     meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"])
@@ -291,7 +308,9 @@ def export(params: Params) -> dict:
         q_path.unlink(missing_ok=True)  # an int8 model of an older fp32 one must not linger beside it
     models = {"fp32": Path(xp.out), **({"int8": q_path} if xp.quantize else {})}
     report = model_report(models, bb.preprocess.crop, eval_batches(manifest, root, payload["classes"], bb.preprocess))
-    write_json(Path(params.evaluate.metrics_dir) / "export.json", report)
+    metrics, latency = split_report(report)
+    write_json(Path(params.evaluate.metrics_dir) / "export.json", metrics)
+    write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
     summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
     if xp.quantize:
         summary.update(int8=str(q_path), int8_bytes=q_path.stat().st_size,

@@ -12,108 +12,19 @@ Outputs (in ``data.out_dir``): ``manifest.parquet`` (path, sha256, label, split,
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_parquet
-from graft.images import IMAGE_EXTENSIONS, BadImage, load_rgb
+from graft.dataset import MANIFEST_COLUMNS, SPLITS, Candidate, discover_folders, discover_manifest
+from graft.images import BadImage, load_rgb
 from graft.params import Params, SplitParams
-from tasks import stage_task
+from graft.tasks import stage_task
 
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["path", "sha256", "label", "split", "width", "height"]
 _VALIDATE_SIDE = 256  # validation decodes large JPEGs at a reduced scale (still a full entropy decode)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A file that should be an image, with its label and (for pre-split inputs) its split."""
-
-    path: Path
-    rel: str
-    label: str
-    split: str | None = None
-
-
-def _walk(top: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``top`` (hidden entries skipped, symlinked folders not followed) and ignored files."""
-    images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            (images if p.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(p)
-    return images, ignored
-
-
-def _subdirs(p: Path, root: Path) -> list[Path]:
-    """Visible sub-folders. A symlinked folder counts only if it points outside the data root
-    (a link back into the tree would list images twice or loop); links inside it are not followed."""
-    inside = root.resolve()
-    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
-                  and not (d.is_symlink() and d.resolve().is_relative_to(inside)))
-
-
-def discover_folders(root: Path) -> tuple[list[Candidate], list[dict], int]:
-    """Candidates from a class-folder or train/val/test tree; loose images at the top are quarantined."""
-    if not root.is_dir():
-        raise GraftError(f"data root {root} does not exist (run `graft demo-data` or set data.root)")
-    top = _subdirs(root, root)
-    presplit = bool(top) and {d.name for d in top} <= set(SPLITS) and "train" in {d.name for d in top}
-    groups = [(d, d.name) for d in top] if presplit else [(root, None)]
-    cands, quarantine, ignored = [], [], 0
-    loose = [(root, None)] + groups if presplit else groups
-    for base, _ in loose:  # images with no class folder are recorded; other loose files (README) ignored
-        for f in sorted(x for x in base.iterdir() if x.is_file() and not x.name.startswith(".")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                quarantine.append({"path": f.relative_to(root).as_posix(), "reason": "not inside a class folder"})
-            else:
-                ignored += 1
-    for base, split in groups:
-        classes = _subdirs(base, root)
-        for cdir in classes:
-            images, skipped = _walk(cdir)
-            ignored += len(skipped)
-            if not images:
-                where = cdir.relative_to(root).as_posix()
-                raise GraftError(f"class folder '{where}' has no images: add images or remove the folder")
-            cands += [Candidate(p, p.relative_to(root).as_posix(), cdir.name, split) for p in images]
-    return cands, quarantine, ignored
-
-
-def discover_manifest(root: Path, manifest: Path) -> tuple[list[Candidate], list[dict]]:
-    """Candidates from a CSV/Parquet manifest; paths resolve against ``root`` and may not escape it."""
-    if not manifest.is_file():
-        raise GraftError(f"manifest {manifest} not found (data.manifest)")
-    try:
-        df = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure gets one clear line
-        raise GraftError(f"cannot read manifest {manifest}: {str(exc).splitlines()[0]}") from None
-    missing = {"path", "label"} - set(df.columns)
-    if missing:
-        raise GraftError(f"manifest {manifest} lacks column(s) {sorted(missing)}; it needs path,label[,split]")
-    base = root.resolve()
-    cands, quarantine = [], []
-    for row in df.itertuples(index=False):
-        rel, label = str(row.path), str(row.label).strip()
-        split = str(getattr(row, "split", "") or "").strip() or None
-        full = (base / rel).resolve()
-        if not full.is_relative_to(base):
-            quarantine.append({"path": rel, "reason": "path escapes the data root"})
-        elif not label:
-            quarantine.append({"path": rel, "reason": "empty label"})
-        elif split is not None and split not in SPLITS:
-            quarantine.append({"path": rel, "reason": f"unknown split {split!r} (use train, val or test)"})
-        else:
-            cands.append(Candidate(full, full.relative_to(base).as_posix(), label, split))
-    return cands, quarantine
 
 
 def inspect_file(c: Candidate) -> dict:

@@ -29,7 +29,7 @@ import pyarrow as pa
 from graft import GraftError
 from graft.atomic import write_json, write_parquet
 from graft.params import Params, RetrainParams
-from tasks import stage_task
+from graft.tasks import stage_task
 
 CHAMPION_FILES = ("model.onnx", "model.pt")
 
@@ -150,7 +150,7 @@ def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[
     A model that lacks a class (an older champion) simply never predicts it.
     """
     from graft.predict import OnnxClassifier, predict_proba
-    from tasks.evaluate import classification_metrics
+    from graft.metrics import classification_metrics
 
     model = OnnxClassifier(onnx_path)
     index = {c: i for i, c in enumerate(classes)}

@@ -78,7 +78,7 @@ def test_served_deployment_runs_to_completion_one_at_a_time(tmp_path: Path) -> N
                                        "--port", str(port)], env=env, cwd=tmp_path,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for(lambda: _healthy(api), 120, "the Prefect server")
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.deploy", "--params", str(params_path),
+        procs.append(subprocess.Popen([sys.executable, "-m", "graft.flows.deploy", "--params", str(params_path),
                                        "--cron", "0 0 1 1 *"], env=env, cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         listed = lambda: "graft-pipeline" in subprocess.run(  # noqa: E731

@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import graft.backbones
 import graft.engine
-import tasks.featurize
+import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone, describe_backbone, fingerprint_of
 from graft.engine import ONNX_FILE, TorchEngine, ort_engine, plan_threads, resolve_engine
-from tasks.featurize import feature_schema, featurize, load_feature_table
-from tasks.ingest import ingest
+from graft.tasks.featurize import featurize
+from graft.cache import feature_schema, load_feature_table
+from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
 
@@ -151,8 +153,8 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     def refuse(*args, **kwargs):
         raise AssertionError("must not be called on a cache hit")
 
-    monkeypatch.setattr(tasks.featurize, "build_backbone", refuse)
-    monkeypatch.setattr(tasks.featurize, "make_engine", refuse)
+    monkeypatch.setattr(graft.backbones, "build_backbone", refuse)
+    monkeypatch.setattr(graft.tasks.featurize, "make_engine", refuse)
     summary = featurize(params)
     assert (summary["computed"], summary["from_cache"], summary["engine"]) == (0, len(shas), None)
     got, meta = load_feature_table(params.featurize.out)

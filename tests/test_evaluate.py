@@ -13,10 +13,11 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from graft import GraftError
-from tasks.evaluate import classification_metrics, evaluate, expected_calibration_error
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.evaluate import evaluate
+from graft.metrics import classification_metrics, expected_calibration_error
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import make_params, write_tree
 
 CLASSES = ("cat", "dog", "bird")

@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tasks.featurize
+import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone
 from graft.images import load_rgb, preprocess
-from tasks.featurize import cache_dir_for, cached_keys, feature_schema, featurize, load_feature_table, read_features
-from tasks.ingest import ingest
+from graft.tasks.featurize import featurize
+from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
+from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
 DIM = 32  # tiny_cnn feature width
@@ -51,8 +52,8 @@ class CountingBackbone:
     def run(self, params) -> dict:
         """Featurize with this backbone; return the summary after checking it agrees with the counter."""
         before = self.seen
-        real = tasks.featurize.make_engine
-        with mock.patch.object(tasks.featurize, "make_engine", lambda *a, **k: self._counted(real(*a, **k))):
+        real = graft.tasks.featurize.make_engine
+        with mock.patch.object(graft.tasks.featurize, "make_engine", lambda *a, **k: self._counted(real(*a, **k))):
             summary = featurize(params, backbone=self.bb)
         assert summary["computed"] == self.seen - before
         return summary
@@ -120,7 +121,7 @@ def test_duplicate_bytes_computed_once(setup) -> None:
     counter = CountingBackbone()
     counter.run(params)
     assert counter.seen == manifest["sha256"].nunique() == 20
-    cache = cache_dir_for(params.featurize.cache_dir, counter.bb)
+    cache = cache_dir_for(params.featurize.cache_dir, counter.bb.name, counter.bb.fingerprint)
     keys = pa.concat_tables([pq.read_table(p) for p in _parts(cache)])["sha256"].to_pylist()
     assert len(keys) == len(set(keys)) == 20
 
@@ -282,7 +283,7 @@ def test_meta_mismatch_is_rejected(setup) -> None:
 
 def _failing_engine(after_batches: int):
     """A make_engine replacement whose engine raises on batch number ``after_batches + 1``."""
-    real = tasks.featurize.make_engine
+    real = graft.tasks.featurize.make_engine
 
     def make(*args, **kwargs):
         engine, calls = real(*args, **kwargs), [0]
@@ -313,10 +314,10 @@ def test_interrupted_run_keeps_what_was_done(ws: Path) -> None:
     params = make_params(ws, {"featurize": {"batch_size": 2, "part_rows": 4}})
     ingest(params)
     counter = CountingBackbone()
-    with mock.patch.object(tasks.featurize, "make_engine", _failing_engine(5)):
+    with mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)):
         with pytest.raises(RuntimeError, match="simulated crash"):
             featurize(params, backbone=counter.bb)
-    cache = cache_dir_for(params.featurize.cache_dir, counter.bb)
+    cache = cache_dir_for(params.featurize.cache_dir, counter.bb.name, counter.bb.fingerprint)
     kept = _cached_rows(cache)
     assert len(kept) == len(set(kept)) == 10  # 5 batches of 2, none lost, none twice
     assert len(_parts(cache)) == 3  # two full parts of 4, then the 2 rows buffered at the crash
@@ -331,7 +332,7 @@ def test_cache_hit_starts_no_engine(setup) -> None:
     """When every image is cached, no engine (and no ONNX export) is created at all."""
     ws, params = setup
     featurize(params)
-    with mock.patch.object(tasks.featurize, "make_engine", side_effect=AssertionError("engine started")):
+    with mock.patch.object(graft.tasks.featurize, "make_engine", side_effect=AssertionError("engine started")):
         summary = featurize(params)
     assert summary["computed"] == 0 and summary["engine"] is None
 
@@ -354,7 +355,7 @@ def test_feature_table_streams_part_by_part(setup) -> None:
 
 _KILLABLE = """
 import sys, time
-import tasks.featurize as tf
+import graft.tasks.featurize as tf
 from graft.params import parse_params
 import json
 params = parse_params(json.loads(sys.argv[1]))
@@ -387,7 +388,7 @@ def test_sigkill_midway_then_rerun_computes_the_rest(ws: Path) -> None:
     overrides = {"featurize": {"batch_size": 2, "part_rows": 4}}
     params = make_params(ws, overrides)
     ingest(params)
-    cache = cache_dir_for(params.featurize.cache_dir, build_backbone("tiny_cnn"))
+    cache = cache_dir_for(params.featurize.cache_dir, "tiny_cnn", build_backbone("tiny_cnn").fingerprint)
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(params.model_dump(mode="json"))],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -424,7 +425,7 @@ def test_a_transient_read_error_stays_retryable_and_a_rerun_completes(setup, mon
     import errno
     from types import SimpleNamespace
 
-    from tasks import _transient
+    from graft.tasks import retry_transient as _transient
 
     ws, params = setup
     victim = sorted((ws / "raw/dog").iterdir())[3]

@@ -12,9 +12,9 @@ from graft import GraftError
 from graft.backbones import build_backbone
 from graft.model import Classifier, load_model, make_head, head_config
 from graft.params import FinetuneParams, parse_params
-from tasks.finetune import (finetune, initial_model, layer_groups, lr_factor, param_groups, set_trainable,
-                            trainable_groups, train_mode)
-from tasks.ingest import ingest
+from graft.tasks.finetune import finetune, initial_model
+from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, trainable_groups, train_mode
+from graft.tasks.ingest import ingest
 from tests.conftest import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
@@ -186,8 +186,8 @@ def test_init_from_a_model_with_another_backbone_is_refused(ws: Path) -> None:
 
 def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> None:
     """Both kinds feed the same evaluate and export stages and give the same ONNX contract."""
-    from tasks.evaluate import evaluate
-    from tasks.export import export
+    from graft.tasks.evaluate import evaluate
+    from graft.tasks.export import export
     import onnx
 
     write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)

@@ -17,7 +17,7 @@ def test_pipeline_flow_runs_every_stage_and_publishes_artifacts(ws: Path, prefec
     """One flow run produces the ONNX model and the metrics table and report artifacts."""
     from prefect.artifacts import Artifact
 
-    from flows.pipeline import pipeline
+    from graft.flows.pipeline import pipeline
 
     write_tree(ws / "raw", classes=("red", "green", "blue"), per_class=10)
     params = make_params(ws)
@@ -41,7 +41,7 @@ def test_pipeline_flow_runs_every_stage_and_publishes_artifacts(ws: Path, prefec
 
 def test_second_flow_run_uses_the_cache(ws: Path, prefect_harness) -> None:
     """A rerun of the flow on unchanged data computes no features."""
-    from flows.pipeline import pipeline
+    from graft.flows.pipeline import pipeline
 
     write_tree(ws / "raw", per_class=8)
     path = ws / "params.yaml"

@@ -16,7 +16,8 @@ from PIL import Image
 
 from graft import GraftError
 from graft.params import SplitParams
-from tasks.ingest import MANIFEST_COLUMNS, SPLITS, hash_split, ingest
+from graft.tasks.ingest import hash_split, ingest
+from graft.dataset import MANIFEST_COLUMNS, SPLITS
 from tests.conftest import class_image, make_params, write_tree
 
 

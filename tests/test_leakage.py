@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tasks.evaluate import evaluate
-from tasks.featurize import featurize, load_feature_table
-from tasks.ingest import ingest
-from tasks.leakage import (COLUMNS, cross_split_pairs, exact_cross_label_rows, leakage_markdown, leakage_report,
-                           near_duplicate_rows)
-from tasks.train_head import train
+from graft.tasks.evaluate import evaluate
+from graft.tasks.featurize import featurize
+from graft.cache import load_feature_table
+from graft.tasks.ingest import ingest
+from graft.leakage import COLUMNS, cross_split_pairs, exact_cross_label_rows, leakage_markdown, leakage_report, near_duplicate_rows
+from graft.tasks.train_head import train
 from tests.conftest import make_params, run_stages, write_tree
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}

@@ -18,10 +18,10 @@ from graft.cli import main
 from graft.images import load_batch
 from graft.model import classifier_from_payload, load_model
 from graft.predict import OnnxClassifier, list_images
-from tasks.export import export
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.export import export
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import class_image, make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")

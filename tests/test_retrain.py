@@ -14,7 +14,7 @@ from PIL import Image
 
 from graft import GraftError
 from graft.params import RetrainParams
-from tasks.retrain import diff_manifests, gate, gate_test_set, load_champion, promote
+from graft.tasks.retrain import diff_manifests, gate, gate_test_set, load_champion, promote
 from tests.conftest import make_params, write_tree
 
 
@@ -99,7 +99,7 @@ RETRAIN_FAST = {"retrain": {"escalate_below_val_accuracy": None, "max_macro_f1_d
 
 def test_unchanged_data_is_a_recorded_no_op_and_a_new_class_needs_opting_in(ws: Path, prefect_harness) -> None:
     """Second run on the same data says so; an unseen class is refused unless allowed."""
-    from flows.retrain import retrain
+    from graft.flows.retrain import retrain
 
     write_tree(ws / "raw", per_class=8)
     overrides = {**RETRAIN_FAST, "retrain": {**RETRAIN_FAST["retrain"], "models_dir": str(ws / "models"),
@@ -123,7 +123,7 @@ def test_unchanged_data_is_a_recorded_no_op_and_a_new_class_needs_opting_in(ws: 
 
 def test_a_weak_head_escalates_to_a_finetune(ws: Path, prefect_harness) -> None:
     """Below retrain.escalate_below_val_accuracy the flow fine-tunes and keeps the better challenger."""
-    from flows.retrain import retrain
+    from graft.flows.retrain import retrain
 
     write_tree(ws / "raw", classes=("a", "b", "c", "d", "e"), per_class=8)  # a and e look alike: val acc < 1
     path = _params_file(ws, {"retrain": {"escalate_below_val_accuracy": 1.0, "escalation": "finetune_instead",
@@ -151,7 +151,7 @@ def test_a_week_of_arrivals_promotes_good_data_and_rejects_corrupted_labels(ws: 
     """Real digits and Lite0: two good batches are promoted; a batch with shifted labels is rejected."""
     from sklearn.datasets import load_digits
 
-    from flows.retrain import retrain
+    from graft.flows.retrain import retrain
 
     digits = load_digits()
     per_class = {c: [i for i in range(len(digits.target)) if digits.target[i] == c][:50] for c in range(10)}

@@ -26,10 +26,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fsspec.implementations.local import LocalFileSystem
 
 from graft import GraftError
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.shard import (FeaturizeJob, compare_caches, make_shards, plan_featurize, resolve_url,
-                         run_featurize_shard, shard_id)
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.shard import FeaturizeJob, make_shards, plan_featurize, run_featurize_shard, shard_id
+from graft.cache import compare_caches
+from graft.sources import resolve_url
 from tests.conftest import REPO, class_image, make_params, write_tree
 
 TOL = 1e-5  # features of the same pixels through the same ONNX graph, batched differently
@@ -141,7 +142,7 @@ def test_changed_file_is_a_clear_error(dataset: tuple[Path, Path], tmp_path: Pat
 
 def test_only_io_errors_are_retried() -> None:
     """Prefect retries a shard on OSError (a flaky mount, an object store hiccup), never on a bad input."""
-    from tasks.shard import _retry_io
+    from graft.tasks import retry_transient as _retry_io
 
     class State:
         def __init__(self, exc):
@@ -230,7 +231,7 @@ def cluster():
 @pytest.mark.prefect
 def test_local_cluster_cache_equals_local_run(dataset: tuple[Path, Path], prefect_harness) -> None:
     """No address: a LocalCluster is started from params; the cache and features.parquet match the local run."""
-    from flows.scale import featurize_dask
+    from graft.flows.scale import featurize_dask
 
     root, reference = dataset
     params = _dask_params(root, "cache-lc", n_workers=2, threads_per_worker=1)
@@ -250,8 +251,8 @@ def test_local_cluster_cache_equals_local_run(dataset: tuple[Path, Path], prefec
 @pytest.mark.prefect
 def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, prefect_harness, tmp_path: Path) -> None:
     """Two files fail their first read: those shards are retried by Prefect; each worker builds its engine once."""
-    from flows.scale import featurize_dask
-    from tasks.shard import load_counts
+    from graft.flows.scale import featurize_dask
+    from graft.tasks.shard import load_counts
 
     root, reference = dataset
     _, client = cluster
@@ -274,10 +275,10 @@ def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, pr
 @pytest.mark.prefect
 def test_module_entry_point_uses_address(dataset: tuple[Path, Path], tmp_path: Path, cluster, prefect_harness,
                                          capsys: pytest.CaptureFixture) -> None:
-    """``python -m flows.scale --params P --address A``: a params file, the workspace lock, an existing cluster."""
+    """``python -m graft.flows.scale --params P --address A``: a params file, the workspace lock, an existing cluster."""
     import yaml
 
-    from flows.scale import main
+    from graft.flows.scale import main
 
     root, reference = dataset
     params = _dask_params(root, "cache-main")
@@ -291,9 +292,11 @@ def test_module_entry_point_uses_address(dataset: tuple[Path, Path], tmp_path: P
 
 @pytest.mark.prefect
 def test_featurize_stage_dispatches_to_dask(dataset: tuple[Path, Path], cluster, prefect_harness) -> None:
-    """``featurize.runner: dask`` through the stage function itself (``graft featurize``, dvc, the pipeline)."""
+    """``featurize.runner: dask`` through the dispatcher (``graft featurize``, dvc, the pipeline flow)."""
+    from graft.stages import run_stage
+
     root, reference = dataset
-    summary = featurize(_dask_params(root, "cache-hook", address=cluster[0].scheduler_address))
+    summary = run_stage("featurize", _dask_params(root, "cache-hook", address=cluster[0].scheduler_address))
     assert summary["runner"] == "dask" and summary["computed"] == 60
     _assert_same_cache(reference, _cache(root / "cache-hook"))
 
@@ -301,7 +304,7 @@ def test_featurize_stage_dispatches_to_dask(dataset: tuple[Path, Path], cluster,
 @pytest.mark.prefect
 def test_bad_input_fails_once_with_one_line(tmp_path: Path, cluster, prefect_harness) -> None:
     """A file changed since ingest is not retried: one-line GraftError; the other shards' parts are kept."""
-    from flows.scale import featurize_dask
+    from graft.flows.scale import featurize_dask
 
     (tmp_path / "raw").mkdir()
     paths = write_tree(tmp_path / "raw", per_class=8)
@@ -349,7 +352,7 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
 def test_killed_worker_loses_and_duplicates_nothing(dataset: tuple[Path, Path], cluster, prefect_harness,
                                                    tmp_path: Path) -> None:
     """SIGKILL a worker stuck inside a shard: the shard is redone elsewhere, every key lands exactly once."""
-    from flows.scale import featurize_dask
+    from graft.flows.scale import featurize_dask
 
     root, reference = dataset
     lc, client = cluster

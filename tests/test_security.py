@@ -12,10 +12,10 @@ import onnx
 import pandas as pd
 
 from graft.predict import OnnxClassifier
-from tasks.export import export
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.export import export
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import REPO, class_image, make_params, run_stages
 
 SCANNED = ("graft", "tasks", "flows", "bench")

@@ -17,10 +17,13 @@ from sklearn.preprocessing import StandardScaler
 from graft import GraftError
 from graft.backbones import build_backbone
 from graft.params import TrainParams
-from tasks.featurize import featurize, load_feature_table
-from tasks.ingest import ingest
+from graft.tasks.featurize import featurize
+from graft.cache import load_feature_table
+from graft.tasks.ingest import ingest
 from graft.model import MODEL_FORMAT, head_from_payload, load_model
-from tasks.train_head import class_weights, fit_head, split_arrays, train
+from graft.tasks.train_head import train
+from graft.heads import class_weights, fit_head
+from graft.dataset import split_arrays
 from tests.conftest import make_params, write_tree
 
 K = 4

@@ -20,7 +20,7 @@ from PIL import Image
 
 from graft.lock import ENV_HELD
 from graft.params import Params
-from tasks.ingest import ingest
+from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, make_params
 
 # Subprocess runs use one torch thread, so their numbers can be compared bit for bit with in-process runs.

@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 from graft import GraftError
 from graft.cli import main
 from graft.images import load_rgb
-from tasks.ingest import ingest
+from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, write_tree
 from tests.faults.conftest import (encode, params_for, png_bytes, raw_png, read_quarantine, reasons, run_ingest,
                                    truncated_jpeg, write_params)

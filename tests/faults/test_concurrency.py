@@ -18,8 +18,9 @@ import pytest
 from graft import GraftError
 from graft.cli import main
 from graft.lock import ENV_HELD, WORKSPACE_LOCK, cache_lock, holder, workspace_lock
-from tasks.featurize import featurize, load_feature_table
-from tasks.ingest import ingest
+from graft.tasks.featurize import featurize
+from graft.cache import load_feature_table
+from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, write_tree
 from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
 
@@ -169,7 +170,7 @@ def test_row26_wait_that_runs_out_is_a_clear_error(ws: Path, monkeypatch: pytest
 
 def test_row26_prefect_flow_is_refused_while_the_workspace_is_locked(ws: Path) -> None:
     """The pipeline flow takes the same lock before any task runs."""
-    from flows.pipeline import pipeline
+    from graft.flows.pipeline import pipeline
 
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))

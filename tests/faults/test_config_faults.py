@@ -22,8 +22,8 @@ from graft import GraftError
 from graft.cli import main
 from graft.model import MODEL_FORMAT, load_model
 from graft.params import Params
-from tasks.finetune import finetune
-from tasks.ingest import ingest
+from graft.tasks.finetune import finetune
+from graft.tasks.ingest import ingest
 from tests.conftest import write_tree
 from tests.faults.conftest import params_for, write_params
 
@@ -211,7 +211,7 @@ def test_row20_untrusted_weights_file_is_refused_without_running_it(ws: Path) ->
     params = params_for(ws, {"featurize": {"weights": str(weights)}})
     ingest(params)
 
-    from tasks.featurize import featurize
+    from graft.tasks.featurize import featurize
 
     with pytest.raises(GraftError, match=rf"cannot read weights {weights}: Weights only load failed"):
         featurize(params)

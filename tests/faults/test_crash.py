@@ -22,10 +22,11 @@ import torch
 
 from graft.cli import main
 from graft.model import load_model
-from tasks.featurize import featurize, load_feature_table
-from tasks.finetune import finetune
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.featurize import featurize
+from graft.cache import load_feature_table
+from graft.tasks.finetune import finetune
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import REPO, write_tree
 from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
 

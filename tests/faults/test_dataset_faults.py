@@ -15,12 +15,13 @@ from PIL import Image
 
 from graft import GraftError
 from graft.params import SplitParams
-from tasks.evaluate import evaluate
-from tasks.featurize import featurize, load_feature_table
-from tasks.finetune import finetune
-from tasks.ingest import hash_split, ingest
-from tasks.leakage import leakage_report
-from tasks.train_head import train
+from graft.tasks.evaluate import evaluate
+from graft.tasks.featurize import featurize
+from graft.cache import load_feature_table
+from graft.tasks.finetune import finetune
+from graft.tasks.ingest import hash_split, ingest
+from graft.leakage import leakage_report
+from graft.tasks.train_head import train
 from tests.conftest import class_image, write_tree
 from tests.faults.conftest import encode, params_for, png_bytes, reasons, run_ingest
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import tasks.export
+import graft.tasks.export
 from graft import GraftError
 from graft.cli import main
 from graft.model import classifier_from_payload, load_model
 from graft.predict import OnnxClassifier, list_images, predict_files
-from tasks.evaluate import evaluate
-from tasks.export import check_against_torch, check_images, export
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.evaluate import evaluate
+from graft.tasks.export import check_against_torch, check_images, export
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import class_image
 from tests.faults.conftest import params_for, tmp_files
 
@@ -99,7 +99,7 @@ def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(expo
     shutil.copytree(root, work)
     params = params_for(work, NO_INT8)
     before = Path(params.export.out).read_bytes()
-    monkeypatch.setattr(tasks.export, "export_onnx", _perturbing(tasks.export.export_onnx))
+    monkeypatch.setattr(graft.tasks.export, "export_onnx", _perturbing(graft.tasks.export.export_onnx))
 
     with pytest.raises(GraftError, match=r"^ONNX export drifts from torch at batch_1: max \|dp\| = .* > export\.atol=0\.0001$"):
         export(params)

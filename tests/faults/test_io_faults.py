@@ -14,9 +14,9 @@ import graft.atomic
 from graft import GraftError
 from graft.atomic import atomic_path, write_csv, write_json, write_parquet, write_text, write_with
 from graft.cli import main
-from tasks.featurize import featurize
-from tasks.ingest import ingest
-from tasks.train_head import train
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
+from graft.tasks.train_head import train
 from tests.conftest import write_tree
 from tests.faults.conftest import params_for, tmp_files, write_params
 
@@ -167,20 +167,20 @@ def test_row25_transient_io_errors_are_retried_and_bad_inputs_are_not(exc: BaseE
     """The stage tasks' retry condition: OS-level I/O errors retry, expected failures (GraftError) do not."""
     from prefect.states import Failed
 
-    from tasks import _transient
+    from graft.tasks import retry_transient as _transient
 
     assert _transient(None, None, Failed(data=exc)) is retry
 
 
 def test_row25_every_stage_task_retries_with_backoff() -> None:
     """All stage tasks (those the flows call) carry the retry policy: 2 retries after 2 s and 10 s."""
-    from tasks import _transient
-    from tasks.evaluate import evaluate_task
-    from tasks.export import export_task
-    from tasks.featurize import featurize_task
-    from tasks.finetune import finetune_task
-    from tasks.ingest import ingest_task
-    from tasks.train_head import train_task
+    from graft.tasks import retry_transient as _transient
+    from graft.tasks.evaluate import evaluate_task
+    from graft.tasks.export import export_task
+    from graft.tasks.featurize import featurize_task
+    from graft.tasks.finetune import finetune_task
+    from graft.tasks.ingest import ingest_task
+    from graft.tasks.train_head import train_task
 
     for t in (ingest_task, featurize_task, train_task, finetune_task, evaluate_task, export_task):
         assert (t.retries, t.retry_delay_seconds, t.retry_condition_fn) == (2, [2, 10], _transient), t.name
@@ -191,7 +191,7 @@ def test_row25_prefect_retries_a_transient_error_and_not_a_graft_error(prefect_h
     """In a real flow run, an OSError is retried until it passes; a GraftError fails at once."""
     from prefect import flow
 
-    from tasks import stage_task
+    from graft.tasks import stage_task
 
     calls: list[str] = []
 

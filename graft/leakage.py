@@ -24,9 +24,9 @@ import pandas as pd
 
 from graft import GraftError
 from graft.atomic import write_csv
+from graft.dataset import SPLITS, discover_folders, discover_manifest
 from graft.params import Params
 
-SPLITS = ("train", "val", "test")
 COLUMNS = ["kind", "path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "similarity"]
 MAX_ROWS = 10_000  # pairs kept in leakage.csv (most similar first); the summary counts every pair
 BLOCK = 2048  # rows per similarity tile: a tile is BLOCK x BLOCK float32 (16 MiB)
@@ -119,8 +119,6 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
     The quarantine record holds only path and reason, so the label is found the way ingest found
     it (the class folder or the manifest row) and the hash is recomputed from the few files concerned.
     """
-    from tasks.ingest import discover_folders, discover_manifest
-
     paths = quarantine.loc[quarantine["reason"].str.startswith(CONFLICT_REASON), "path"].tolist()
     if not paths:
         return pd.DataFrame(columns=["path", "sha256", "label", "split"])

@@ -1,0 +1,1 @@
+"""Prefect flows: they only chain the stage tasks from ``tasks/``."""

@@ -1,0 +1,113 @@
+"""The graft model file: one format for both kinds of transfer, loaded safely.
+
+``models/model.pt`` is a plain dict saved with ``torch.save`` and read with
+``torch.load(weights_only=True)``. ``kind`` says what ``state_dict`` holds:
+
+* ``head``: only the :class:`Head` (feature transfer; the backbone is rebuilt from the registry)
+* ``finetune``: the whole :class:`Classifier` (backbone and head, parameter transfer)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graft import GraftError
+from graft.atomic import write_torch
+from graft.backbones import Backbone, FeatureExtractor, build_backbone
+
+MODEL_FORMAT = "graft-model/1"
+
+
+class Head(nn.Module):
+    """Standardise features, then a linear layer (``logreg``) or a one-hidden-layer MLP."""
+
+    def __init__(self, dim: int, n_classes: int, kind: str = "logreg", hidden: int = 512, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        if kind == "logreg":
+            self.net = nn.Sequential(nn.Linear(dim, n_classes))
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net((f - self.mean) / self.std)
+
+
+class Classifier(nn.Module):
+    """Images in [0, 1] -> class probabilities: features, head, softmax."""
+
+    def __init__(self, features: FeatureExtractor, head: Head):
+        super().__init__()
+        self.features, self.head = features, head
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(image), dim=1)
+
+
+def head_config(kind: str, dim: int, hidden: int, dropout: float) -> dict:
+    return {"kind": kind, "dim": int(dim), "hidden": int(hidden), "dropout": float(dropout)}
+
+
+def make_head(cfg: dict, n_classes: int) -> Head:
+    return Head(cfg["dim"], n_classes, cfg["kind"], cfg["hidden"], cfg["dropout"])
+
+
+def save_model(path: str | Path, payload: dict) -> None:
+    """Write a model file atomically (a crash never leaves half a model at ``path``)."""
+    write_torch(path, {"format": MODEL_FORMAT, **payload})
+
+
+def load_model(path: str | Path) -> dict:
+    """Load a graft model file safely (``weights_only=True``: tensors and plain containers only).
+
+    ``path`` may be the file or a folder holding ``model.pt``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GraftError(f"model {p} not found: run the train stage first") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
+        raise GraftError(f"cannot load model {p}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise GraftError(f"{p} is not a graft model (format {MODEL_FORMAT})")
+    return payload
+
+
+def head_from_payload(payload: dict) -> Head:
+    """The trained head of a ``head`` model (feature transfer)."""
+    head = make_head(payload["head"], len(payload["classes"]))
+    state = payload["state_dict"]
+    if payload["kind"] == "finetune":
+        state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def backbone_from_payload(payload: dict) -> Backbone:
+    b = payload["backbone"]
+    return build_backbone(b["name"], b.get("weights"), b.get("image_size"))
+
+
+def classifier_from_payload(payload: dict, backbone: Backbone | None = None) -> tuple[Classifier, Backbone]:
+    """Rebuild the full image classifier (either kind) in eval mode."""
+    bb = backbone or backbone_from_payload(payload)
+    if payload["kind"] == "head":
+        want = payload["backbone"].get("fingerprint")
+        if want and want != bb.fingerprint:
+            raise GraftError(f"backbone fingerprint {bb.fingerprint} differs from the one the model was trained on "
+                             f"({want}): rerun featurize and train")
+        model = Classifier(bb.model, head_from_payload(payload))
+    else:
+        model = Classifier(bb.model, make_head(payload["head"], len(payload["classes"])))
+        model.load_state_dict(payload["state_dict"])
+    return model.eval(), bb

@@ -1,0 +1,212 @@
+"""The one typed params object: ``params.yaml`` is read once into :class:`Params`.
+
+Unknown keys, wrong types and out-of-range values fail with a one-line message naming the key.
+Defaults carry a short reason beside them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from graft import GraftError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SplitParams(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class DataParams(_Strict):
+    root: str = "data/raw"  # class folders, train/val/test folders, or where manifest paths resolve
+    manifest: Optional[str] = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
+    out_dir: str = "data"  # manifest.parquet, quarantine.csv, classes.json land here
+    split: SplitParams = SplitParams()
+
+
+class IngestParams(_Strict):
+    max_bad_fraction: float = Field(0.2, ge=0, le=1)  # fail the stage when more files than this are bad
+    label_conflicts: Literal["quarantine", "keep"] = "quarantine"  # same bytes under two labels
+    min_images_per_class: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=64)  # decoding threads (Pillow releases the GIL)
+
+
+class DaskParams(_Strict):
+    """Where ``featurize.runner: dask`` runs: an existing Dask scheduler, or a LocalCluster started for the run."""
+
+    address: Optional[str] = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
+    n_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one backbone each)
+    threads_per_worker: int = Field(1, ge=1, le=256)  # shards run at once per worker; each shard uses one core
+    decode_threads: int = Field(0, ge=0, le=64)  # per shard: 0 decodes inline (CPU workers); >0 overlaps decoding (GPU workers)
+    retries: int = Field(2, ge=0, le=10)  # Prefect retries of a failed shard (I/O errors; a lost worker is rescheduled by Dask)
+
+
+class FeaturizeParams(_Strict):
+    backbone: str = "efficientnet_lite0"  # see `graft backbones`
+    weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
+    image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(2, ge=1, le=64)  # decoder threads feeding the model
+    threads: int = Field(0, ge=0, le=256)  # inference threads (torch intra-op, or onnxruntime in total); 0 = all cores
+    cache_dir: str = "cache/features"  # shared by every run; keyed by image sha256 x backbone fingerprint
+    part_rows: int = Field(2048, ge=1)  # rows per Parquet part: bounds memory and lost work on a crash
+    out: str = "data/features.parquet"  # the features of this manifest's images, for the train stage
+    engine: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: torch on CUDA, onnxruntime on CPU (~5x torch eager)
+    streams: int = Field(0, ge=0, le=64)  # onnxruntime sessions run side by side; 0 = one per core, at most 4 (threads split among them)
+    amp: bool = True  # torch engine on CUDA: fp16 autocast (features within ~1e-3 of fp32; same cache key)
+    runner: Literal["local", "dask"] = "local"  # dask: shards run as Prefect tasks on a Dask cluster (docs/scale.md)
+    shard_size: int = Field(512, ge=1, le=1_000_000)  # images per dask shard (one Parquet part each): ~5 s of Lite0 on one core
+    dask: DaskParams = DaskParams()
+
+
+class AugmentParams(_Strict):
+    random_resized_crop: bool = True
+    scale_min: float = Field(0.6, gt=0, le=1)  # smallest crop area share for random resized crop
+    ratio: tuple[float, float] = (0.75, 1.3333)  # aspect-ratio range of the random crop
+    hflip: bool = True  # off for data where left/right matters (digits, text)
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast jitter strength
+
+    @model_validator(mode="after")
+    def _ratio_order(self) -> "AugmentParams":
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        return self
+
+
+class FinetuneParams(_Strict):
+    strategy: Literal["head", "last_n", "full", "staged"] = "staged"
+    last_n: Optional[int] = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
+    head_epochs: int = Field(1, ge=0)  # staged: epochs with the backbone frozen before unfreezing
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(2e-3, gt=0, le=10)  # head learning rate; peak of the schedule
+    backbone_lr_mult: float = Field(0.2, gt=0, le=10)  # discriminative LR: backbone top block gets lr * this
+    layer_decay: float = Field(0.8, gt=0, le=1)  # each earlier block gets this factor more (1 = off)
+    weight_decay: float = Field(0.02, ge=0)
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up (cosine schedule)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
+    image_size: Optional[int] = Field(None, ge=16, le=1024)  # null = the backbone's own (224 for Lite0)
+    workers: int = Field(2, ge=1, le=64)  # decoder threads
+    threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
+    augment: AugmentParams = AugmentParams()
+
+
+class TrainParams(_Strict):
+    mode: Literal["head", "finetune"] = "head"  # feature transfer (cached features) or parameter transfer
+    head: Literal["logreg", "mlp"] = "logreg"
+    hidden: int = Field(512, ge=1)  # MLP hidden width
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(300, ge=1)
+    patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
+    class_weights: bool = False  # weight the loss by inverse class frequency of the train split
+    model_dir: str = "models"
+    init_from: Optional[str] = None  # finetune: start from an earlier graft model (file or folder)
+    finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="after")
+    def _init_needs_finetune(self) -> "TrainParams":
+        if self.init_from and self.mode != "finetune":
+            raise ValueError("init_from needs mode: finetune")
+        if self.mode == "finetune" and self.finetune.strategy == "last_n" and not self.finetune.last_n:
+            raise ValueError("finetune.strategy last_n needs finetune.last_n")
+        return self
+
+
+class EvaluateParams(_Strict):
+    baseline_size: int = Field(16, ge=4, le=128)  # raw-pixel baseline: images downscaled to NxN grey
+    ece_bins: int = Field(15, ge=2, le=100)
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    report: str = "reports/report.md"
+    near_duplicate_threshold: float = Field(0.98, gt=0, le=1)  # feature cosine at which images in two splits count as one (Lite0: unrelated digits peak ~0.96)
+
+
+class ExportParams(_Strict):
+    opset: int = Field(17, ge=13, le=21)
+    atol: float = Field(1e-4, gt=0)  # max |p_onnx - p_torch| allowed at batch 1 and batch N
+    check_batch: int = Field(8, ge=2, le=256)
+    out: str = "models/model.onnx"
+    quantize: Optional[Literal["int8"]] = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
+    calibration_images: int = Field(128, ge=1, le=10000)  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
+
+
+class RetrainParams(_Strict):
+    models_dir: str = "models"  # champion link, version folders and challengers live here
+    history: str = "models/history.parquet"  # one row per retrain decision
+    max_macro_f1_drop: float = Field(0.01, ge=0, le=1)  # gate: challenger macro-F1 >= champion's - this
+    max_class_recall_drop: float = Field(0.1, ge=0, le=1)  # gate: no class's recall may drop more
+    allow_class_change: bool = False  # new or vanished classes change the model contract: opt in
+    escalate_below_val_accuracy: Optional[float] = Field(None, ge=0, le=1)  # head challenger below this -> fine-tune
+    escalation: Literal["finetune_after", "finetune_instead"] = "finetune_after"  # after: keep the better one
+    keep_versions: int = Field(5, ge=1)  # champion version folders kept on disk
+    schedule: str = "0 3 * * 1"  # cron of the scheduled deployments (Mondays 03:00)
+
+
+class Params(_Strict):
+    seed: int = 0
+    data: DataParams = DataParams()
+    ingest: IngestParams = IngestParams()
+    featurize: FeaturizeParams = FeaturizeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    retrain: RetrainParams = RetrainParams()
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}".replace("\n", " ")
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate a mapping into :class:`Params`; raise :class:`GraftError` with a one-line message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GraftError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise GraftError(_one_line(exc, source)) from None
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    p = Path(path)
+    if not p.is_file():
+        raise GraftError(f"{p}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise GraftError(f"{p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, str(p))

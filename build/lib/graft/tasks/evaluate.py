@@ -1,0 +1,136 @@
+"""Evaluate: test-split metrics for the model and, beside them, a raw-pixel baseline.
+
+The baseline (logistic regression on downscaled grey pixels) tells a user whether transfer helps
+at all on their data; ImageNet features can lose to raw pixels on small grey images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from graft import GraftError
+from graft.atomic import write_csv, write_json, write_text
+from graft.cache import load_feature_table
+from graft.dataset import read_classes, read_manifest, split_arrays, split_items
+from graft.images import load_rgb
+from graft.leakage import leakage_markdown, leakage_report
+from graft.metrics import classification_metrics
+from graft.model import head_from_payload, load_model
+from graft.params import Params
+from graft.plots import plot_confusion
+from graft.tasks import stage_task
+
+
+def pixel_matrix(paths: list[Path], size: int) -> np.ndarray:
+    """Images as flattened size x size grey pixels in [0, 1] (the baseline's input)."""
+    out = np.empty((len(paths), size * size), np.float32)
+    for i, p in enumerate(paths):
+        img = load_rgb(p, min_side=size)[0].convert("L").resize((size, size), resample=3, reducing_gap=2.0)
+        out[i] = np.asarray(img, np.float32).ravel() / 255.0
+    return out
+
+
+def raw_pixel_baseline(manifest: pd.DataFrame, root: Path, classes: list[str], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit logistic regression on train-split raw pixels; return test labels and probabilities."""
+    index = {c: i for i, c in enumerate(classes)}
+    tr, te = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(pixel_matrix([root / p for p in tr["path"]], size), tr["label"].map(index))
+    proba = np.zeros((len(te), len(classes)))
+    proba[:, clf.classes_] = clf.predict_proba(pixel_matrix([root / p for p in te["path"]], size))
+    return te["label"].map(index).to_numpy(), proba
+
+
+def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Test labels, the trained model's probabilities on the cached test features, and its name."""
+    payload = load_model(Path(params.train.model_dir) / "model.pt")
+    name = f"{payload['backbone']['name']} + {payload['head']['kind']} head"
+    if payload["classes"] != classes:
+        new, gone = sorted(set(classes) - set(payload["classes"])), sorted(set(payload["classes"]) - set(classes))
+        raise GraftError(f"model classes differ from data/classes.json (new in the data: {new or 'none'}; "
+                         f"only in the model: {gone or 'none'}): rerun train, or fine-tune from the old model "
+                         "with train.init_from to keep what it learned")
+    index = {c: i for i, c in enumerate(classes)}
+    y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
+    if payload["kind"] == "finetune":
+        from graft.tune import classifier_proba
+
+        paths, _ = split_items(manifest, params.data.root, classes, "test")
+        return y, classifier_proba(payload, paths), name.replace("head", "finetune")
+    feats, _ = load_feature_table(params.featurize.out)
+    x, _ = split_arrays(manifest, feats, classes, "test")
+    with torch.no_grad():
+        proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
+    return y, proba, name
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: a label with '|' or a newline must not break the table."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(metrics: dict) -> str:
+    m, b = metrics["model"], metrics["baseline"]
+    rows = "\n".join(
+        f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['balanced_accuracy']:.4f} | {r['ece']:.4f} |"
+        for name, r in ((metrics["model_name"], m), (f"baseline: raw pixels {metrics['baseline_size']}x{metrics['baseline_size']} + logreg", b)))
+    verdict = ("Transfer beats the raw-pixel baseline." if m["macro_f1"] > b["macro_f1"] else
+               "**The raw-pixel baseline is as good or better: transfer does not help here as configured.** "
+               "Try `train.mode: finetune`, another backbone, or a smaller `featurize.image_size`.")
+    per_class = "\n".join(f"| {_cell(c)} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                          for c, v in m["per_class"].items())
+    counts = ", ".join(f"{k}: {v}" for k, v in metrics["counts"].items())
+    return (f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
+            f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
+            f"## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
+
+
+def _read_quarantine(out: Path) -> pd.DataFrame | None:
+    path = out / "quarantine.csv"
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+
+
+def _features_if_any(path: str) -> dict[str, np.ndarray] | None:
+    """The featurize output for the leakage check; fine-tuning may run without one."""
+    return load_feature_table(path)[0] if Path(path).is_file() else None
+
+
+def evaluate(params: Params) -> dict:
+    """Run the evaluate stage: metrics.json, confusion data and PNG, leakage.csv and the Markdown report."""
+    ep = params.evaluate
+    out = Path(params.data.out_dir)
+    manifest = read_manifest(out)
+    classes = read_classes(out)
+    if not (manifest["split"] == "test").any():
+        raise GraftError("the test split is empty: add images or raise data.split.test")
+    y, proba, model_name = model_test_proba(params, manifest, classes)
+    yb, proba_b = raw_pixel_baseline(manifest, Path(params.data.root), classes, ep.baseline_size, params.seed)
+    model_metrics = classification_metrics(y, proba, classes, ep.ece_bins)
+    baseline = classification_metrics(yb, proba_b, classes, ep.ece_bins)
+    baseline.pop("per_class")
+    metrics = {
+        "model_name": model_name,
+        "model": model_metrics,
+        "baseline": baseline,
+        "baseline_size": ep.baseline_size,
+        "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
+    }
+    mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
+    leakage = leakage_report(params, manifest, _read_quarantine(out), _features_if_any(params.featurize.out))
+    metrics["leakage"] = {k: v for k, v in leakage.items() if k not in ("top", "exact")}
+    write_json(mdir / "metrics.json", metrics)
+    pred = proba.argmax(1)
+    write_csv(mdir / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}))
+    plot_confusion(pdir / "confusion.png", y, pred, classes)
+    write_text(ep.report, report_markdown(metrics) + "\n" + leakage_markdown(leakage, (out / "leakage.csv").as_posix()))
+    return metrics
+
+
+evaluate_task = stage_task(evaluate, "evaluate")

@@ -1,0 +1,322 @@
+"""Export: backbone + head as one ONNX graph, checked against torch before it is published.
+
+Graph contract: input ``image`` float32 [N, 3, H, W], RGB in [0, 1] after resize + centre crop
+(normalisation is inside the graph); output ``probabilities`` float32 [N, classes]. The metadata
+(``metadata_props``) carries the class names, the preprocessing, the backbone fingerprint and a
+hash of the training data, all as JSON or plain strings.
+
+With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx``): onnxruntime
+static quantization, QDQ format, per-channel int8 weights and uint8 activations whose ranges are
+calibrated on train-split images preprocessed exactly like ``graft predict``. It carries the same
+metadata, so ``graft predict --model models/model.int8.onnx`` works unchanged. Both models' test
+accuracy and batch-1 / batch-32 latency go to ``<metrics_dir>/export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import graft
+from graft import GraftError
+from graft.atomic import atomic_path, write_json
+from graft.dataset import data_hash, read_manifest
+from graft.images import BadImage, Preprocess, load_batch
+from graft.model import classifier_from_payload, load_model
+from graft.params import Params
+from graft.tasks import stage_task
+
+
+def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str) -> dict[str, str]:
+    return {
+        "graft.version": graft.__version__,
+        "graft.kind": kind,
+        "graft.classes": json.dumps(classes, ensure_ascii=False),
+        "graft.input": json.dumps({
+            "name": "image", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
+            "height": pp.crop, "width": pp.crop, "resize_shorter_side": pp.resize, "crop": "center",
+            "interpolation": pp.interpolation, "mean": list(pp.mean), "std": list(pp.std),
+            "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
+        }),
+        "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),
+        "graft.backbone": backbone,
+        "graft.fingerprint": fingerprint,
+        "graft.data_sha256": data_sha,
+    }
+
+
+def export_onnx(model: nn.Module, path: Path, size: int, opset: int, metadata: dict[str, str]) -> None:
+    """Trace ``model`` to ONNX at ``path`` with a dynamic batch axis, add metadata, run the checker."""
+    import onnx
+
+    dummy = torch.rand(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load(str(path))
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def check_against_torch(path: Path, model: nn.Module, images: np.ndarray, atol: float) -> dict:
+    """Compare onnxruntime and torch probabilities at batch 1 and batch N; raise if they drift."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    report = {}
+    for name, batch in (("batch_1", images[:1]), (f"batch_{len(images)}", images)):
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(batch)).numpy()
+        got = sess.run(["probabilities"], {"image": batch})[0]
+        diff = float(np.abs(got - ref).max())
+        report[name] = diff
+        if not diff <= atol:
+            raise GraftError(f"ONNX export drifts from torch at {name}: max |dp| = {diff:.2e} > export.atol={atol:g}")
+    return report
+
+
+def check_images(manifest: pd.DataFrame, root: Path, pp: Preprocess, n: int) -> np.ndarray:
+    """``n`` real images (test split first) for the numeric check, repeated if there are fewer."""
+    order = manifest.assign(_k=manifest["split"].map({"test": 0, "val": 1, "train": 2})).sort_values(["_k", "path"])
+    paths = [root / p for p in order["path"].head(n)]
+    paths = (paths * (n // max(len(paths), 1) + 1))[:n]
+    return load_batch(paths, pp)
+
+
+# --- int8: static quantization calibrated on train-split images
+
+
+def int8_path(out: str | Path) -> Path:
+    """Where the int8 model of ``out`` goes: ``models/model.onnx`` -> ``models/model.int8.onnx``."""
+    p = Path(out)
+    return p.with_name(f"{p.stem}.int8{p.suffix or '.onnx'}")
+
+
+def calibration_paths(manifest: pd.DataFrame, root: Path, n: int) -> list[Path]:
+    """Up to ``n`` distinct train-split images, classes interleaved, in a stable (content-hash) order."""
+    train = manifest[manifest["split"] == "train"].drop_duplicates("sha256").sort_values("sha256")
+    if train.empty:
+        raise GraftError("export.quantize needs train-split images to calibrate on; the manifest has none")
+    order = train.assign(_rank=train.groupby("label").cumcount()).sort_values(["_rank", "label"], kind="stable")
+    return [root / p for p in order["path"].head(n)]
+
+
+class CalibrationReader:
+    """onnxruntime ``CalibrationDataReader``: decodes the calibration images lazily, a few at a time."""
+
+    def __init__(self, paths: list[Path], pp: Preprocess, batch_size: int = 8):
+        self._batches = iter([paths[i : i + batch_size] for i in range(0, len(paths), batch_size)])
+        self.pp = pp
+
+    def get_next(self) -> dict | None:
+        chunk = next(self._batches, None)
+        if chunk is None:
+            return None
+        try:
+            return {"image": load_batch(chunk, self.pp)}
+        except BadImage as exc:
+            raise GraftError(f"cannot decode a calibration image ({exc}); rerun ingest") from None
+
+
+QUANTIZED_OPS = ["Conv", "Add", "Clip", "Relu"]  # the backbone's body; the head and softmax stay float
+
+
+def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str]) -> None:
+    """Write the int8 QDQ model of ``src`` to ``dst`` with ``metadata`` (graft's keys) copied in.
+
+    QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
+    (measured on the 2-core EPYC: QOperator and int8 activations were slower). The head and, in a
+    deep net, the first and last convolutions stay float: on the digits demo that keeps the test
+    accuracy within a point of fp32 (quantizing everything cost ~3 points) for ~8 % of Lite0's MACs. MinMax
+    calibration keeps only per-tensor min/max per batch, so its memory stays small.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as scratch:
+        pre = Path(scratch) / "pre.onnx"
+        quant_pre_process(str(src), str(pre))
+        convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+        float_convs = convs[:1] + convs[-1:] if len(convs) > 4 else []  # in a shallow net the ends are the work
+        try:
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS,
+                            nodes_to_exclude=float_convs)
+        except GraftError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean "cannot quantize this graph"
+            raise GraftError(f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             f"set export.quantize: null") from None
+    proto = onnx.load(str(dst))
+    del proto.metadata_props[:]
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(dst))
+
+
+# --- what export.json records: test accuracy and latency of each published model
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def eval_batches(manifest: pd.DataFrame, root: Path, classes: list[str], pp: Preprocess,
+                 batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, label indices) over the distinct test-split images, decoded like ``graft predict``."""
+    test = manifest[manifest["split"] == "test"].drop_duplicates("sha256")
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [(root / r.path, index[r.label]) for r in test.itertuples() if r.label in index]
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        try:
+            x = load_batch([p for p, _ in chunk], pp)
+        except BadImage as exc:
+            raise GraftError(f"cannot decode a test image for export metrics ({exc}); rerun ingest") from None
+        yield x, np.array([y for _, y in chunk])
+
+
+def onnx_accuracy(models: dict[str, Path], batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """Test accuracy of each ONNX model (decoding once for all), and each one's argmax agreement with the first."""
+    sessions = {k: _session(p) for k, p in models.items()}
+    first = next(iter(models))
+    correct, agree, n = dict.fromkeys(models, 0), dict.fromkeys(models, 0), 0
+    for x, y in batches:
+        preds = {k: s.run(["probabilities"], {"image": x})[0].argmax(1) for k, s in sessions.items()}
+        n += len(y)
+        for k, pred in preds.items():
+            correct[k] += int((pred == y).sum())
+            agree[k] += int((pred == preds[first]).sum())
+    return {k: {"test_accuracy": round(correct[k] / n, 4) if n else None,
+                f"argmax_agreement_with_{first}": round(agree[k] / n, 4) if n else None, "test_images": n}
+            for k in models}
+
+
+LATENCY_RUNS = {1: 20, 32: 7}  # timed runs per batch size, after two warm-up runs each
+
+
+def latencies_ms(models: dict[str, Path], size: int, batch: int, runs: int) -> dict[str, float]:
+    """Median wall time of one ``run`` at ``batch`` per model, in ms; the models take turns run by run,
+    so a change in machine load hits them alike."""
+    sessions = {k: _session(p) for k, p in models.items()}
+    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(runs + 2):
+        for k, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(["probabilities"], {"image": x})
+            if i >= 2:  # the first two runs warm up allocations and caches
+                times[k].append(time.perf_counter() - t0)
+    return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+
+
+def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The export.json body: per model its file, test accuracy and latency; int8 vs fp32 ratios."""
+    acc = onnx_accuracy(models, batches)
+    lat = {b: latencies_ms(models, size, b, runs) for b, runs in LATENCY_RUNS.items()}
+    report: dict = {}
+    for k, path in models.items():
+        ms = {f"batch_{b}": lat[b][k] for b in LATENCY_RUNS}
+        report[k] = {"path": str(path), "bytes": path.stat().st_size, **acc[k], "latency_ms": ms,
+                     "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1)}
+    if "int8" in report:
+        f, q = report["fp32"], report["int8"]
+        for b in LATENCY_RUNS:
+            report[f"int8_speedup_batch_{b}"] = round(f["latency_ms"][f"batch_{b}"] / q["latency_ms"][f"batch_{b}"], 2)
+        if f["test_accuracy"] is not None:
+            report["int8_accuracy_drop"] = round(f["test_accuracy"] - q["test_accuracy"], 4)
+    report["latency_setup"] = {"runs": {f"batch_{b}": r for b, r in LATENCY_RUNS.items()}, "statistic": "median",
+                               "order": "models interleaved run by run", "threads": "onnxruntime default",
+                               "cpu_cores": os.cpu_count(), "machine": platform.machine(),
+                               "processor": platform.processor() or None}
+    return report
+
+
+LATENCY_KEYS = ("latency_ms", "img_per_s_batch_32")  # wall-clock figures: they change on every run
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(the deterministic figures, a DVC metric; the wall-clock latencies, a plain report file).
+
+    Latencies differ on every run, so keeping them in a DVC metric would make ``dvc metrics diff``
+    and ``dvc exp show`` report a change that is only machine noise.
+    """
+    metrics: dict = {}
+    latency: dict = {}
+    for k, v in report.items():
+        if isinstance(v, dict) and "path" in v:  # one model's figures
+            metrics[k] = {f: x for f, x in v.items() if f not in LATENCY_KEYS}
+            latency[k] = {f: x for f, x in v.items() if f in LATENCY_KEYS}
+        elif k.startswith("int8_speedup") or k == "latency_setup":
+            latency[k] = v
+        else:
+            metrics[k] = v
+    return metrics, latency
+
+
+def export(params: Params) -> dict:
+    """Run the export stage: write ``models/model.onnx`` only if it matches torch within tolerance.
+
+    With ``export.quantize: int8`` also write ``model.int8.onnx``; record both models' test accuracy
+    in ``<evaluate.metrics_dir>/export.json`` (a DVC metric) and their latency in
+    ``export_latency.json`` beside the report (not a metric: it changes on every run).
+    """
+    xp = params.export
+    root = Path(params.data.root)
+    manifest = read_manifest(params.data.out_dir)
+    payload = load_model(Path(params.train.model_dir) / "model.pt")
+    model, bb = classifier_from_payload(payload)
+    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"])
+    images = check_images(manifest, root, bb.preprocess, xp.check_batch)
+    q_path = int8_path(xp.out)
+    with atomic_path(xp.out) as tmp:
+        export_onnx(model, tmp, bb.preprocess.crop, xp.opset, meta)
+        drift = check_against_torch(tmp, model, images, xp.atol)
+        if xp.quantize == "int8":
+            reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
+            q_meta = {**meta, "graft.quantization": json.dumps({
+                "dtype": "int8", "method": "onnxruntime static QDQ", "weights": "int8 per-channel",
+                "activations": "uint8 MinMax", "float": "head; first and last Conv of deep nets",
+                "calibration_images": xp.calibration_images})}
+            with atomic_path(q_path) as q_tmp:
+                quantize_int8(tmp, q_tmp, reader, q_meta)
+    if xp.quantize is None:
+        q_path.unlink(missing_ok=True)  # an int8 model of an older fp32 one must not linger beside it
+    models = {"fp32": Path(xp.out), **({"int8": q_path} if xp.quantize else {})}
+    report = model_report(models, bb.preprocess.crop, eval_batches(manifest, root, payload["classes"], bb.preprocess))
+    metrics, latency = split_report(report)
+    write_json(Path(params.evaluate.metrics_dir) / "export.json", metrics)
+    write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
+    summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
+    if xp.quantize:
+        summary.update(int8=str(q_path), int8_bytes=q_path.stat().st_size,
+                       int8_speedup_batch_32=report["int8_speedup_batch_32"],
+                       int8_accuracy_drop=report.get("int8_accuracy_drop"))
+    return summary
+
+
+export_task = stage_task(export, "export")

@@ -1,0 +1,225 @@
+"""Retraining logic: diff the data, judge a challenger against the champion, promote atomically, keep history.
+
+``models/champion`` is a symlink to a complete, immutable version folder
+(``models/versions/<timestamp>-<hash>/``: ONNX model, model.pt, metrics, manifest, class map,
+meta). Promotion writes the new version in full, then swaps the link with ``os.replace``, so a
+reader (``graft predict --model models/champion/model.onnx``, a server) sees the old champion or
+the new one, never half of one.
+
+The gate compares the two models on the *trusted* test set: test-split images that the champion
+was already evaluated on. Splits come from content hashes, so those images never move; new test
+images are reported beside, but do not decide, so a batch of mislabelled arrivals cannot vote for
+the challenger trained on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from graft import GraftError
+from graft.atomic import write_json, write_parquet
+from graft.params import Params, RetrainParams
+from graft.tasks import stage_task
+
+CHAMPION_FILES = ("model.onnx", "model.pt")
+
+
+@dataclass
+class DataDiff:
+    """What changed between the champion's manifest and the new one."""
+
+    added: int = 0
+    removed: int = 0
+    relabelled: int = 0
+    moved: int = 0  # same bytes at another path: costs nothing, retrains nothing
+    new_classes: list[str] = field(default_factory=list)
+    removed_classes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.relabelled or self.new_classes or self.removed_classes)
+
+
+def diff_manifests(old: pd.DataFrame | None, new: pd.DataFrame) -> DataDiff:
+    """Compare two manifests by content: (sha256, label) pairs, classes and paths."""
+    if old is None or old.empty:
+        return DataDiff(added=int(new["sha256"].nunique()), new_classes=sorted(new["label"].unique()))
+    old_pairs = set(zip(old["sha256"], old["label"]))
+    new_pairs = set(zip(new["sha256"], new["label"]))
+    old_sha, new_sha = set(old["sha256"]), set(new["sha256"])
+    relabelled = {s for s, _ in new_pairs - old_pairs if s in old_sha}
+    moved = set(zip(new["sha256"], new["path"])) - set(zip(old["sha256"], old["path"]))
+    return DataDiff(
+        added=len(new_sha - old_sha),
+        removed=len(old_sha - new_sha),
+        relabelled=len(relabelled),
+        moved=len({s for s, _ in moved if s in old_sha and s not in relabelled}),
+        new_classes=sorted(set(new["label"]) - set(old["label"])),
+        removed_classes=sorted(set(old["label"]) - set(new["label"])),
+    )
+
+
+def check_class_change(diff: DataDiff, rp: RetrainParams) -> None:
+    """A new or vanished class changes the model's contract: only with ``retrain.allow_class_change``."""
+    if (diff.new_classes or diff.removed_classes) and not rp.allow_class_change:
+        parts = [f"new class(es) {diff.new_classes}" if diff.new_classes else "",
+                 f"removed class(es) {diff.removed_classes}" if diff.removed_classes else ""]
+        raise GraftError(f"{' and '.join(p for p in parts if p)} against the champion's class map; "
+                         "set retrain.allow_class_change: true to accept them")
+
+
+# --- the champion
+
+
+def champion_dir(rp: RetrainParams) -> Path:
+    return Path(rp.models_dir) / "champion"
+
+
+def load_champion(rp: RetrainParams) -> dict | None:
+    """The champion's meta (with its manifest as a DataFrame), or None before the first promotion."""
+    d = champion_dir(rp)
+    if not (d / "meta.json").is_file():
+        return None
+    meta = json.loads((d / "meta.json").read_text())
+    meta["manifest"] = pd.read_parquet(d / "manifest.parquet")
+    meta["dir"] = str(d.resolve())
+    return meta
+
+
+def promote(rp: RetrainParams, model_dir: Path, onnx_path: Path, manifest: pd.DataFrame, classes: list[str],
+            meta: dict) -> Path:
+    """Copy the challenger into a new version folder, then atomically point ``champion`` at it."""
+    versions = Path(rp.models_dir) / "versions"
+    ns = time.time_ns()  # names sort in promotion order, even within one second
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(ns // 10**9))}.{ns % 10**9:09d}-{uuid.uuid4().hex[:6]}"
+    meta = {**meta, "version": name}
+    staging = versions / f".{name}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        shutil.copy2(onnx_path, staging / "model.onnx")
+        shutil.copy2(model_dir / "model.pt", staging / "model.pt")
+        write_parquet(staging / "manifest.parquet", manifest)
+        write_json(staging / "classes.json", {"classes": classes})
+        write_json(staging / "meta.json", meta)
+        os.replace(staging, versions / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    link = champion_dir(rp)
+    tmp_link = link.with_name(f".champion-{uuid.uuid4().hex[:8]}")
+    os.symlink(Path("versions") / name, tmp_link)
+    os.replace(tmp_link, link)  # atomic: readers see the old or the new champion
+    prune_versions(versions, keep=rp.keep_versions, current=name)
+    return versions / name
+
+
+def prune_versions(versions: Path, keep: int, current: str) -> None:
+    """Remove all but the newest ``keep`` version folders (never the current one)."""
+    names = sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in names[:-keep]:
+        if old != current:
+            shutil.rmtree(versions / old, ignore_errors=True)
+
+
+# --- judging
+
+
+def gate_test_set(new: pd.DataFrame, champion_manifest: pd.DataFrame | None) -> pd.DataFrame:
+    """Trusted test rows: test-split (sha256, label) pairs the champion was evaluated on too."""
+    test = new[new["split"] == "test"]
+    if champion_manifest is None:
+        return test
+    known = set(zip(champion_manifest.loc[champion_manifest["split"] == "test", "sha256"],
+                    champion_manifest.loc[champion_manifest["split"] == "test", "label"]))
+    return test[[pair in known for pair in zip(test["sha256"], test["label"])]]
+
+
+def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[str]) -> dict:
+    """Metrics of an exported model on ``rows``, in the class order of ``classes``.
+
+    A model that lacks a class (an older champion) simply never predicts it.
+    """
+    from graft.predict import OnnxClassifier, predict_proba
+    from graft.metrics import classification_metrics
+
+    model = OnnxClassifier(onnx_path)
+    index = {c: i for i, c in enumerate(classes)}
+    proba = np.zeros((len(rows), len(classes)), np.float64)
+    if len(rows):
+        got = predict_proba(model, [root / p for p in rows["path"]])
+        for j, c in enumerate(model.classes):
+            if c in index:
+                proba[:, index[c]] = got[:, j]
+    return classification_metrics(rows["label"].map(index).to_numpy(np.int64), proba, classes)
+
+
+def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str]:
+    """Promote only if macro-F1 is not worse than the champion's minus a tolerance and no class's
+    recall drops by more than a bound (classes with test support only)."""
+    delta = challenger["macro_f1"] - champion["macro_f1"]
+    if delta < -rp.max_macro_f1_drop:
+        return False, f"macro-F1 {challenger['macro_f1']:.4f} < champion {champion['macro_f1']:.4f} - {rp.max_macro_f1_drop:g}"
+    for c, stats in champion["per_class"].items():
+        new = challenger["per_class"].get(c)
+        if stats["support"] and new is not None and stats["recall"] - new["recall"] > rp.max_class_recall_drop:
+            return False, (f"recall of class {c!r} drops {stats['recall']:.3f} -> {new['recall']:.3f} "
+                           f"(more than {rp.max_class_recall_drop:g})")
+    return True, f"macro-F1 {challenger['macro_f1']:.4f} vs champion {champion['macro_f1']:.4f} (delta {delta:+.4f})"
+
+
+# --- history and report
+
+
+HISTORY_SCHEMA = pa.schema([
+    ("time", pa.string()), ("decision", pa.string()), ("reason", pa.string()), ("kind", pa.string()),
+    ("challenger_macro_f1", pa.float64()), ("champion_macro_f1", pa.float64()),
+    ("challenger_accuracy", pa.float64()), ("champion_accuracy", pa.float64()), ("gate_test_images", pa.int64()),
+    ("added", pa.int64()), ("removed", pa.int64()), ("relabelled", pa.int64()), ("features_computed", pa.int64()),
+    ("data_sha256", pa.string()), ("champion", pa.string()),
+])
+
+
+def append_history(path: Path, row: dict) -> pd.DataFrame:
+    """Append one decision to the history table (rewritten atomically) and return the table."""
+    new = pd.DataFrame([{k: row.get(k) for k in HISTORY_SCHEMA.names}])
+    table = pd.concat([pd.read_parquet(path), new], ignore_index=True) if path.is_file() else new
+    write_parquet(path, pa.Table.from_pandas(table, schema=HISTORY_SCHEMA, preserve_index=False))
+    return table
+
+
+def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None) -> str:
+    """The decision and the two models' metrics side by side."""
+    lines = [f"# graft retrain: **{row['decision']}**", "", row["reason"], "",
+             f"Data: +{diff.added} added, -{diff.removed} removed, {diff.relabelled} relabelled, {diff.moved} moved; "
+             f"new classes {diff.new_classes or 'none'}; features computed: {row.get('features_computed', 0)}.", ""]
+    if challenger:
+        lines += [f"Gate test set: {row['gate_test_images']} trusted test images.", "",
+                  "| model | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
+        for name, m in (("challenger", challenger), ("champion", champion)):
+            if m:
+                lines.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['balanced_accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def challenger_params(params: Params, name: str) -> Params:
+    """Params whose train/evaluate/export outputs land in ``<models_dir>/<name>/``, not the workspace's."""
+    base = Path(params.retrain.models_dir) / name
+    return params.model_copy(update={
+        "train": params.train.model_copy(update={"model_dir": str(base)}),
+        "evaluate": params.evaluate.model_copy(update={"metrics_dir": str(base / "metrics"), "plots_dir": str(base / "plots"),
+                                                       "report": str(base / "report.md")}),
+        "export": params.export.model_copy(update={"out": str(base / "model.onnx")}),
+    })
+
+
+onnx_metrics_task = stage_task(onnx_metrics, "gate-metrics")

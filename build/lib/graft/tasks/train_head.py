@@ -1,0 +1,57 @@
+"""Train a head on cached features (feature transfer): softmax logistic regression or a small MLP.
+
+The head standardises its input with train-split statistics held as buffers, so the exported
+graph needs no outside preprocessing of the features. Early stopping keeps the epoch with the
+lowest validation loss. The fitting itself is :func:`graft.heads.fit_head`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from graft.atomic import write_json
+from graft.cache import load_feature_table
+from graft.dataset import read_classes, read_manifest, split_arrays
+from graft.heads import fit_head
+from graft.model import head_config, save_model
+from graft.params import Params
+from graft.plots import write_curves
+from graft.tasks import stage_task
+
+
+def train(params: Params) -> dict:
+    """Run the train stage (head mode): fit on train, stop early on val, save ``models/model.pt``."""
+    tp = params.train
+    manifest = read_manifest(params.data.out_dir)
+    classes = read_classes(params.data.out_dir)
+    feats, meta = load_feature_table(params.featurize.out)
+    x_tr, y_tr = split_arrays(manifest, feats, classes, "train")
+    x_val, y_val = split_arrays(manifest, feats, classes, "val")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the head's matrices are small: one thread is as fast and immune to a busy host
+    try:
+        head, history = fit_head(x_tr, y_tr, x_val, y_val, len(classes), tp, params.seed)
+    finally:
+        torch.set_num_threads(threads)
+    best = min(history, key=lambda h: h["val_loss"])
+    payload = {
+        "kind": "head",
+        "classes": classes,
+        "backbone": {"name": params.featurize.backbone, "weights": params.featurize.weights,
+                     "image_size": params.featurize.image_size, "fingerprint": meta.get("graft.fingerprint", "")},
+        "head": head_config(tp.head, x_tr.shape[1], tp.hidden, tp.dropout),
+        "state_dict": head.state_dict(),
+        "history": history,
+    }
+    save_model(Path(tp.model_dir) / "model.pt", payload)
+    summary = {"mode": "head", "head": tp.head, "epochs": len(history), "best_epoch": best["epoch"],
+               "val_loss": round(best["val_loss"], 4), "val_accuracy": round(best["val_accuracy"], 4),
+               "train_images": int(len(y_tr)), "val_images": int(len(y_val))}
+    write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
+    write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    return summary
+
+
+train_task = stage_task(train, "train")
