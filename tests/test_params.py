@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from graft import GraftError
-from graft.params import Params, load_params, parse_params
+from graft.params import CANDIDATES, Params, dump_params, load_params, parse_params
 from tests.conftest import REPO
 
 
@@ -78,6 +78,131 @@ def test_repo_params_yaml_loads() -> None:
     assert p.featurize.backbone == raw["featurize"]["backbone"]
     assert p.export.out == raw["export"]["out"]
     assert p.model_dump(mode="json")["data"]["split"] == pytest.approx(raw["data"]["split"])
+
+
+def _yaml_keys(raw: object, prefix: str = "") -> set[str]:
+    """Every dotted key of a parsed YAML mapping (nested mappings included, lists are values)."""
+    if not isinstance(raw, dict):
+        return set()
+    keys = set()
+    for name, value in raw.items():
+        keys.add(f"{prefix}{name}")
+        keys |= _yaml_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two dumped params mappings."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: params.yaml {va!r} != code {vb!r}")
+    return out
+
+
+def test_repo_params_yaml_is_exactly_the_code_defaults() -> None:
+    """params.yaml lists the code's defaults, value for value: the code is the one source of defaults."""
+    loaded = load_params(REPO / "params.yaml")
+    drift = _diff(loaded.model_dump(mode="json"), Params().model_dump(mode="json"))
+    assert not drift, "params.yaml drifted from graft/params.py: " + "; ".join(drift)
+    assert loaded == Params()
+
+
+def test_repo_params_yaml_lists_every_field() -> None:
+    """Every field of Params (sections and leaves, recursively) is listed in params.yaml, and nothing else."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    listed, fields = _yaml_keys(raw), set(_leaf_fields(Params))
+    assert not fields - listed, f"fields missing from params.yaml: {sorted(fields - listed)}"
+    assert not listed - fields, f"keys in params.yaml that Params lacks: {sorted(listed - fields)}"
+
+
+def test_dump_params_round_trips(tmp_path: Path) -> None:
+    """dump_params writes YAML that loads back equal, for the defaults and for changed values."""
+    assert load_params(_write(tmp_path, dump_params())) == Params()
+    changed = parse_params({"seed": 7, "train": {"mode": "finetune", "candidates": ["mlp", "logreg"],
+                                                  "finetune": {"ema": None, "augment": {"ratio": [0.5, 2.0]}}}})
+    assert load_params(_write(tmp_path, dump_params(changed))) == changed
+    assert changed != Params()
+
+
+def test_auto_mode_defaults() -> None:
+    """train.mode auto and its keys default to the documented values; candidates keep their cheapest-first order."""
+    t = Params().train
+    assert (t.mode, t.budget_minutes, t.refit, t.cv_folds, t.cv_below) == ("auto", 20, "trainval", 5, 2000)
+    assert list(t.candidates) == ["pixels", "logreg", "mlp", "multilayer", "fusion", "finetune", "other_backbones"]
+    assert tuple(t.candidates) == CANDIDATES
+    assert (t.finetune.ema, t.finetune.init, t.finetune.strategy) == (0.999, "probe", "staged")
+    assert t.finetune.image_size is None and Params().retrain.escalate_below_val_accuracy is None
+
+
+def test_candidates_accept_a_subset_in_any_order() -> None:
+    """A subset of the candidates is kept as given (order included)."""
+    assert parse_params({"train": {"candidates": ["finetune", "logreg"]}}).train.candidates == ("finetune", "logreg")
+
+
+@pytest.mark.parametrize(
+    ("train", "key", "words"),
+    [
+        ({"candidates": []}, "train.candidates", "at least 1"),
+        ({"candidates": ["logreg", "mlp", "logreg"]}, "train.candidates", "logreg more than once"),
+        ({"candidates": ["logreg", "svm"]}, "train.candidates", "item 1"),
+        ({"candidates": "logreg"}, "train.candidates", "tuple"),
+        ({"mode": "best"}, "train.mode", "'best'"),
+        ({"refit": "test"}, "train.refit", "'test'"),
+        ({"budget_minutes": 0}, "train.budget_minutes", "greater than 0"),
+        ({"budget_minutes": float("nan")}, "train.budget_minutes", "finite"),
+        ({"cv_folds": 1}, "train.cv_folds", "greater than or equal to 2"),
+        ({"cv_folds": 21}, "train.cv_folds", "less than or equal to 20"),
+        ({"cv_below": -1}, "train.cv_below", "greater than or equal to 0"),
+        ({"finetune": {"ema": 1.0}}, "train.finetune.ema", "less than 1"),
+        ({"finetune": {"ema": 0}}, "train.finetune.ema", "greater than 0"),
+        ({"finetune": {"init": "zeros"}}, "train.finetune.init", "'zeros'"),
+    ],
+)
+def test_auto_keys_are_validated(train: dict, key: str, words: str) -> None:
+    """Each new train key rejects a bad value in one line naming the key."""
+    with pytest.raises(GraftError) as info:
+        parse_params({"train": train})
+    msg = _one_line_error(info)
+    assert msg.startswith(f"params: {key}: "), msg
+    assert words in msg, msg
+
+
+def test_ema_null_turns_it_off() -> None:
+    """finetune.ema: null is allowed (EMA off)."""
+    assert parse_params({"train": {"finetune": {"ema": None}}}).train.finetune.ema is None
+
+
+@pytest.mark.parametrize(
+    ("train", "ok"),
+    [
+        ({"mode": "finetune"}, True),
+        ({"mode": "auto"}, True),  # only its fine-tune candidate uses init_from
+        ({"mode": "auto", "candidates": ["logreg", "finetune"]}, True),
+        ({"mode": "head"}, False),
+        ({"mode": "auto", "candidates": ["logreg", "mlp"]}, False),  # nothing would use it
+    ],
+)
+def test_init_from_needs_a_fine_tune(train: dict, ok: bool) -> None:
+    """init_from is accepted where something fine-tunes, refused where it would be silently ignored."""
+    raw = {"train": {**train, "init_from": "models/source"}}
+    if ok:
+        assert parse_params(raw).train.init_from == "models/source"
+        return
+    with pytest.raises(GraftError) as info:
+        parse_params(raw)
+    msg = _one_line_error(info)
+    assert msg.startswith("params: train: ") and "init_from needs mode: finetune" in msg, msg
+
+
+def test_last_n_strategy_needs_last_n_when_auto_fine_tunes() -> None:
+    """strategy last_n without last_n fails for auto (which may fine-tune) but not for head mode."""
+    with pytest.raises(GraftError, match=r"train: finetune.strategy last_n needs finetune.last_n"):
+        parse_params({"train": {"mode": "auto", "finetune": {"strategy": "last_n"}}})
+    assert parse_params({"train": {"mode": "head", "finetune": {"strategy": "last_n"}}}).train.mode == "head"
 
 
 def test_params_are_frozen() -> None:
