@@ -17,6 +17,7 @@ from torch import nn
 from graft import GraftError
 from graft.atomic import write_torch
 from graft.backbones import Backbone, FeatureExtractor, build_backbone
+from graft.params import FeaturizeParams
 
 MODEL_FORMAT = "graft-model/1"
 
@@ -93,9 +94,20 @@ def head_from_payload(payload: dict) -> Head:
     return head.eval()
 
 
+def backbone_entry(fp: FeaturizeParams, taps: tuple[str, ...] | list[str], image_size: int | None = None) -> dict:
+    """The model file's ``backbone`` entry: what rebuilds the feature extractor this head was trained on."""
+    from graft.backbones import describe_backbone, fingerprint_of
+
+    size = image_size or fp.image_size
+    taps = tuple(taps)
+    return {"name": fp.backbone, "weights": fp.weights, "image_size": size, "taps": list(taps), "raw_size": fp.raw_size,
+            "fingerprint": fingerprint_of(describe_backbone(fp.backbone, fp.weights, size, taps, fp.raw_size))}
+
+
 def backbone_from_payload(payload: dict) -> Backbone:
     b = payload["backbone"]
-    return build_backbone(b["name"], b.get("weights"), b.get("image_size"))
+    return build_backbone(b["name"], b.get("weights"), b.get("image_size"), tuple(b.get("taps", ("last",))),
+                          b.get("raw_size", 16))
 
 
 def classifier_from_payload(payload: dict, backbone: Backbone | None = None) -> tuple[Classifier, Backbone]:

@@ -62,6 +62,10 @@ class FeaturizeParams(_Strict):
     backbone: str = "efficientnet_lite0"  # see `graft backbones`
     weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
     image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    # What one forward pass caches per image: raw (grey raw_size^2 pixels), stages (pooled output of each
+    # stage: Head2Toe's multi-layer features), last (the usual pooled features). auto's candidates use all three.
+    taps: tuple[Literal["raw", "stages", "last"], ...] = Field(("raw", "stages", "last"), min_length=1)
+    raw_size: int = Field(16, ge=4, le=64)  # side of the raw-pixel tap (16 x 16 grey = 256 values)
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=1, le=64)  # decoder threads feeding the model
     threads: int = Field(0, ge=0, le=256)  # inference threads (torch intra-op, or onnxruntime in total); 0 = all cores

@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_text
-from graft.cache import load_feature_table
+from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
 from graft.leakage import leakage_markdown, leakage_report
@@ -64,8 +64,9 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
 
         paths, _ = split_items(manifest, params.data.root, classes, "test")
         return y, classifier_proba(payload, paths), name.replace("head", "finetune")
-    feats, _ = load_feature_table(params.featurize.out)
+    feats, meta = load_feature_table(params.featurize.out)
     x, _ = split_arrays(manifest, feats, classes, "test")
+    x = select_columns(x, tap_columns(meta, payload["backbone"].get("taps", ["last"])))
     with torch.no_grad():
         proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
     return y, proba, name
@@ -98,8 +99,12 @@ def _read_quarantine(out: Path) -> pd.DataFrame | None:
 
 
 def _features_if_any(path: str) -> dict[str, np.ndarray] | None:
-    """The featurize output for the leakage check; fine-tuning may run without one."""
-    return load_feature_table(path)[0] if Path(path).is_file() else None
+    """The usual pooled features for the leakage check (its threshold is tuned on them); None without a table."""
+    if not Path(path).is_file():
+        return None
+    feats, meta = load_feature_table(path)
+    columns = tap_columns(meta, ("last",))
+    return {k: v[columns] if len(columns) else v for k, v in feats.items()}
 
 
 def evaluate(params: Params) -> dict:

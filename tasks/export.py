@@ -38,15 +38,18 @@ from graft.params import Params
 from graft.tasks import stage_task
 
 
-def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str) -> dict[str, str]:
+def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str,
+                  model_name: str = "") -> dict[str, str]:
+    """The graph's ``metadata_props``: the input contract uses the one preprocessing schema
+    (:meth:`Preprocess.as_dict`: resize of the shorter side, centre crop, mean/std, interpolation)."""
     return {
         "graft.version": graft.__version__,
         "graft.kind": kind,
+        "graft.model": model_name or f"{backbone} {kind}",
         "graft.classes": json.dumps(classes, ensure_ascii=False),
         "graft.input": json.dumps({
             "name": "image", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
-            "height": pp.crop, "width": pp.crop, "resize_shorter_side": pp.resize, "crop": "center",
-            "interpolation": pp.interpolation, "mean": list(pp.mean), "std": list(pp.std),
+            **pp.as_dict(),
             "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
         }),
         "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),

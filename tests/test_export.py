@@ -21,6 +21,8 @@ from graft.model import classifier_from_payload, load_model
 from graft.tasks.evaluate import evaluate
 from graft.predict import OnnxClassifier
 from graft.dataset import data_hash
+from graft.images import Preprocess
+from graft.predict import PREPROCESS_KEYS
 from graft.tasks.export import calibration_paths, export, int8_path
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
@@ -80,8 +82,7 @@ def test_metadata(exported) -> None:
     assert 'chat "noir" é' in json.loads(meta["graft.classes"])
     _, bb = classifier_from_payload(load_model(root / "models" / "model.pt"))
     spec = json.loads(meta["graft.input"])
-    assert (spec["height"], spec["width"], spec["resize_shorter_side"]) == (bb.preprocess.crop, bb.preprocess.crop,
-                                                                            bb.preprocess.resize)
+    assert Preprocess.from_dict({k: spec[k] for k in PREPROCESS_KEYS}) == bb.preprocess  # the one schema
     assert spec["mean"] == pytest.approx(list(bb.preprocess.mean))
     assert spec["std"] == pytest.approx(list(bb.preprocess.std))
     assert spec["interpolation"] == bb.preprocess.interpolation

@@ -201,4 +201,4 @@ def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> No
     export(params)
     meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}
     assert meta["graft.kind"] == "finetune" and json.loads(meta["graft.classes"]) == ["a", "b", "c"]
-    assert json.loads(meta["graft.input"])["height"] == 32
+    assert json.loads(meta["graft.input"])["crop"] == 32

@@ -408,7 +408,7 @@ def _tiny_onnx_classifier(path: Path, classes: list[str]) -> Path:
         [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
-    spec = {"height": 32, "width": 32, "resize_shorter_side": 36, "mean": [0.5] * 3, "std": [0.25] * 3,
+    spec = {"crop": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.25] * 3,
             "interpolation": "bilinear"}
     for k, v in {"graft.classes": json.dumps(classes), "graft.input": json.dumps(spec)}.items():
         entry = proto.metadata_props.add()
