@@ -1,0 +1,155 @@
+"""graft.select: CV splits, the one-SE rule, CV-chosen regularisation, sklearn pipelines as graft Heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import sem
+
+from graft import GraftError
+from graft.model import Head, make_head
+from graft.select import (
+    LINEAR_C_GRID,
+    Candidate,
+    bootstrap_se,
+    cv_grid,
+    cv_splits,
+    fit_linear,
+    fit_mlp,
+    head_spec,
+    one_se_choice,
+    se_of_mean,
+    to_torch_head,
+)
+
+
+def _blobs(n_classes: int, per_class: int = 30, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), per_class)
+    centres = rng.normal(0, 1.5, (n_classes, d))
+    return (centres[y] + rng.normal(0, 1, (y.size, d)) * rng.uniform(0.5, 3, d)).astype(np.float32), y
+
+
+def _hidden_direction(separable: bool, seed: int, n: int = 160, d: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Noise features; if ``separable``, the class lives in x0 - x1, under a large nuisance both share.
+
+    A strongly penalised logistic regression leans towards the class-mean difference (x0 alone,
+    swamped by the nuisance) and stays near chance; only a weakly penalised one finds x0 - x1.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    X = rng.normal(0, 1, (n, d))
+    if separable:
+        shared = rng.normal(0, 3, n)
+        X[:, 0], X[:, 1] = shared + (2 * y - 1), shared
+    return X.astype(np.float32), y
+
+
+def test_cv_splits_are_stratified_disjoint_and_complete():
+    y = np.repeat([0, 1, 2], [20, 15, 10])
+    splits = cv_splits(y, n_splits=5, seed=1)
+    assert len(splits) == 5
+    assert np.array_equal(np.sort(np.concatenate([va for _, va in splits])), np.arange(y.size))
+    for tr, va in splits:
+        assert not set(tr) & set(va) and tr.size + va.size == y.size
+        assert np.array_equal(np.bincount(y[va]), [4, 3, 2])  # every fold keeps the class proportions
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, cv_splits(y, n_splits=5, seed=1)))
+
+
+def test_cv_splits_shrink_to_the_rarest_class_and_refuse_singletons():
+    y = np.array(["cat"] * 12 + ["dog"] * 12 + ["owl"] * 3)
+    splits = cv_splits(y, n_splits=5)
+    assert len(splits) == 3
+    assert all(set(y[va]) == {"cat", "dog", "owl"} for _, va in splits)
+    with pytest.raises(GraftError, match="class 'owl' has fewer than 2"):
+        cv_splits(np.array(["cat"] * 12 + ["owl"]))
+    with pytest.raises(GraftError, match="at least 2 classes"):
+        cv_splits(np.zeros(10, int))
+
+
+def test_one_se_rule_prefers_the_cheaper_model_only_within_one_se():
+    big = Candidate("finetune", score=0.80, se=0.03, cost=600.0)
+    near = Candidate("logreg", score=0.78, se=0.02, cost=5.0)
+    assert one_se_choice([big, near]).name == "logreg"  # 0.78 >= 0.80 - 0.03
+    far = Candidate("logreg", score=0.76, se=0.02, cost=5.0)
+    assert one_se_choice([big, far]).name == "finetune"  # 0.76 < 0.77
+    # Among several eligible rows the cheapest wins, whatever the input order.
+    rows = [big, near, Candidate("mlp", 0.79, 0.02, 50.0), Candidate("baseline", 0.60, 0.05, 1.0)]
+    assert one_se_choice(rows).name == one_se_choice(rows[::-1]).name == "logreg"
+
+
+def test_one_se_rule_tie_breaks_are_deterministic():
+    a, b = Candidate("b-model", 0.7, 0.0, 1.0), Candidate("a-model", 0.7, 0.0, 1.0)
+    assert one_se_choice([a, b]).name == one_se_choice([b, a]).name == "a-model"
+    assert one_se_choice([Candidate("x", float("nan"), 0.0, 0.0), a]).name == "b-model"
+    with pytest.raises(GraftError, match="no candidate"):
+        one_se_choice([])
+
+
+def test_standard_errors():
+    assert se_of_mean([0.7, 0.8, 0.75, 0.9]) == pytest.approx(sem([0.7, 0.8, 0.75, 0.9]))
+    assert se_of_mean([0.7]) == 0.0
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    pred = np.where(rng.random(400) < 0.8, y, 1 - y)
+    p = np.mean(pred == y)
+    # For accuracy the bootstrap SE agrees with the binomial sqrt(p(1-p)/n).
+    assert bootstrap_se(y, pred, "accuracy", n_boot=2000) == pytest.approx(np.sqrt(p * (1 - p) / 400), rel=0.1)
+
+
+def test_cv_grid_regularises_noise_more_than_signal():
+    for seed in range(2):
+        chosen = {}
+        for separable in (False, True):
+            X, y = _hidden_direction(separable, seed)
+            rows = cv_grid("linear", X, y, LINEAR_C_GRID, cv_splits(y, seed=seed))
+            chosen[separable] = one_se_choice(rows).settings["C"]
+        assert chosen[False] < chosen[True], chosen
+
+
+def test_cv_grid_rows_describe_every_setting():
+    X, y = _blobs(3, per_class=10, d=6)
+    splits = cv_splits(y, n_splits=4)
+    rows = cv_grid("linear", X, y, [1.0, 0.01, 0.1], splits)
+    assert [r.settings["C"] for r in rows] == [1.0, 0.01, 0.1]
+    assert [r.cost for r in rows] == [2.0, 0.0, 1.0]  # rank 0 = the strongest penalty (smallest C)
+    for r in rows:
+        assert len(r.fold_scores) == 4 and r.score == pytest.approx(np.mean(r.fold_scores))
+        assert r.se == pytest.approx(se_of_mean(r.fold_scores)) and r.fit_seconds > 0
+    mlp = cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2], hidden=8, max_iter=20)
+    assert [r.cost for r in mlp] == [1.0, 0.0]  # rank 0 = the largest alpha
+    assert mlp[0].settings == {"alpha": 1e-4, "hidden": 8}
+    assert [r.fold_scores for r in mlp] == [r.fold_scores for r in cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2],
+                                                                           hidden=8, max_iter=20)]
+    with pytest.raises(GraftError, match="unknown candidate kind"):
+        cv_grid("svm", X, y, [1.0], splits)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_torch_head_reproduces_predict_proba(kind, n_classes):
+    X, y = _blobs(n_classes)
+    pipe = fit_linear(X, y, C=0.5) if kind == "logreg" else fit_mlp(X, y, alpha=1e-2, hidden=16, max_iter=50)
+    spec = head_spec(pipe)
+    assert spec["kind"] == kind and spec["dim"] == X.shape[1]
+    head = make_head(spec, n_classes)
+    head.load_state_dict(to_torch_head(pipe, n_classes))
+    with torch.no_grad():
+        proba = torch.softmax(head.eval()(torch.from_numpy(X)), dim=1).numpy()
+    np.testing.assert_allclose(proba, pipe.predict_proba(X), atol=1e-5)
+    assert isinstance(head, Head)
+
+
+def test_class_weight_option_and_head_errors():
+    X, y = _blobs(3)
+    keep = np.r_[np.arange(30), np.arange(30, 36), np.arange(60, 90)]  # class 1 rare
+    balanced = fit_linear(X[keep], y[keep], C=0.01, class_weight="balanced")
+    plain = fit_linear(X[keep], y[keep], C=0.01)
+    assert balanced[-1].class_weight == "balanced"
+    rare = y == 1
+    assert balanced.predict_proba(X[rare])[:, 1].mean() > plain.predict_proba(X[rare])[:, 1].mean()
+    with pytest.raises(GraftError, match="knows 3 classes but the head needs 4"):
+        to_torch_head(plain, 4)
+    with pytest.raises(GraftError, match="integer labels must be 0..2"):
+        to_torch_head(fit_linear(X, y + 1, C=1.0), 3)
