@@ -25,9 +25,10 @@ def make_params(root: Path, overrides: dict | None = None) -> Params:
     """Params whose every path lives under ``root``, with the tiny random backbone (fast)."""
     raw = {
         "data": {"root": str(root / "raw"), "out_dir": str(root / "data")},
+        # taps: the plain features keep most tests about featurize mechanics, not the auto-mode taps (own tests)
         "featurize": {"backbone": "tiny_cnn", "cache_dir": str(root / "cache"), "out": str(root / "data/features.parquet"),
-                      "batch_size": 8},
-        "train": {"model_dir": str(root / "models")},
+                      "batch_size": 8, "taps": ["last"]},
+        "train": {"model_dir": str(root / "models"), "mode": "head"},
         "evaluate": {"metrics_dir": str(root / "metrics"), "plots_dir": str(root / "plots"),
                      "report": str(root / "reports/report.md")},
         "export": {"out": str(root / "models/model.onnx")},

@@ -164,7 +164,8 @@ def test_cached_features_match_direct_forward(setup) -> None:
     with torch.no_grad():
         direct = bb.model(x)[0].numpy()
     np.testing.assert_allclose(feats[row["sha256"]], direct, rtol=1e-5, atol=1e-5)
-    assert meta == {"graft.backbone": "tiny_cnn", "graft.fingerprint": bb.fingerprint}
+    assert meta == {"graft.backbone": "tiny_cnn", "graft.fingerprint": bb.fingerprint,
+                    "graft.description": json.dumps(bb.describe(), sort_keys=True)}
 
 
 def test_foreign_part_with_other_dim_is_rejected(setup) -> None:

@@ -18,7 +18,7 @@ from graft import GraftError
 from graft.backbones import build_backbone
 from graft.params import TrainParams
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
+from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.tasks.ingest import ingest
 from graft.model import MODEL_FORMAT, head_from_payload, load_model
 from graft.tasks.train_head import train
@@ -163,8 +163,9 @@ def test_train_writes_loadable_model(trained) -> None:
     assert payload["backbone"]["fingerprint"] == build_backbone("tiny_cnn").fingerprint
     assert len(payload["history"]) == summary["epochs"] <= 60
     manifest = pd.read_parquet(ws / "data" / "manifest.parquet")
-    feats, _ = load_feature_table(params.featurize.out)
+    feats, meta = load_feature_table(params.featurize.out)
     x, y = split_arrays(manifest, feats, classes, "train")
+    x = select_columns(x, tap_columns(meta, payload["backbone"]["taps"]))
     head = head_from_payload(payload)
     with torch.no_grad():
         logits = head(torch.from_numpy(x))
