@@ -14,17 +14,22 @@ tolerance, so the feature cache key (the backbone fingerprint) does not depend o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from graft import GraftError
 from graft.atomic import atomic_path
+from graft.cache import PartWriter
+from graft.images import Preprocess, prefetch_map
+from graft.sources import decoded_batches
 
 if TYPE_CHECKING:
     from graft.backbones import Backbone
@@ -222,6 +227,50 @@ class TorchEngine:
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             out = self.model(x.contiguous(memory_format=torch.channels_last))
         return out.float().cpu().numpy()
+
+
+# --- running an engine over images into the cache
+
+
+def feature_batches(engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int,
+                    workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(sha256s, features) per batch, in order: decoding overlaps inference, both bounded.
+
+    Decoder threads run ahead of the engine; an engine with several streams gets that many
+    batches at once (one thread each). Pillow and onnxruntime release the GIL.
+    """
+    batches = decoded_batches(items, pp, batch_size, workers)
+    if engine.streams <= 1:
+        for shas, x in batches:
+            yield shas, engine(x)
+    else:
+        yield from prefetch_map(lambda b: (b[0], engine(b[1])), batches, engine.streams)
+
+
+def compute_features(engine: Engine, pp: Preprocess, dim: int, items: list[tuple[str, str]], cache: Path,
+                     batch_size: int, workers: int, part_rows: int, desc: str = "featurize") -> int:
+    """Run ``engine`` over ``items`` (sha256, path) and append the features to ``cache`` in parts.
+
+    On an error or interrupt the rows already computed are flushed first, so a rerun resumes.
+
+    Returns:
+        The number of images computed.
+    """
+    parts = PartWriter(cache, dim, part_rows)
+    batches = feature_batches(engine, items, pp, batch_size, workers)
+    with tqdm(total=len(items), unit="img", desc=desc, disable=None) as bar, contextlib.closing(batches):
+        try:
+            for shas, feats in batches:
+                parts.add(shas, feats)
+                bar.update(len(shas))
+        except BaseException:
+            try:
+                parts.flush()  # keep what was finished
+            except Exception:  # noqa: BLE001 - the original error matters more (e.g. the disk is full)
+                log.warning("could not keep %d computed rows after an error", len(parts.shas))
+            raise
+        parts.flush()
+    return parts.written
 
 
 # --- the engine a featurize run asks for

@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+
+import pandas as pd
 
 import torch
 from torch import nn
@@ -17,7 +21,7 @@ from torch import nn
 from graft import GraftError
 from graft.atomic import write_torch
 from graft.backbones import Backbone, FeatureExtractor, build_backbone
-from graft.params import FeaturizeParams
+from graft.params import FeaturizeParams, Params
 
 MODEL_FORMAT = "graft-model/1"
 
@@ -84,14 +88,37 @@ def load_model(path: str | Path) -> dict:
     return payload
 
 
-def head_from_payload(payload: dict) -> Head:
-    """The trained head of a ``head`` model (feature transfer)."""
-    head = make_head(payload["head"], len(payload["classes"]))
-    state = payload["state_dict"]
+def trained(payload: dict, final: bool = False) -> dict:
+    """The ``head`` config and ``state_dict`` of a model file: the evaluated model, or with ``final`` the one
+    refit on every image for export (``train.refit: all``) when the file has one."""
+    part = payload.get("final") if final else None
+    return part or {"head": payload["head"], "state_dict": payload["state_dict"]}
+
+
+def head_from_payload(payload: dict, final: bool = False) -> Head:
+    """The trained head of a model file (feature transfer, or the classifier of a fine-tuned one)."""
+    part = trained(payload, final)
+    head = make_head(part["head"], len(payload["classes"]))
+    state = part["state_dict"]
     if payload["kind"] == "finetune":
         state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     head.load_state_dict(state)
     return head.eval()
+
+
+def model_name(payload: dict) -> str:
+    """A reader's name for the model: what it reads and how it was trained."""
+    b = payload["backbone"]
+    taps = b.get("taps", ["last"])
+    kind = trained(payload)["head"]["kind"]
+    if payload["kind"] == "finetune":
+        size = b.get("image_size")
+        return f"{b['name']} fine-tuned" + (f" at {size} px" if size else "")
+    if taps == ["raw"]:
+        side = b.get("raw_size", 16)
+        return f"raw pixels {side}x{side} grey + {kind}"
+    reads = {("last",): "", ("stages",): " multi-layer", ("raw", "stages"): " multi-layer + raw pixels"}
+    return f"{b['name']}{reads.get(tuple(taps), ' ' + '+'.join(taps))} + {kind} head"
 
 
 def backbone_entry(fp: FeaturizeParams, taps: tuple[str, ...] | list[str], image_size: int | None = None) -> dict:
@@ -110,16 +137,54 @@ def backbone_from_payload(payload: dict) -> Backbone:
                           b.get("raw_size", 16))
 
 
-def classifier_from_payload(payload: dict, backbone: Backbone | None = None) -> tuple[Classifier, Backbone]:
-    """Rebuild the full image classifier (either kind) in eval mode."""
+def classifier_from_payload(payload: dict, backbone: Backbone | None = None,
+                            final: bool = False) -> tuple[Classifier, Backbone]:
+    """Rebuild the full image classifier (either kind) in eval mode; ``final``: the export's refit, if any."""
     bb = backbone or backbone_from_payload(payload)
     if payload["kind"] == "head":
         want = payload["backbone"].get("fingerprint")
         if want and want != bb.fingerprint:
             raise GraftError(f"backbone fingerprint {bb.fingerprint} differs from the one the model was trained on "
                              f"({want}): rerun featurize and train")
-        model = Classifier(bb.model, head_from_payload(payload))
+        model = Classifier(bb.model, head_from_payload(payload, final))
     else:
-        model = Classifier(bb.model, make_head(payload["head"], len(payload["classes"])))
-        model.load_state_dict(payload["state_dict"])
+        part = trained(payload, final)
+        model = Classifier(bb.model, make_head(part["head"], len(payload["classes"])))
+        model.load_state_dict(part["state_dict"])
     return model.eval(), bb
+
+
+# --- the starting point of fine-tuning
+
+
+def initial_model(params: Params, classes: list[str], image_size: int | None = None) -> tuple[Classifier, Backbone, dict]:
+    """The pretrained backbone with a new head, or an earlier graft model (``train.init_from``).
+
+    Returns the model, its backbone, and a note of what was loaded.
+    """
+    tp = params.train
+    name, weights = params.featurize.backbone, params.featurize.weights
+    source = load_model(tp.init_from) if tp.init_from else None
+    if source and source["backbone"]["name"] != name:
+        raise GraftError(f"train.init_from {tp.init_from} has backbone {source['backbone']['name']!r}, "
+                         f"but featurize.backbone is {name!r}: use the same backbone")
+    bb = build_backbone(name, weights, image_size)
+    head = make_head(head_config("logreg", bb.feature_dim, tp.hidden, tp.dropout), len(classes))
+    model = Classifier(bb.model, head)
+    note = {"init": "pretrained backbone", "head": "new"}
+    if source:
+        own = model.state_dict()
+        state = source["state_dict"] if source["kind"] == "finetune" else {f"head.{k}": v for k, v in source["state_dict"].items()}
+        same_classes = source["classes"] == classes and source["head"]["kind"] == "logreg"
+        load = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and (same_classes or not k.startswith("head."))}
+        model.load_state_dict(load, strict=False)
+        note = {"init": str(tp.init_from), "loaded_tensors": len(load),
+                "head": "loaded" if same_classes else f"rebuilt for {len(classes)} classes (source had {len(source['classes'])})"}
+    return model, bb, note
+
+
+def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
+    """Identifies a training run: a checkpoint resumes only a run with the same key."""
+    blob = json.dumps({"train": params.train.model_dump(mode="json"), "seed": params.seed, "fp": fingerprint,
+                       "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

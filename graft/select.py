@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -247,3 +248,18 @@ def _parts(pipeline: Pipeline) -> tuple[StandardScaler, LogisticRegression | MLP
         raise GraftError("expected a fitted StandardScaler + LogisticRegression/MLPClassifier pipeline "
                          "(from fit_linear or fit_mlp)")
     return steps[0], steps[1]
+
+
+LEADERBOARD_COLUMNS = ["candidate", "score", "se", "scored_on", "train_seconds", "settings", "onnx_bytes",
+                       "latency_ms_batch_1", "chosen", "note"]
+
+
+def write_leaderboard(metrics_dir: str | Path, rows: list[dict]) -> Path:
+    """``<metrics_dir>/leaderboard.csv``: one row per candidate the train stage considered (best score first)."""
+    import pandas as pd
+
+    from graft.atomic import write_csv
+
+    board = pd.DataFrame(rows).reindex(columns=LEADERBOARD_COLUMNS)
+    board = board.sort_values("score", ascending=False, na_position="last", kind="stable")
+    return write_csv(Path(metrics_dir) / "leaderboard.csv", board)

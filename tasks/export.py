@@ -33,7 +33,7 @@ from graft import GraftError
 from graft.atomic import atomic_path, write_json
 from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
-from graft.model import classifier_from_payload, load_model
+from graft.model import classifier_from_payload, load_model, model_name
 from graft.params import Params
 from graft.tasks import stage_task
 
@@ -292,8 +292,9 @@ def export(params: Params) -> dict:
     root = Path(params.data.root)
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
-    model, bb = classifier_from_payload(payload)
-    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"])
+    model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
+    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"],
+                         model_name(payload))
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
     q_path = int8_path(xp.out)
     with atomic_path(xp.out) as tmp:

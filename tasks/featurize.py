@@ -16,66 +16,16 @@ This module is the local runner; ``featurize.runner: dask`` runs :mod:`graft.tas
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from graft.backbones import Backbone
-from graft.cache import PartWriter, plan_cache, write_features
-from graft.engine import Engine, make_engine
-from graft.images import Preprocess, prefetch_map
+from graft.cache import plan_cache, write_features
+from graft.engine import compute_features, make_engine
 from graft.params import Params
-from graft.sources import decoded_batches
 from graft.tasks import stage_task
-
-log = logging.getLogger("graft.featurize")
-
-
-def feature_batches(engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int,
-                    workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(sha256s, features) per batch, in order: decoding overlaps inference, both bounded.
-
-    Decoder threads run ahead of the engine; an engine with several streams gets that many
-    batches at once (one thread each). Pillow and onnxruntime release the GIL.
-    """
-    batches = decoded_batches(items, pp, batch_size, workers)
-    if engine.streams <= 1:
-        for shas, x in batches:
-            yield shas, engine(x)
-    else:
-        yield from prefetch_map(lambda b: (b[0], engine(b[1])), batches, engine.streams)
-
-
-def compute_features(engine: Engine, pp: Preprocess, dim: int, items: list[tuple[str, str]], cache: Path,
-                     batch_size: int, workers: int, part_rows: int, desc: str = "featurize") -> int:
-    """Run ``engine`` over ``items`` (sha256, path) and append the features to ``cache`` in parts.
-
-    On an error or interrupt the rows already computed are flushed first, so a rerun resumes.
-
-    Returns:
-        The number of images computed.
-    """
-    parts = PartWriter(cache, dim, part_rows)
-    batches = feature_batches(engine, items, pp, batch_size, workers)
-    with tqdm(total=len(items), unit="img", desc=desc, disable=None) as bar, contextlib.closing(batches):
-        try:
-            for shas, feats in batches:
-                parts.add(shas, feats)
-                bar.update(len(shas))
-        except BaseException:
-            try:
-                parts.flush()  # keep what was finished
-            except Exception:  # noqa: BLE001 - the original error matters more (e.g. the disk is full)
-                log.warning("could not keep %d computed rows after an error", len(parts.shas))
-            raise
-        parts.flush()
-    return parts.written
 
 
 def featurize(params: Params, backbone: Backbone | None = None) -> dict:

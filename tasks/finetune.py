@@ -13,62 +13,25 @@ the starting model (pretrained, or ``train.init_from``), keys the run for resumi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 
 from graft import GraftError
 from graft.atomic import write_json
-from graft.backbones import Backbone, build_backbone
 from graft.dataset import read_classes, read_manifest, split_items
-from graft.model import Classifier, head_config, load_model, make_head, save_model
+from graft.auto import data_image_size
+from graft.model import head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
+from graft.select import write_leaderboard
 from graft.tasks import stage_task
 from graft.tune import fit, read_checkpoint
 
 
 # --- the model to start from
-
-
-def initial_model(params: Params, classes: list[str]) -> tuple[Classifier, Backbone, dict]:
-    """The pretrained backbone with a new head, or an earlier graft model (``train.init_from``).
-
-    Returns the model, its backbone, and a note of what was loaded.
-    """
-    fp, tp = params.train.finetune, params.train
-    name, weights = params.featurize.backbone, params.featurize.weights
-    source = load_model(tp.init_from) if tp.init_from else None
-    if source and source["backbone"]["name"] != name:
-        raise GraftError(f"train.init_from {tp.init_from} has backbone {source['backbone']['name']!r}, "
-                         f"but featurize.backbone is {name!r}: use the same backbone")
-    bb = build_backbone(name, weights, fp.image_size)
-    head = make_head(head_config("logreg", bb.feature_dim, tp.hidden, tp.dropout), len(classes))
-    model = Classifier(bb.model, head)
-    note = {"init": "pretrained backbone", "head": "new"}
-    if source:
-        own = model.state_dict()
-        state = source["state_dict"] if source["kind"] == "finetune" else {f"head.{k}": v for k, v in source["state_dict"].items()}
-        same_classes = source["classes"] == classes and source["head"]["kind"] == "logreg"
-        load = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and (same_classes or not k.startswith("head."))}
-        model.load_state_dict(load, strict=False)
-        note = {"init": str(tp.init_from), "loaded_tensors": len(load),
-                "head": "loaded" if same_classes else f"rebuilt for {len(classes)} classes (source had {len(source['classes'])})"}
-    return model, bb, note
-
-
-# --- the loop
-
-
-def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
-    """Identifies a training run: a checkpoint resumes only a run with the same key."""
-    blob = json.dumps({"train": params.train.model_dump(mode="json"), "seed": params.seed, "fp": fingerprint,
-                       "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))})
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, resume: bool | None = None) -> dict:
@@ -85,13 +48,14 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     train_items, val_items = (split_items(manifest, params.data.root, classes, s) for s in ("train", "val"))
 
     torch.manual_seed(params.seed)  # the new head's initial weights
-    model, bb, note = initial_model(params, classes)
+    model, bb, note = initial_model(params, classes, data_image_size(params, manifest))
     key = run_key(params, manifest, bb.fingerprint)
     checkpoint = Path(tp.model_dir) / "checkpoints" / "last.pt"
     if resume is False:
         checkpoint.unlink(missing_ok=True)
     elif resume and (read_checkpoint(checkpoint) or {}).get("key") != key:
         raise GraftError(f"--resume: no checkpoint of this configuration at {checkpoint}")
+    fp = fp.model_copy(update={"image_size": bb.preprocess.crop})  # the size it runs at (and its run key)
     best, history = fit(model, train_items, val_items, bb.preprocess, fp, len(classes), params.seed,
                         checkpoint, key, tp.class_weights, on_epoch_end)
     payload = {
@@ -112,6 +76,9 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
                "image_size": bb.preprocess.crop, "train_images": len(train_items[0]), **note}
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_leaderboard(params.evaluate.metrics_dir, [{  # one candidate: the one train.mode names
+        "candidate": "finetune", "chosen": True, "scored_on": f"val split (n={len(val_items[0])})",
+        "note": "train.mode: finetune (no selection)", "settings": json.dumps({"strategy": fp.strategy, "image_size": bb.preprocess.crop})}])
     return summary
 
 

@@ -7,6 +7,7 @@ lowest validation loss. The fitting itself is :func:`graft.heads.fit_head`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from graft.heads import fit_head
 from graft.model import backbone_entry, head_config, save_model
 from graft.params import Params
 from graft.plots import write_curves
+from graft.select import write_leaderboard
 from graft.tasks import stage_task
 
 
@@ -52,6 +54,9 @@ def train(params: Params) -> dict:
                "train_images": int(len(y_tr)), "val_images": int(len(y_val))}
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_leaderboard(params.evaluate.metrics_dir, [{  # one candidate: the one train.mode names
+        "candidate": f"{tp.head} head", "chosen": True, "scored_on": f"val split (n={len(y_val)})",
+        "note": "train.mode: head (no selection)", "settings": json.dumps({"lr": tp.lr, "weight_decay": tp.weight_decay})}])
     return summary
 
 

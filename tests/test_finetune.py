@@ -12,7 +12,8 @@ from graft import GraftError
 from graft.backbones import build_backbone
 from graft.model import Classifier, load_model, make_head, head_config
 from graft.params import FinetuneParams, parse_params
-from graft.tasks.finetune import finetune, initial_model
+from graft.model import initial_model
+from graft.tasks.finetune import finetune
 from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, trainable_groups, train_mode
 from graft.tasks.ingest import ingest
 from tests.conftest import make_params, write_tree

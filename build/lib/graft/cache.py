@@ -196,6 +196,31 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
     return dict(zip(table["sha256"].to_pylist(), feats)), meta
 
 
+def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Column indices of ``taps`` (in the extractor's order) in a feature table with metadata ``meta``.
+
+    A table written before taps existed holds the plain ``last`` features only.
+    """
+    from graft.taps import canonical_taps, tap_slices
+
+    description = json.loads(meta.get("graft.description", "{}")) or {"taps": ["last"]}
+    slices = tap_slices(description) if "feature_dim" in description else {}
+    wanted = canonical_taps(taps)
+    if not slices:
+        if wanted != ("last",):
+            raise GraftError(f"the feature table holds no {'/'.join(wanted)} features: rerun featurize")
+        return np.array([], np.int64)  # marker: every column
+    missing = [t for t in wanted if t not in slices]
+    if missing:
+        raise GraftError(f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize")
+    return np.concatenate([np.arange(slices[t].start, slices[t].stop) for t in wanted])
+
+
+def select_columns(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``x[:, columns]``, where an empty ``columns`` means every column (see :func:`tap_columns`)."""
+    return x if not len(columns) else np.ascontiguousarray(x[:, columns])
+
+
 def preprocess_of(description: dict) -> Preprocess:
     """The :class:`Preprocess` a backbone description stands for."""
     d = description
@@ -235,7 +260,9 @@ class CachePlan:
 
     @property
     def table_metadata(self) -> dict[bytes, bytes]:
-        return {b"graft.backbone": self.name.encode(), b"graft.fingerprint": self.fingerprint.encode()}
+        """The feature table's metadata: which backbone, and its description (so readers can find each tap's columns)."""
+        return {b"graft.backbone": self.name.encode(), b"graft.fingerprint": self.fingerprint.encode(),
+                b"graft.description": json.dumps(self.description, sort_keys=True).encode()}
 
 
 def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone | None = None) -> CachePlan:
@@ -248,11 +275,11 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
 
     unique = manifest.drop_duplicates("sha256")
 
-    cheap = None if backbone else describe_backbone(fp.backbone, fp.weights, fp.image_size)
+    cheap = None if backbone else describe_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
 
     @functools.cache
     def bb() -> Backbone:
-        built = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size)
+        built = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if cheap and built.describe() != cheap:
             raise GraftError(f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
                              "timm or the weights differ between machines): use one version everywhere")

@@ -47,6 +47,41 @@ class Preprocess:
             "interpolation": self.interpolation,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """The inverse of :meth:`as_dict`, validated: a bad value is a one-line GraftError naming the key.
+
+        ``interpolation`` may be left out (the class default); any other missing or extra key is an error.
+        """
+        from graft import GraftError
+
+        keys = tuple(cls.__dataclass_fields__)  # the schema: the as_dict keys
+        if not isinstance(d, dict):
+            raise GraftError(f"preprocess: expected a mapping with keys {keys}, got {type(d).__name__}")
+        if missing := [k for k in ("resize", "crop", "mean", "std") if k not in d]:
+            raise GraftError(f"preprocess: missing key {missing[0]!r} (keys are {keys})")
+        if extra := sorted(set(d) - set(keys)):
+            raise GraftError(f"preprocess: unknown key {extra[0]!r} (keys are {keys})")
+        for key in ("resize", "crop"):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise GraftError(f"preprocess {key}: expected a positive integer, got {v!r}")
+        if d["crop"] > d["resize"]:
+            raise GraftError(f"preprocess: crop {d['crop']} is larger than resize {d['resize']} (crop <= resize)")
+        triples: dict[str, tuple[float, float, float]] = {}
+        for key in ("mean", "std"):
+            v = d[key]
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+            if not ok or (key == "std" and min(v) <= 0):
+                rule = "3 positive numbers" if key == "std" else "3 finite numbers (R, G, B)"
+                raise GraftError(f"preprocess {key}: expected {rule}, got {v!r}")
+            triples[key] = (float(v[0]), float(v[1]), float(v[2]))
+        interpolation = d.get("interpolation", cls.interpolation)
+        if interpolation not in _RESAMPLE:
+            raise GraftError(f"preprocess interpolation: {interpolation!r} is not one of {sorted(_RESAMPLE)}")
+        return cls(d["resize"], d["crop"], triples["mean"], triples["std"], interpolation)
+
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB deterministically (alpha over white, 16-bit scaled)."""

@@ -10,10 +10,10 @@ The feature cache is shared by many workspaces, so featurize also holds a *cache
 (``<cache_dir>/.graft-cache.lock``) and always waits for it: the second run then finds the first
 one's features in the cache and computes nothing, instead of writing the same keys again.
 
-The locks are ``flock`` locks: the kernel drops them when the holder exits or is killed, so a crash
-never leaves a stale lock. They are re-entrant within one process (the flow calls stage code that
-the CLI has already locked) and within a process tree: a child started while the lock is held sees
-the holder in ``GRAFT_LOCK_HELD`` and does not wait for its own parent.
+The locking itself is ``filelock``'s; this module adds the holder note in the lock file, the
+one-line refusal, and re-entrancy within a process tree: a child started while the lock is held
+(``graft run`` -> ``dvc repro`` -> ``graft train``) sees the holder in ``GRAFT_LOCK_HELD`` and does
+not wait for its own parent.
 """
 
 from __future__ import annotations
@@ -28,12 +28,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from graft import GraftError
+from filelock import FileLock, Timeout
 
-try:  # POSIX; elsewhere the locks degrade to no-ops (graft is tested on Linux)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from graft import GraftError
 
 WORKSPACE_LOCK = ".graft.lock"
 CACHE_LOCK = ".graft-cache.lock"
@@ -42,8 +39,8 @@ ENV_WAIT = "GRAFT_LOCK_WAIT"  # default seconds to wait for the workspace lock
 CACHE_WAIT_S = 6 * 3600.0  # featurize queues behind another featurize of the same cache (hours of images)
 _POLL_S = 0.2  # how often a waiter retries: short next to any stage's run time
 
-_held: dict[str, int] = {}  # lock path -> nesting depth in this process
-_held_guard = threading.Lock()
+# Threads of one process share each lock; this makes "the last hold clears the note" atomic with its release.
+_guard = threading.Lock()
 
 
 def default_wait() -> float:
@@ -61,7 +58,7 @@ def workspace_of(params_path: str | os.PathLike[str]) -> Path:
 
 
 def holder(lock_file: str | os.PathLike[str]) -> dict | None:
-    """What the lock file says about its current or last holder (pid, command, since), if readable."""
+    """What the lock file says about its current or last holder (pid, host, command, since), if readable."""
     try:
         info = json.loads(Path(lock_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -75,16 +72,6 @@ def _describe(info: dict | None) -> str:
     return f"pid {info.get('pid')} `{info.get('command', '?')}` on {info.get('host', '?')}, since {info.get('since', '?')}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _env_held() -> dict[str, int]:
     try:
         held = json.loads(os.environ.get(ENV_HELD, "{}"))
@@ -93,37 +80,50 @@ def _env_held() -> dict[str, int]:
     return held if isinstance(held, dict) else {}
 
 
-def _held_by_ancestor(key: str) -> bool:
-    """True when a parent process holds ``key`` and told us so (and still does)."""
-    pid = _env_held().get(key)
-    if not isinstance(pid, int) or pid == os.getpid() or not _alive(pid):
-        return False
-    info = holder(key)
-    return bool(info) and info.get("pid") == pid
-
-
-def _command() -> str:
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
-    return " ".join(argv)[:200]
-
-
-def _try_lock(fd: int) -> bool:
-    if fcntl is None:  # pragma: no cover
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+def _export(key: str, pid: int | None) -> None:
+    """Tell child processes that ``pid`` holds ``key`` (``None``: that nobody here does any more)."""
+    held = {k: v for k, v in _env_held().items() if k != key}
+    if pid is not None:
+        held[key] = pid
+    if held:
+        os.environ[ENV_HELD] = json.dumps(held)
+    else:
+        os.environ.pop(ENV_HELD, None)
 
 
 def _record(fd: int) -> None:
-    """Write who holds the lock into the lock file (in place: the file itself is the lock)."""
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
+    """Write who holds the lock into the lock file: filelock's ``on_acquired`` hook, run while we hold it."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(argv)[:200],
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(info).encode())
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+
+
+def _acquire(lock: FileLock, path: Path, wait_s: float, what: str, hint: str) -> bool:
+    """Take ``lock``, waiting up to ``wait_s``; False when a parent process holds it for us.
+
+    Raises:
+        GraftError: someone else holds it and did not release it within ``wait_s``.
+    """
+    try:
+        lock.acquire(blocking=False)  # nested holds in this process succeed here: the instance counts them
+        return True
+    except Timeout:
+        info = holder(path)
+    parent = _env_held().get(str(path))
+    if info and parent is not None and info.get("pid") == parent and info.get("host") == socket.gethostname():
+        return False  # our parent holds it (`graft run` -> `dvc repro` -> `graft train`): waiting would deadlock
+    if wait_s > 0:
+        print(f"graft: another graft run holds the {what} {path} ({_describe(info)}); waiting up to {wait_s:g} s...",
+              file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=wait_s, poll_interval=_POLL_S)
+            return True
+        except Timeout:
+            info = holder(path)
+    waited = f" after waiting {wait_s:g} s" if wait_s else ""
+    raise GraftError(f"another graft run holds the {what} {path} ({_describe(info)}){waited}: {hint}")
 
 
 @contextlib.contextmanager
@@ -131,7 +131,7 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
     """Hold an exclusive lock on ``lock_file``; wait up to ``wait_s`` seconds for another holder.
 
     Args:
-        lock_file: the lock file (created if missing, never deleted: deleting flock files races).
+        lock_file: the lock file (created if missing, never deleted: waiters must share one inode).
         wait_s: seconds to wait; 0 refuses at once.
         what: what the lock protects, for messages ("workspace lock", "feature cache lock").
         hint: what the user can do when refused.
@@ -141,56 +141,33 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
     """
     path = Path(lock_file).resolve()
     key = str(path)
-    with _held_guard:
-        if _held.get(key) or _held_by_ancestor(key):
-            _held[key] = _held.get(key, 0) + 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[key] -= 1
-        return
+    # FileLock (flock), not SoftFileLock: the kernel drops a flock when its holder exits or is SIGKILLed, so a
+    # crash never leaves a stale lock, where a soft lock's marker file would stay until someone deletes it.
+    # One shared instance per path (singleton, not thread-local): a nested hold anywhere in this process (the
+    # flow inside `graft run`, a task thread) counts up instead of waiting for itself.
+    lock = FileLock(path, thread_local=False, is_singleton=True, on_acquired=_record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        taken = _acquire(lock, path, wait_s, what, hint)
     except OSError as exc:  # e.g. params.yaml on a read-only mount: run, but say that nothing guards it
         print(f"graft: warning: cannot create the {what} {path} ({exc.strerror}); running without it",
               file=sys.stderr, flush=True)
+        taken = False
+    if not taken:
         yield
         return
+    with _guard:
+        _export(key, os.getpid())
     try:
-        deadline, told = time.monotonic() + wait_s, False
-        while not _try_lock(fd):
-            info = _describe(holder(path))
-            if time.monotonic() >= deadline:
-                waited = f" after waiting {wait_s:g} s" if wait_s else ""
-                raise GraftError(f"another graft run holds the {what} {path} ({info}){waited}: {hint}")
-            if not told:
-                print(f"graft: another graft run holds the {what} {path} ({info}); waiting up to {wait_s:g} s...",
-                      file=sys.stderr, flush=True)
-                told = True
-            time.sleep(_POLL_S)
-        _record(fd)
-        with _held_guard:
-            _held[key] = 1
-        before = os.environ.get(ENV_HELD)
-        os.environ[ENV_HELD] = json.dumps({**_env_held(), key: os.getpid()})
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held.pop(key, None)
-            os.ftruncate(fd, 0)  # a child still carrying our pid in GRAFT_LOCK_HELD must not think we hold it
-            if before is None:
-                os.environ.pop(ENV_HELD, None)
-            else:
-                os.environ[ENV_HELD] = before
+        yield
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        with _guard:
+            if lock.lock_counter == 1:  # the last hold here: the note names live holders only, so that a
+                # child still carrying our pid in GRAFT_LOCK_HELD never takes a later holder for us
+                with contextlib.suppress(OSError):
+                    os.truncate(path, 0)
+                _export(key, None)
+            lock.release()
 
 
 def workspace_lock(params_path: str | os.PathLike[str], wait_s: float | None = None) -> contextlib.AbstractContextManager[None]:

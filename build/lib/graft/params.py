@@ -7,11 +7,12 @@ Defaults carry a short reason beside them.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from graft import GraftError
 
@@ -61,6 +62,10 @@ class FeaturizeParams(_Strict):
     backbone: str = "efficientnet_lite0"  # see `graft backbones`
     weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
     image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    # What one forward pass caches per image: raw (grey raw_size^2 pixels), stages (pooled output of each
+    # stage: Head2Toe's multi-layer features), last (the usual pooled features). auto's candidates use all three.
+    taps: tuple[Literal["raw", "stages", "last"], ...] = Field(("raw", "stages", "last"), min_length=1)
+    raw_size: int = Field(16, ge=4, le=64)  # side of the raw-pixel tap (16 x 16 grey = 256 values)
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=1, le=64)  # decoder threads feeding the model
     threads: int = Field(0, ge=0, le=256)  # inference threads (torch intra-op, or onnxruntime in total); 0 = all cores
@@ -103,14 +108,27 @@ class FinetuneParams(_Strict):
     warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up (cosine schedule)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
-    image_size: Optional[int] = Field(None, ge=16, le=1024)  # null = the backbone's own (224 for Lite0)
+    # null = from the data: median short side rounded up to a multiple of 32, clamped to [96, the backbone's crop]
+    image_size: Optional[int] = Field(None, ge=16, le=1024)
+    ema: Optional[float] = Field(0.999, gt=0, lt=1)  # EMA decay of the weights (smoother, better-generalising end point); null = off
+    init: Literal["probe", "random"] = "probe"  # probe: new classifier starts from the fitted linear probe (LP-FT, Kumar et al. 2022)
     workers: int = Field(2, ge=1, le=64)  # decoder threads
     threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
     augment: AugmentParams = AugmentParams()
 
 
+Candidate = Literal["pixels", "logreg", "mlp", "multilayer", "fusion", "finetune", "other_backbones"]
+CANDIDATES: tuple[Candidate, ...] = typing.get_args(Candidate)  # cheapest first: the order auto tries them in
+
+
 class TrainParams(_Strict):
-    mode: Literal["head", "finetune"] = "head"  # feature transfer (cached features) or parameter transfer
+    # auto: try train.candidates cheapest first within budget_minutes, keep the best on validation (no one mode wins everywhere)
+    mode: Literal["auto", "head", "finetune"] = "auto"
+    budget_minutes: float = Field(20.0, gt=0, allow_inf_nan=False)  # auto: CPU wall time for all candidates; one that cannot fit is skipped and reported
+    candidates: tuple[Candidate, ...] = Field(CANDIDATES, min_length=1)  # auto: which candidates it may try
+    cv_folds: int = Field(5, ge=2, le=20)  # auto: k of the k-fold CV on train+val for cached-feature candidates
+    cv_below: int = Field(2000, ge=0)  # auto: CV when the data set has fewer images than this, else the val split (CV costs k fits)
+    refit: Literal["none", "trainval", "all"] = "trainval"  # retrain the winner on train+val before test and export; all: + test, after the test metrics
     head: Literal["logreg", "mlp"] = "logreg"
     hidden: int = Field(512, ge=1)  # MLP hidden width
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -121,14 +139,23 @@ class TrainParams(_Strict):
     patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
     class_weights: bool = False  # weight the loss by inverse class frequency of the train split
     model_dir: str = "models"
-    init_from: Optional[str] = None  # finetune: start from an earlier graft model (file or folder)
+    init_from: Optional[str] = None  # fine-tuning starts from an earlier graft model (file or folder)
     finetune: FinetuneParams = FinetuneParams()
+
+    @field_validator("candidates")
+    @classmethod
+    def _no_duplicates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        dup = sorted({c for c in value if value.count(c) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} more than once")
+        return value
 
     @model_validator(mode="after")
     def _init_needs_finetune(self) -> "TrainParams":
-        if self.init_from and self.mode != "finetune":
-            raise ValueError("init_from needs mode: finetune")
-        if self.mode == "finetune" and self.finetune.strategy == "last_n" and not self.finetune.last_n:
+        fine_tunes = self.mode == "finetune" or (self.mode == "auto" and "finetune" in self.candidates)
+        if self.init_from and not fine_tunes:  # it would be silently ignored
+            raise ValueError("init_from needs mode: finetune (or mode: auto with finetune in train.candidates)")
+        if fine_tunes and self.finetune.strategy == "last_n" and not self.finetune.last_n:
             raise ValueError("finetune.strategy last_n needs finetune.last_n")
         return self
 
@@ -176,11 +203,12 @@ class Params(_Strict):
 
 def _one_line(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
+    key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(top level)"
+    items = [p for p in err["loc"] if isinstance(p, int)]  # list positions go into the message, the key stays the key
+    msg = (f"item {items[-1]}: " if items else "") + err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif "input" in err and not isinstance(err["input"], (dict, list)):
+    elif "input" in err and not isinstance(err["input"], (dict, list, tuple)):
         msg = f"{msg} (got {err['input']!r})"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{more}".replace("\n", " ")
@@ -198,15 +226,103 @@ def parse_params(raw: object, source: str = "params") -> Params:
         raise GraftError(_one_line(exc, source)) from None
 
 
+def dump_params(params: Params | None = None) -> str:
+    """``params`` (default: the defaults) as YAML text that :func:`load_params` reads back equal; no comments."""
+    return yaml.safe_dump((params or Params()).model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KiB: anything this big is the wrong file (or an attack on the parser)
+_TAG = "tag:yaml.org,2002:"
+_KINDS = {"bool": "a boolean", "int": "a number", "float": "a number", "null": "null", "timestamp": "a date",
+          "binary": "binary data", "str": "a string"}
+
+
+def _kind(node: yaml.Node) -> str:
+    """What YAML made of ``node``, in words."""
+    if isinstance(node, yaml.SequenceNode):
+        return "a sequence"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    return _KINDS.get(node.tag.removeprefix(_TAG), node.tag)
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate and non-string mapping keys (plain PyYAML keeps the last duplicate)."""
+
+    source = "params"
+
+    def check_keys(self, root: yaml.Node) -> None:
+        """Walk the composed node tree (iteratively: aliases visited once) and fail on the first bad key."""
+        stack, seen = [(root, "")], set()
+        while stack:
+            node, path = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[str, int] = {}
+                for key, value in node.value:
+                    line = key.start_mark.line + 1
+                    if key.tag == _TAG + "merge":  # `<<: *anchor` merges its keys into this mapping
+                        stack.append((value, path))
+                        continue
+                    if not isinstance(key, yaml.ScalarNode) or key.tag == _TAG + "null":
+                        raise GraftError(f"{self.source}: line {line}: a key under {path or 'the top level'} is "
+                                         f"{_kind(key)}, not a string: give it a plain name")
+                    text = key.value.replace("\n", "\\n")  # the message stays one line
+                    name = f"{path}.{text}" if path else text
+                    if key.tag != _TAG + "str":  # e.g. `on:` or `yes:` read as true, `1:` as a number
+                        raise GraftError(f"{self.source}: line {line}: key {name} is {_kind(key)}, not a string: "
+                                         f"quote it ('{text}') or rename it")
+                    if key.value in first:
+                        raise GraftError(f"{self.source}: line {line}: duplicate key {name} (first at line "
+                                         f"{first[key.value]}): keep one")
+                    first[key.value] = line
+                    stack.append((value, name))
+
+
+def _read_text(p: Path) -> str:
+    """The params file as text: at most MAX_PARAMS_BYTES, UTF-8."""
+    too_big = f"{p}: params file is {{}} bytes, over the {MAX_PARAMS_BYTES} (1 MiB) limit: is this the right file?"
+    try:
+        size = p.stat().st_size
+        if size > MAX_PARAMS_BYTES:  # refused before reading or parsing
+            raise GraftError(too_big.format(size))
+        with p.open("rb") as fh:
+            data = fh.read(MAX_PARAMS_BYTES + 1)  # bounded even if the file grows meanwhile
+    except OSError as exc:
+        raise GraftError(f"{p}: cannot read params file ({exc.strerror or exc})") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise GraftError(too_big.format(f"more than {MAX_PARAMS_BYTES}"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GraftError(f"{p}: byte {exc.start}: not UTF-8 text ({exc.reason}): save it as UTF-8") from None
+
+
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     """Read and validate ``params.yaml``."""
     p = Path(path)
     if not p.is_file():
         raise GraftError(f"{p}: params file not found (run from the project root or pass --params)")
+    loader = _ParamsLoader(_read_text(p))
+    loader.source = str(p)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        if node is not None and not isinstance(node, yaml.MappingNode) and node.tag != _TAG + "null":
+            raise GraftError(f"{p}: line {node.start_mark.line + 1}: top level must be a mapping of sections "
+                             f"(seed:, data:, train: ...), got {_kind(node)}")
+        if node is not None:
+            loader.check_keys(node)
+        raw = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise GraftError(f"{p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise GraftError(f"{p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})".replace("\n", " ")) from None
+    except RecursionError:
+        raise GraftError(f"{p}: not valid YAML (nested too deeply)") from None
+    finally:
+        loader.dispose()
     return parse_params(raw, str(p))

@@ -14,6 +14,9 @@ from graft.images import IMAGE_EXTENSIONS, BadImage, Preprocess, load_rgb, prepr
 from graft.sources import read_bytes
 
 
+PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")  # Preprocess.as_dict(), the one schema
+
+
 class OnnxClassifier:
     """An exported graft model: reads its preprocessing and class names from the ONNX metadata."""
 
@@ -34,8 +37,7 @@ class OnnxClassifier:
             raise GraftError(f"{path} has no graft metadata: export it with graft")
         self.classes: list[str] = json.loads(meta["graft.classes"])
         spec = json.loads(meta["graft.input"])
-        self.preprocess = Preprocess(spec["resize_shorter_side"], spec["height"], tuple(spec["mean"]),
-                                     tuple(spec["std"]), spec["interpolation"])
+        self.preprocess = Preprocess.from_dict({k: spec[k] for k in PREPROCESS_KEYS if k in spec})
         self.metadata = dict(meta)
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ _ENTRY = {
     "featurize/dask": ("graft.flows.scale", "featurize_dask"),  # a flow of shard tasks: never wrapped again
     "train/head": ("graft.tasks.train_head", "train"),
     "train/finetune": ("graft.tasks.finetune", "finetune"),
+    "train/auto": ("graft.tasks.auto", "auto"),
     "evaluate": ("graft.tasks.evaluate", "evaluate"),
     "export": ("graft.tasks.export", "export"),
 }

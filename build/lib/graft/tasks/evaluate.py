@@ -6,6 +6,7 @@ at all on their data; ImageNet features can lose to raw pixels on small grey ima
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_text
-from graft.cache import load_feature_table
+from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
 from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
-from graft.model import head_from_payload, load_model
+from graft.compare import compare, comparison_sentence
+from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
 from graft.plots import plot_confusion
 from graft.tasks import stage_task
@@ -51,7 +53,7 @@ def raw_pixel_baseline(manifest: pd.DataFrame, root: Path, classes: list[str], s
 def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
     """Test labels, the trained model's probabilities on the cached test features, and its name."""
     payload = load_model(Path(params.train.model_dir) / "model.pt")
-    name = f"{payload['backbone']['name']} + {payload['head']['kind']} head"
+    name = model_name(payload)
     if payload["classes"] != classes:
         new, gone = sorted(set(classes) - set(payload["classes"])), sorted(set(payload["classes"]) - set(classes))
         raise GraftError(f"model classes differ from data/classes.json (new in the data: {new or 'none'}; "
@@ -59,16 +61,29 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
                          "with train.init_from to keep what it learned")
     index = {c: i for i, c in enumerate(classes)}
     y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
-    if payload["kind"] == "finetune":
-        from graft.tune import classifier_proba
+    feats, meta = load_feature_table(params.featurize.out) if Path(params.featurize.out).is_file() else ({}, {})
+    if payload["kind"] == "finetune" or payload["backbone"]["name"] != meta.get("graft.backbone"):
+        from graft.tune import classifier_proba  # images through the whole model: no cached features of it
 
         paths, _ = split_items(manifest, params.data.root, classes, "test")
-        return y, classifier_proba(payload, paths), name.replace("head", "finetune")
-    feats, _ = load_feature_table(params.featurize.out)
+        return y, classifier_proba(payload, paths), name
     x, _ = split_arrays(manifest, feats, classes, "test")
+    x = select_columns(x, tap_columns(meta, payload["backbone"].get("taps", ["last"])))
     with torch.no_grad():
         proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
     return y, proba, name
+
+
+def _model_info(params: Params) -> dict:
+    """Which candidate auto chose, with what settings, fitted on what; the leaderboard rows."""
+    payload = load_model(Path(params.train.model_dir) / "model.pt")
+    info = {"candidate": payload.get("candidate"), "settings": json.dumps(payload.get("settings", {})),
+            "fit": payload.get("fit", "train (early stopping on val)").replace("+", " + "),
+            "final_fit": payload["final"]["fit"].replace("+", " + ") if payload.get("final") else None}
+    board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"
+    if payload.get("candidate") and board.is_file():
+        info["leaderboard"] = pd.read_csv(board).to_dict("records")
+    return info
 
 
 def _cell(text: str) -> str:
@@ -76,20 +91,45 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def report_markdown(metrics: dict) -> str:
+def report_markdown(metrics: dict, info: dict | None = None) -> str:
     m, b = metrics["model"], metrics["baseline"]
     rows = "\n".join(
         f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['balanced_accuracy']:.4f} | {r['ece']:.4f} |"
         for name, r in ((metrics["model_name"], m), (f"baseline: raw pixels {metrics['baseline_size']}x{metrics['baseline_size']} + logreg", b)))
-    verdict = ("Transfer beats the raw-pixel baseline." if m["macro_f1"] > b["macro_f1"] else
-               "**The raw-pixel baseline is as good or better: transfer does not help here as configured.** "
-               "Try `train.mode: finetune`, another backbone, or a smaller `featurize.image_size`.")
+    verdict = metrics["vs_baseline"]["sentence"]
+    if metrics["vs_baseline"]["verdict"] != "wins":
+        verdict += ("\n\n**Transfer does not beat the raw-pixel baseline here as configured.** With "
+                    "`train.mode: auto` graft tries the pixel model itself and ships it when it is as good.")
     per_class = "\n".join(f"| {_cell(c)} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
                           for c, v in m["per_class"].items())
     counts = ", ".join(f"{k}: {v}" for k, v in metrics["counts"].items())
     return (f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
             f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
-            f"## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
+            f"{_which_model(info or {})}## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
+
+
+def _which_model(w: dict) -> str:
+    """What the metrics describe (auto's choice, what it was fitted on) and auto's leaderboard, if any."""
+    lines = []
+    if w.get("candidate"):
+        lines.append(f"`train.mode: auto` chose **{_cell(w['candidate'])}** ({_cell(w.get('settings', ''))}); "
+                     f"the metrics above describe it refit on {w.get('fit', 'train')}.")
+    if w.get("final_fit"):
+        lines.append(f"The exported model was refit once more on {w['final_fit']} (`train.refit: all`) after these "
+                     "test metrics were recorded: no test score exists for it by construction.")
+    board = w.get("leaderboard") or []
+    if board:
+        lines += ["", "| candidate | held-out macro-F1 | ± SE | scored on | train s | ONNX MB | batch-1 ms | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in board:
+            score = "" if pd.isna(r.get("score")) else f"{r['score']:.4f}"
+            se = "" if pd.isna(r.get("se")) else f"{r['se']:.4f}"
+            mb = "" if pd.isna(r.get("onnx_bytes")) else f"{r['onnx_bytes'] / 1e6:.2f}"
+            ms = "" if pd.isna(r.get("latency_ms_batch_1")) else f"{r['latency_ms_batch_1']:.2f}"
+            name = f"**{r['candidate']}**" if r.get("chosen") else r["candidate"]
+            lines.append(f"| {name} | {score} | {se} | {_cell(r['scored_on'] if isinstance(r.get('scored_on'), str) else '')} | {r['train_seconds']} | "
+                         f"{mb} | {ms} | {_cell(r['note'] if isinstance(r.get('note'), str) else '')} |")
+    return ("## Model selection\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
 def _read_quarantine(out: Path) -> pd.DataFrame | None:
@@ -98,8 +138,12 @@ def _read_quarantine(out: Path) -> pd.DataFrame | None:
 
 
 def _features_if_any(path: str) -> dict[str, np.ndarray] | None:
-    """The featurize output for the leakage check; fine-tuning may run without one."""
-    return load_feature_table(path)[0] if Path(path).is_file() else None
+    """The usual pooled features for the leakage check (its threshold is tuned on them); None without a table."""
+    if not Path(path).is_file():
+        return None
+    feats, meta = load_feature_table(path)
+    columns = tap_columns(meta, ("last",))
+    return {k: v[columns] if len(columns) else v for k, v in feats.items()}
 
 
 def evaluate(params: Params) -> dict:
@@ -115,8 +159,11 @@ def evaluate(params: Params) -> dict:
     model_metrics = classification_metrics(y, proba, classes, ep.ece_bins)
     baseline = classification_metrics(yb, proba_b, classes, ep.ece_bins)
     baseline.pop("per_class")
+    vs = compare(y, proba.argmax(1), proba_b.argmax(1), "macro_f1", seed=params.seed)
+    vs["sentence"] = comparison_sentence(model_name, "the raw-pixel baseline", vs)
     metrics = {
         "model_name": model_name,
+        "vs_baseline": vs,
         "model": model_metrics,
         "baseline": baseline,
         "baseline_size": ep.baseline_size,
@@ -129,7 +176,7 @@ def evaluate(params: Params) -> dict:
     pred = proba.argmax(1)
     write_csv(mdir / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}))
     plot_confusion(pdir / "confusion.png", y, pred, classes)
-    write_text(ep.report, report_markdown(metrics) + "\n" + leakage_markdown(leakage, (out / "leakage.csv").as_posix()))
+    write_text(ep.report, report_markdown(metrics, _model_info(params)) + "\n" + leakage_markdown(leakage, (out / "leakage.csv").as_posix()))
     return metrics
 
 

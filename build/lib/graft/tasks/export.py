@@ -33,20 +33,23 @@ from graft import GraftError
 from graft.atomic import atomic_path, write_json
 from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
-from graft.model import classifier_from_payload, load_model
+from graft.model import classifier_from_payload, load_model, model_name
 from graft.params import Params
 from graft.tasks import stage_task
 
 
-def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str) -> dict[str, str]:
+def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str,
+                  model_name: str = "") -> dict[str, str]:
+    """The graph's ``metadata_props``: the input contract uses the one preprocessing schema
+    (:meth:`Preprocess.as_dict`: resize of the shorter side, centre crop, mean/std, interpolation)."""
     return {
         "graft.version": graft.__version__,
         "graft.kind": kind,
+        "graft.model": model_name or f"{backbone} {kind}",
         "graft.classes": json.dumps(classes, ensure_ascii=False),
         "graft.input": json.dumps({
             "name": "image", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
-            "height": pp.crop, "width": pp.crop, "resize_shorter_side": pp.resize, "crop": "center",
-            "interpolation": pp.interpolation, "mean": list(pp.mean), "std": list(pp.std),
+            **pp.as_dict(),
             "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
         }),
         "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),
@@ -289,8 +292,9 @@ def export(params: Params) -> dict:
     root = Path(params.data.root)
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
-    model, bb = classifier_from_payload(payload)
-    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"])
+    model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
+    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"],
+                         model_name(payload))
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
     q_path = int8_path(xp.out)
     with atomic_path(xp.out) as tmp:

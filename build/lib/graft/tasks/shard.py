@@ -174,7 +174,7 @@ def _build_engine(job: FeaturizeJob) -> Any:
     fp = job.fp.model_copy(update={"threads": n, "streams": n})
 
     def backbone() -> Any:
-        bb = build_backbone(fp.backbone, fp.weights, fp.image_size)
+        bb = build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if bb.describe() != job.description:
             raise GraftError(f"worker {_worker_name()} builds {fp.backbone} with another fingerprint than the driver "
                              f"(graft, timm or weights differ): install the same versions on every worker")

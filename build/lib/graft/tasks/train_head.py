@@ -7,17 +7,19 @@ lowest validation loss. The fitting itself is :func:`graft.heads.fit_head`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from graft.atomic import write_json
-from graft.cache import load_feature_table
+from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.dataset import read_classes, read_manifest, split_arrays
 from graft.heads import fit_head
-from graft.model import head_config, save_model
+from graft.model import backbone_entry, head_config, save_model
 from graft.params import Params
 from graft.plots import write_curves
+from graft.select import write_leaderboard
 from graft.tasks import stage_task
 
 
@@ -27,8 +29,10 @@ def train(params: Params) -> dict:
     manifest = read_manifest(params.data.out_dir)
     classes = read_classes(params.data.out_dir)
     feats, meta = load_feature_table(params.featurize.out)
+    columns = tap_columns(meta, ("last",))  # the usual pooled features; auto mode also tries the other taps
     x_tr, y_tr = split_arrays(manifest, feats, classes, "train")
     x_val, y_val = split_arrays(manifest, feats, classes, "val")
+    x_tr, x_val = select_columns(x_tr, columns), select_columns(x_val, columns)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the head's matrices are small: one thread is as fast and immune to a busy host
     try:
@@ -39,8 +43,7 @@ def train(params: Params) -> dict:
     payload = {
         "kind": "head",
         "classes": classes,
-        "backbone": {"name": params.featurize.backbone, "weights": params.featurize.weights,
-                     "image_size": params.featurize.image_size, "fingerprint": meta.get("graft.fingerprint", "")},
+        "backbone": backbone_entry(params.featurize, ("last",)),
         "head": head_config(tp.head, x_tr.shape[1], tp.hidden, tp.dropout),
         "state_dict": head.state_dict(),
         "history": history,
@@ -51,6 +54,9 @@ def train(params: Params) -> dict:
                "train_images": int(len(y_tr)), "val_images": int(len(y_val))}
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_leaderboard(params.evaluate.metrics_dir, [{  # one candidate: the one train.mode names
+        "candidate": f"{tp.head} head", "chosen": True, "scored_on": f"val split (n={len(y_val)})",
+        "note": "train.mode: head (no selection)", "settings": json.dumps({"lr": tp.lr, "weight_decay": tp.weight_decay})}])
     return summary
 
 
