@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
+
+import pandas as pd
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -36,6 +39,10 @@ def _run_stages(params_path: str) -> dict:
     summary = {name: run_stage(name, params, as_task=True) for name in STAGES}
     metrics = summary.pop("evaluate")  # the full metrics go to the artifacts below, not the summary
     create_table_artifact(metrics_rows(metrics), key="graft-metrics", description="test metrics vs raw-pixel baseline")
+    board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"
+    if board.is_file():  # every candidate the train stage considered, with its held-out score
+        rows = pd.read_csv(board).astype(object).where(lambda f: f.notna(), None).to_dict("records")
+        create_table_artifact(rows, key="graft-leaderboard", description="train candidates (held-out macro-F1)")
     with open(params.evaluate.report, encoding="utf-8") as fh:
         create_markdown_artifact(fh.read(), key="graft-report", description="evaluation report")
     summary["metrics"] = metrics_rows(metrics)

@@ -28,6 +28,10 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
     """
     rp = params.retrain
     candidates = []
+    if params.train.mode == "auto":  # auto compares head, fine-tune and the rest on held-out data itself
+        auto_p = challenger_params(params, "challenger")
+        run_stage("train", auto_p, as_task=True)
+        return _export(auto_p, run_stage("evaluate", auto_p, as_task=True))
     if params.train.mode == "head":
         head_p = challenger_params(params, "challenger")
         candidates.append((head_p, run_stage("train", head_p, as_task=True), run_stage("evaluate", head_p, as_task=True)))

@@ -57,6 +57,13 @@ class Result:
     def ran(self) -> bool:
         return self.best is not None
 
+    @property
+    def chosen(self) -> Candidate:
+        """The best setting of a candidate that ran."""
+        if self.best is None:
+            raise ValueError(f"{self.name} did not run: {self.note}")
+        return self.best
+
 
 def holdout(n_train: int, n_total: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The val split as one "fold": rows ``[0, n_train)`` fit, the rest score."""

@@ -85,7 +85,14 @@ def finetune_candidate(params: Params, manifest: pd.DataFrame, classes: list[str
     settings = {"image_size": size, "best_epoch": best_epoch, "strategy": ft.strategy, "ema": ft.ema, "init": ft.init}
     best = Candidate("finetune", score, bootstrap_se(val_items[1], pred), 0.0, settings)
     return Result("finetune", ("last",), "finetune", best, [], time.perf_counter() - t0,
-                  f"val split (n={len(val_items[0])})", extra={"history": history, "probe_c": probe_c})
+                  f"val split (n={len(val_items[0])})",
+                  extra={"history": history, "probe_c": probe_c, "state": state, "head": _head_config(model)})
+
+
+def _head_config(model: Classifier) -> dict:
+    first = model.head.net[0]
+    hidden = first.out_features if len(model.head.net) > 1 else 0
+    return head_config("mlp" if hidden else "logreg", first.in_features, hidden, 0.0)
 
 
 def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> None:
@@ -98,8 +105,11 @@ def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int,
 
 def refit_finetune(params: Params, manifest: pd.DataFrame, classes: list[str], result: Result,
                    splits: tuple[str, ...]) -> dict:
-    """The fine-tuned winner retrained on ``splits`` for the epochs the search chose (no early stopping)."""
-    ft, s = params.train.finetune, result.best.settings  # type: ignore[union-attr]
+    """The fine-tuned winner retrained on ``splits`` for the epochs the search chose (no early stopping);
+    on the train split alone that is the search's own model."""
+    ft, s = params.train.finetune, result.chosen.settings
+    if splits == ("train",):
+        return {"state_dict": result.extra["state"], "head": result.extra["head"], "fit": "train"}
     rows = _rows(manifest, splits)
     paths = [str(Path(params.data.root) / p) for p in rows["path"]]
     y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
@@ -114,14 +124,14 @@ def refit_finetune(params: Params, manifest: pd.DataFrame, classes: list[str], r
     state, _ = fit(model, (paths, y), ([], np.zeros(0, np.int64)), bb.preprocess, ftp, len(classes), params.seed,
                    checkpoint, key, params.train.class_weights)
     checkpoint.unlink(missing_ok=True)
-    return {"state_dict": state, "head": head_config("logreg", bb.feature_dim, 0, 0.0), "fit": "+".join(splits)}
+    return {"state_dict": state, "head": _head_config(model), "fit": "+".join(splits)}
 
 
 def refit_features(params: Params, manifest: pd.DataFrame, feats: dict[str, np.ndarray], meta: dict[str, str],
                    classes: list[str], result: Result, splits: tuple[str, ...]) -> dict:
     """A feature winner refit on ``splits`` with its chosen regularisation, as a graft head."""
     x, y = _matrix(_rows(manifest, splits), feats, classes)
-    pipe = fit_features(result.kind, select_columns(x, tap_columns(meta, result.taps)), y, result.best.settings,  # type: ignore[union-attr]
+    pipe = fit_features(result.kind, select_columns(x, tap_columns(meta, result.taps)), y, result.chosen.settings,
                         params.seed)
     return {"state_dict": to_torch_head(pipe, len(classes)), "head": head_spec(pipe), "fit": "+".join(splits)}
 
@@ -143,7 +153,7 @@ def auto(params: Params) -> dict:
         splits, scored_on = holdout(n_train, len(rows)), f"val split (n={len(rows) - n_train})"
     results: list[Result] = []
     for name in tp.candidates:
-        if _remaining(deadline) <= 0:
+        if _remaining(deadline) <= 0 and any(r.ran for r in results):  # the cheapest one always runs
             results.append(Result(name, note="skipped: train.budget_minutes used up by cheaper candidates"))
         elif name in FEATURE_CANDIDATES:
             try:
@@ -152,12 +162,12 @@ def auto(params: Params) -> dict:
                 results.append(Result(name, note=f"skipped: {exc}"))
                 continue
             results.append(score_features(name, x, y, splits, scored_on, params.seed))
-            print(f"auto: {name:<11} macro-F1 {results[-1].best.score:.4f} ± {results[-1].best.se:.4f} "  # type: ignore[union-attr]
+            print(f"auto: {name:<11} macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f} "
                   f"({results[-1].seconds:.1f} s)")
         elif name == "finetune":
             probe = next((r for r in results if r.name == "logreg" and r.ran), None)
             results.append(finetune_candidate(params, manifest, classes, deadline,
-                                              probe.best.settings["C"] if probe and probe.best else 1.0))
+                                              probe.chosen.settings["C"] if probe else 1.0))
         elif name == "other_backbones":
             results += other_backbones(params, manifest, classes, rows, splits, scored_on, deadline)
     ran = [r for r in results if r.ran]
@@ -165,17 +175,16 @@ def auto(params: Params) -> dict:
         raise GraftError("auto: no candidate could run (see train.candidates and train.budget_minutes)")
     # cost: the candidate's place in train.candidates, cheapest first (a deterministic order, unlike wall time)
     order = {n: i for i, n in enumerate(tp.candidates)}
-    chosen = one_se_choice([replace(r.best, name=r.name, cost=order[r.extra.get("group", r.name)])  # type: ignore[type-var]
-                            for r in ran])
+    chosen = one_se_choice([replace(r.chosen, name=r.name, cost=order[r.extra.get("group", r.name)]) for r in ran])
     winner = next(r for r in ran if r.name == chosen.name)
     payload = _payload(params, manifest, feats, meta, classes, winner)
     save_model(Path(tp.model_dir) / "model.pt", payload)
     write_leaderboard(params.evaluate.metrics_dir, leaderboard(params, results, winner, classes))
     history = winner.extra.get("history") or [{"epoch": 1, "train_loss": float("nan"), "val_loss": float("nan"),
-                                               "train_accuracy": float("nan"), "val_accuracy": winner.best.score}]  # type: ignore[union-attr]
+                                               "train_accuracy": float("nan"), "val_accuracy": winner.chosen.score}]
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
-    summary = {"mode": "auto", "chosen": winner.name, "val_macro_f1": round(winner.best.score, 4),  # type: ignore[union-attr]
-               "val_macro_f1_se": round(winner.best.se, 4), "scored_on": winner.scored_on,  # type: ignore[union-attr]
+    summary = {"mode": "auto", "chosen": winner.name, "val_macro_f1": round(winner.chosen.score, 4),
+               "val_macro_f1_se": round(winner.chosen.se, 4), "scored_on": winner.scored_on,
                "refit": tp.refit, "candidates": len(results), "ran": len(ran),
                "seconds": round(time.perf_counter() - t_start, 1), "budget_minutes": tp.budget_minutes}
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
@@ -212,7 +221,7 @@ def _payload(params: Params, manifest: pd.DataFrame, feats: dict[str, np.ndarray
     if winner.kind == "finetune":
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_finetune(params, manifest, classes, winner, splits)
-        size = winner.best.settings["image_size"]  # type: ignore[union-attr]
+        size = winner.chosen.settings["image_size"]
     else:
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
 
@@ -223,7 +232,7 @@ def _payload(params: Params, manifest: pd.DataFrame, feats: dict[str, np.ndarray
     fp = winner.extra.get("featurize", params.featurize)
     payload = {"kind": "finetune" if winner.kind == "finetune" else "head", "classes": classes,
                "backbone": backbone_entry(fp, winner.taps, size), "candidate": winner.name,
-               "settings": winner.best.settings, **model, "history": winner.extra.get("history", [])}  # type: ignore[union-attr]
+               "settings": winner.chosen.settings, **model, "history": winner.extra.get("history", [])}
     if params.train.refit == "all":  # the exported model also learns from the test images (metrics: the one above)
         payload["final"] = refit(("train", "val", "test"))
     return payload
@@ -235,13 +244,14 @@ def leaderboard(params: Params, results: list[Result], winner: Result, classes: 
     for r in results:
         row = {"candidate": r.name, "chosen": r is winner, "note": r.note, "scored_on": r.scored_on,
                "train_seconds": round(r.seconds, 2)}
-        if r.ran and r.best:
-            row.update(score=round(r.best.score, 4), se=round(r.best.se, 4), settings=json.dumps(r.best.settings))
-            size = r.best.settings.get("image_size")
+        if r.ran:
+            best = r.chosen
+            row.update(score=round(best.score, 4), se=round(best.se, 4), settings=json.dumps(best.settings))
+            size = best.settings.get("image_size")
             fp = r.extra.get("featurize", params.featurize)
             bb = build_backbone(fp.backbone, fp.weights, size, r.taps, fp.raw_size)
             head = make_head(head_config("mlp" if r.kind == "mlp" else "logreg", bb.feature_dim,
-                                         int(r.best.settings.get("hidden", 0)), 0.0), len(classes))
+                                         int(best.settings.get("hidden", 0)), 0.0), len(classes))
             row["onnx_bytes"], row["latency_ms_batch_1"] = onnx_cost(Classifier(bb.model, head), bb.preprocess.crop)
         rows.append(row)
     return rows

@@ -44,17 +44,32 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None:
-    """`dvc repro` produces a checked ONNX model and metrics with the baseline beside the model."""
+    """`dvc repro` with the default params (train.mode: auto) tries every candidate on the real digits, ships the
+    one it chose as a checked ONNX model, and compares it with the baseline by a paired interval."""
     repo, env = repo_copy
     out = _run(["dvc", "repro"], repo, env).stdout
     for stage in ("ingest", "featurize", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
-    assert metrics["model_name"] == "efficientnet_lite0 + logreg head"
+    import pandas as pd
+
+    board = pd.read_csv(repo / "metrics/leaderboard.csv").set_index("candidate")
+    ran = board[board["score"].notna()]
+    assert {"pixels", "logreg", "mlp", "multilayer", "fusion", "finetune"} <= set(ran.index), board
+    chosen = json.loads((repo / "metrics/train.json").read_text())["chosen"]
+    assert board.loc[chosen, "chosen"]
+    assert metrics["vs_baseline"]["verdict"] in ("wins", "ties", "loses")
+    report = (repo / "reports/report.md").read_text()
+    assert f"chose **{chosen}**" in report and metrics["vs_baseline"]["sentence"] in report
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(repo / "models/model.onnx")).metadata_props}
+    assert meta["graft.model"] == metrics["model_name"]
     assert metrics["model"]["n"] == metrics["baseline"]["n"] == metrics["counts"]["test"] > 0
     # Real features on real digits: far above the 10% chance level (the baseline is reported, not required to lose).
     assert metrics["model"]["accuracy"] > 0.5
-    assert (repo / "models/model.onnx").stat().st_size > 1_000_000
+    if chosen != "pixels":  # the raw-pixel model runs no network: a few kB
+        assert (repo / "models/model.onnx").stat().st_size > 1_000_000
     assert (repo / "plots/confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "baseline" in (repo / "reports/report.md").read_text()
     table = _run(["graft", "metrics"], repo, env).stdout
@@ -98,7 +113,7 @@ def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tup
                 "-S", "train.finetune.image_size=64"], repo, env).stdout
     assert "Running stage 'train'" in out and "Running stage 'featurize'" not in out
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
-    assert metrics["model_name"] == "efficientnet_lite0 + logreg finetune"
+    assert metrics["model_name"] == "efficientnet_lite0 fine-tuned at 64 px"
     assert metrics["model"]["accuracy"] > 0.3  # 4 short epochs on 84 images: well above 10% chance
     curves = (repo / "metrics/curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,train_loss,val_loss") and len(curves) == 5

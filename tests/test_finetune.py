@@ -196,7 +196,7 @@ def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> No
     ingest(params)
     finetune(params)
     metrics = evaluate(params)
-    assert metrics["model_name"] == "tiny_cnn + logreg finetune"
+    assert metrics["model_name"] == "tiny_cnn fine-tuned at 32 px"
     assert (Path(params.evaluate.metrics_dir) / "curves.csv").is_file()
     assert (Path(params.evaluate.plots_dir) / "curves.png").is_file()
     export(params)

@@ -195,6 +195,7 @@ _WRITE_NAMES = {"quantize_static", "quant_pre_process", "ParquetWriter", "copyfi
 WRITES_ITS_ARGUMENT = {("tasks/export.py", "export_onnx"), ("tasks/export.py", "quantize_int8")}
 # Writes that are atomic another way, with the reason.
 ATOMIC_OTHERWISE = {
+    ("graft/auto.py", "onnx_cost"): "exports into an in-memory buffer (io.BytesIO) to measure it: no file",
     ("graft/lock.py", "_record"): "the holder note in the lock file: rewritten in place under its flock",
     ("tasks/retrain.py", "promote"): "copies into a hidden staging folder published with one os.replace of the folder",
 }
