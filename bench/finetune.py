@@ -32,8 +32,9 @@ def workspace_params(ws: Path, mode: str, quick: bool) -> "Params":  # noqa: F82
     raw["train"].update(mode=mode, model_dir=str(ws / mode))
     if quick:
         raw["train"]["finetune"].update(epochs=2)
-    raw["evaluate"].update(metrics_dir=str(ws / mode / "metrics"), plots_dir=str(ws / mode / "plots"),
-                           report=str(ws / mode / "report.md"))
+    raw["evaluate"].update(
+        metrics_dir=str(ws / mode / "metrics"), plots_dir=str(ws / mode / "plots"), report=str(ws / mode / "report.md")
+    )
     return parse_params(raw)
 
 
@@ -58,15 +59,21 @@ def main() -> None:
         t_ft = time.perf_counter() - t0
         ft = evaluate(ft_p)
     fp = ft_p.train.finetune
-    print(f"\ndemo digits: {head['counts']}  (fine-tune: {fp.strategy}, {summary['epochs']} epochs at {fp.image_size}px)")
+    print(
+        f"\ndemo digits: {head['counts']}  (fine-tune: {fp.strategy}, {summary['epochs']} epochs at {fp.image_size}px)"
+    )
     print(f"{'model':<58} {'accuracy':>8} {'macro_f1':>8} {'wall_s':>8}")
-    rows = [(f"raw pixels {head['baseline_size']}px + logreg (baseline)", head["baseline"], float("nan")),
-            (f"{head['model_name']} (featurize {t_feat:.0f}s + train)", head["model"], t_feat + t_head),
-            (ft["model_name"], ft["model"], t_ft)]
+    rows = [
+        (f"raw pixels {head['baseline_size']}px + logreg (baseline)", head["baseline"], float("nan")),
+        (f"{head['model_name']} (featurize {t_feat:.0f}s + train)", head["model"], t_feat + t_head),
+        (ft["model_name"], ft["model"], t_ft),
+    ]
     for name, m, wall in rows:
         print(f"{name:<58} {m['accuracy']:>8.4f} {m['macro_f1']:>8.4f} {wall:>8.1f}")
-    print(f"finetune - head accuracy: {ft['model']['accuracy'] - head['model']['accuracy']:+.4f}; "
-          f"finetune - baseline: {ft['model']['accuracy'] - head['baseline']['accuracy']:+.4f}")
+    print(
+        f"finetune - head accuracy: {ft['model']['accuracy'] - head['model']['accuracy']:+.4f}; "
+        f"finetune - baseline: {ft['model']['accuracy'] - head['baseline']['accuracy']:+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from graft.stages import STAGES, run_stage
 def metrics_rows(metrics: dict) -> list[dict]:
     """The model and baseline rows of the evaluation, for a Prefect table artifact."""
     keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "n")
-    return [{"model": name, **{k: metrics[part][k] for k in keys}}
-            for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))]
+    return [
+        {"model": name, **{k: metrics[part][k] for k in keys}}
+        for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))
+    ]
 
 
 @flow(name="graft-pipeline", log_prints=True)

@@ -61,8 +61,10 @@ def parts(cache: Path, dim: int) -> list[Path]:
             raise GraftError(f"feature cache part {p} is unreadable ({exc}); delete it and rerun") from None
         if not schema.remove_metadata().equals(expected):
             got = schema.field("feature").type if "feature" in schema.names else schema
-            raise GraftError(f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
-                             "delete it and rerun")
+            raise GraftError(
+                f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
+                "delete it and rerun"
+            )
     return found
 
 
@@ -143,8 +145,10 @@ def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: in
     if matrix.shape != (len(shas), dim):
         raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
     values = pa.array(matrix.ravel())
-    return pa.table({"sha256": pa.array(shas, pa.string()),
-                     "feature": pa.FixedSizeListArray.from_arrays(values, dim)}, schema=feature_schema(dim))
+    return pa.table(
+        {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(values, dim)},
+        schema=feature_schema(dim),
+    )
 
 
 def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
@@ -212,7 +216,9 @@ def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.n
         return np.array([], np.int64)  # marker: every column
     missing = [t for t in wanted if t not in slices]
     if missing:
-        raise GraftError(f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize")
+        raise GraftError(
+            f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize"
+        )
     return np.concatenate([np.arange(slices[t].start, slices[t].stop) for t in wanted])
 
 
@@ -261,8 +267,11 @@ class CachePlan:
     @property
     def table_metadata(self) -> dict[bytes, bytes]:
         """The feature table's metadata: which backbone, and its description (so readers can find each tap's columns)."""
-        return {b"graft.backbone": self.name.encode(), b"graft.fingerprint": self.fingerprint.encode(),
-                b"graft.description": json.dumps(self.description, sort_keys=True).encode()}
+        return {
+            b"graft.backbone": self.name.encode(),
+            b"graft.fingerprint": self.fingerprint.encode(),
+            b"graft.description": json.dumps(self.description, sort_keys=True).encode(),
+        }
 
 
 def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone | None = None) -> CachePlan:
@@ -281,8 +290,10 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     def bb() -> Backbone:
         built = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if cheap and built.describe() != cheap:
-            raise GraftError(f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
-                             "timm or the weights differ between machines): use one version everywhere")
+            raise GraftError(
+                f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
+                "timm or the weights differ between machines): use one version everywhere"
+            )
         return built
 
     description = cheap or bb().describe()
@@ -312,5 +323,11 @@ def compare_caches(a: str | Path, b: str | Path) -> dict:
     (ra, dup_a), (rb, dup_b) = rows(a), rows(b)
     same = ra.keys() == rb.keys()
     diff = max((float(np.abs(ra[k] - rb[k]).max()) for k in ra), default=0.0) if same else float("inf")
-    return {"rows_a": len(ra), "rows_b": len(rb), "repeated_a": dup_a, "repeated_b": dup_b,
-            "same_keys": same, "max_abs_diff": diff}
+    return {
+        "rows_a": len(ra),
+        "rows_b": len(rb),
+        "repeated_a": dup_a,
+        "repeated_b": dup_b,
+        "same_keys": same,
+        "max_abs_diff": diff,
+    }

@@ -71,8 +71,11 @@ class Preprocess:
         triples: dict[str, tuple[float, float, float]] = {}
         for key in ("mean", "std"):
             v = d[key]
-            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+            ok = (
+                isinstance(v, (list, tuple))
+                and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+            )
             if not ok or (key == "std" and min(v) <= 0):
                 rule = "3 positive numbers" if key == "std" else "3 finite numbers (R, G, B)"
                 raise GraftError(f"preprocess {key}: expected {rule}, got {v!r}")
@@ -94,9 +97,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
         img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -104,7 +105,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def load_rgb(
+    source: bytes | str | os.PathLike[str], min_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Fully decode an image to upright 8-bit RGB.
 
     Args:

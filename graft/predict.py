@@ -54,8 +54,11 @@ def list_images(target: str | os.PathLike[str]) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        out += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return out
 
 
@@ -72,14 +75,15 @@ def list_targets(target: str) -> list[str]:
         raise GraftError(f"{target}: no such file or folder")
 
     def wanted(p: str) -> bool:
-        rel = p[len(root):].strip("/").split("/")
+        rel = p[len(root) :].strip("/").split("/")
         return Path(p).suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel)
 
     return sorted(fs.unstrip_protocol(p) for p in fs.find(root) if wanted(p))
 
 
-def predict_files(model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32,
-                  top_k: int = 1) -> Iterator[dict]:
+def predict_files(
+    model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32, top_k: int = 1
+) -> Iterator[dict]:
     """Yield one record per file (a path or an fsspec URL), in input order: the top-k labels and
     probabilities, or why it was skipped. The one predict loop, local and on Dask workers."""
     pp = model.preprocess
@@ -110,8 +114,9 @@ def write_predictions(records: list[dict], out: str | Path) -> Path:
 
     from graft.atomic import write_parquet
 
-    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
-                        ("error", pa.string())])
+    schema = pa.schema(
+        [("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()), ("error", pa.string())]
+    )
     rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: r["path"])
     return write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
 
@@ -119,6 +124,10 @@ def write_predictions(records: list[dict], out: str | Path) -> Path:
 def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:
     """Probabilities for readable image files (a bad file raises :class:`BadImage`)."""
     pp = model.preprocess
-    out = [model.predict_arrays(np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths[i : i + batch_size]]))
-           for i in range(0, len(paths), batch_size)]
+    out = [
+        model.predict_arrays(
+            np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths[i : i + batch_size]])
+        )
+        for i in range(0, len(paths), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, len(model.classes)), np.float32)

@@ -36,8 +36,17 @@ def setup(ws: Path):
 
 def _params(ws: Path, engine: str, cache: str = "cache", **extra):
     """Params for ``engine`` writing into their own cache folder and feature table."""
-    return make_params(ws, {"featurize": {"engine": engine, "cache_dir": str(ws / cache),
-                                          "out": str(ws / f"data/features-{cache}.parquet"), **extra}})
+    return make_params(
+        ws,
+        {
+            "featurize": {
+                "engine": engine,
+                "cache_dir": str(ws / cache),
+                "out": str(ws / f"data/features-{cache}.parquet"),
+                **extra,
+            }
+        },
+    )
 
 
 @pytest.fixture
@@ -146,9 +155,13 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     (cache / "meta.json").write_text(json.dumps(desc))
     shas = sorted(set(pd.read_parquet(ws / "data/manifest.parquet")["sha256"]))
     feats = np.random.default_rng(0).random((len(shas), 1280), dtype=np.float32)
-    pq.write_table(pa.table({"sha256": pa.array(shas, pa.string()),
-                             "feature": pa.FixedSizeListArray.from_arrays(feats.ravel(), 1280)},
-                            schema=feature_schema(1280)), cache / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(feats.ravel(), 1280)},
+            schema=feature_schema(1280),
+        ),
+        cache / "part-0.parquet",
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("must not be called on a cache hit")
@@ -162,7 +175,9 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     assert meta["graft.fingerprint"] == fingerprint_of(desc)
 
 
-def test_plan_threads(threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_threads(
+    threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """(streams, threads per stream) from featurize.threads and featurize.streams."""
     monkeypatch.setattr(graft.engine, "cpu_cores", lambda: cores)
     assert plan_threads(threads, streams) == plan

@@ -47,9 +47,14 @@ def test_lite0_layer_groups_cover_stem_blocks_and_head_conv() -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "extra", "epoch", "expected_groups"),
-    [("head", {}, 0, 0), ("full", {}, 0, 2), ("last_n", {"last_n": 1}, 0, 1),
-     ("staged", {"head_epochs": 2}, 1, 0), ("staged", {"head_epochs": 2}, 2, 2),
-     ("staged", {"head_epochs": 1, "last_n": 1}, 1, 1)],
+    [
+        ("head", {}, 0, 0),
+        ("full", {}, 0, 2),
+        ("last_n", {"last_n": 1}, 0, 1),
+        ("staged", {"head_epochs": 2}, 1, 0),
+        ("staged", {"head_epochs": 2}, 2, 2),
+        ("staged", {"head_epochs": 1, "last_n": 1}, 1, 1),
+    ],
 )
 def test_strategies_set_requires_grad(strategy: str, extra: dict, epoch: int, expected_groups: int) -> None:
     """Each strategy trains the head plus exactly the expected top groups of the backbone."""
@@ -166,7 +171,9 @@ def test_init_from_a_source_model_with_other_classes(ws: Path) -> None:
     assert model.head.net[-1].out_features == 3
     assert "rebuilt for 3 classes" in note["head"]
 
-    same = make_params(src, {"train": {"mode": "finetune", "init_from": str(Path(sp.train.model_dir) / "model.pt"), "finetune": FAST}})
+    same = make_params(
+        src, {"train": {"mode": "finetune", "init_from": str(Path(sp.train.model_dir) / "model.pt"), "finetune": FAST}}
+    )
     model2, _, note2 = initial_model(same, ["cat", "dog"])
     assert note2["head"] == "loaded"
     assert torch.equal(model2.head.net[-1].weight, source["state_dict"]["head.net.0.weight"])
@@ -179,8 +186,12 @@ def test_init_from_a_model_with_another_backbone_is_refused(ws: Path) -> None:
     sp = ft_params(src, epochs=1)
     ingest(sp)
     finetune(sp)
-    tp = parse_params({"featurize": {"backbone": "efficientnet_lite0"},
-                       "train": {"mode": "finetune", "init_from": sp.train.model_dir}})
+    tp = parse_params(
+        {
+            "featurize": {"backbone": "efficientnet_lite0"},
+            "train": {"mode": "finetune", "init_from": sp.train.model_dir},
+        }
+    )
     with pytest.raises(GraftError, match="backbone 'tiny_cnn'"):
         initial_model(tp, ["cat", "dog"])
 

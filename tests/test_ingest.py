@@ -224,7 +224,7 @@ def test_broken_symlink_image_is_quarantined(ws: Path) -> None:
 
 def test_unicode_spaces_and_quotes_in_names_work(ws: Path) -> None:
     """Class folders and files with spaces, quotes and non-ASCII keep their exact names as paths and labels."""
-    classes = ("Chat noir é", "l'oiseau \"bleu\" 🐦")
+    classes = ("Chat noir é", 'l\'oiseau "bleu" 🐦')
     for ci, c in enumerate(classes):
         (ws / "raw" / c).mkdir(parents=True)
         for i in range(6):
@@ -487,7 +487,10 @@ def test_manifest_path_escaping_the_root_is_quarantined(ws: Path) -> None:
 
     _, m, q = run(ws, {"data": {"manifest": str(ws / "labels.csv")}})
 
-    assert reasons(q) == {"../../etc/passwd": "path escapes the data root", "/etc/hostname": "path escapes the data root"}
+    assert reasons(q) == {
+        "../../etc/passwd": "path escapes the data root",
+        "/etc/hostname": "path escapes the data root",
+    }
     assert len(m) == 24
 
 

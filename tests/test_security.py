@@ -137,11 +137,16 @@ def test_manifest_paths_escaping_the_data_root_are_refused(tmp_path: Path) -> No
     secret.parent.mkdir()
     class_image(0, 99).save(secret)  # a valid image: only the path check can stop it
     os.symlink(secret, root / "pool/link.png")
-    evil = [{"path": "../outside/secret.png", "label": "cat"}, {"path": str(secret), "label": "dog"},
-            {"path": "pool/link.png", "label": "cat"}, {"path": "pool/../../outside/secret.png", "label": "dog"}]
+    evil = [
+        {"path": "../outside/secret.png", "label": "cat"},
+        {"path": str(secret), "label": "dog"},
+        {"path": "pool/link.png", "label": "cat"},
+        {"path": "pool/../../outside/secret.png", "label": "dog"},
+    ]
     pd.DataFrame(rows + evil).to_csv(tmp_path / "labels.csv", index=False)
-    params = make_params(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")},
-                                    "ingest": {"max_bad_fraction": 0.5}})
+    params = make_params(
+        tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")}, "ingest": {"max_bad_fraction": 0.5}}
+    )
 
     ingest(params)
 
@@ -166,8 +171,10 @@ def test_onnx_metadata_strings_are_escaped_json(tmp_path: Path) -> None:
             class_image(ci, i).save(root / f"pool/{ci}-{i}.png")
             rows.append({"path": f"pool/{ci}-{i}.png", "label": label, "split": "test" if i == 5 else "train"})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    params = make_params(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")},
-                                    "train": {"max_epochs": 20}, "export": {"quantize": None}})
+    params = make_params(
+        tmp_path,
+        {"data": {"manifest": str(tmp_path / "labels.csv")}, "train": {"max_epochs": 20}, "export": {"quantize": None}},
+    )
     run_stages(params, ingest, featurize, train, export)
 
     meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}

@@ -120,8 +120,9 @@ def test_cv_grid_rows_describe_every_setting():
     mlp = cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2], hidden=8, max_iter=20)
     assert [r.cost for r in mlp] == [1.0, 0.0]  # rank 0 = the largest alpha
     assert mlp[0].settings == {"alpha": 1e-4, "hidden": 8}
-    assert [r.fold_scores for r in mlp] == [r.fold_scores for r in cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2],
-                                                                           hidden=8, max_iter=20)]
+    assert [r.fold_scores for r in mlp] == [
+        r.fold_scores for r in cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2], hidden=8, max_iter=20)
+    ]
     with pytest.raises(GraftError, match="unknown candidate kind"):
         cv_grid("svm", X, y, [1.0], splits)
 

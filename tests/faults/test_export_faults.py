@@ -91,8 +91,9 @@ def _perturbing(real_export_onnx):
     return export_onnx
 
 
-def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(exported, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(
+    exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A graph that drifts from torch is caught by the onnxruntime check; the published model is untouched."""
     root, _, _, _ = exported
     work = tmp_path / "w"
@@ -101,7 +102,9 @@ def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(expo
     before = Path(params.export.out).read_bytes()
     monkeypatch.setattr(graft.tasks.export, "export_onnx", _perturbing(graft.tasks.export.export_onnx))
 
-    with pytest.raises(GraftError, match=r"^ONNX export drifts from torch at batch_1: max \|dp\| = .* > export\.atol=0\.0001$"):
+    with pytest.raises(
+        GraftError, match=r"^ONNX export drifts from torch at batch_1: max \|dp\| = .* > export\.atol=0\.0001$"
+    ):
         export(params)
 
     assert Path(params.export.out).read_bytes() == before
