@@ -26,14 +26,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import yaml
+from photos import make_bases, photo_name, write_photos  # bench/photos.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from photos import make_bases, photo_name, write_photos  # noqa: E402
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
 TARGETS = {
     "img_per_s": 150.0,
@@ -201,10 +200,9 @@ def mark(ok: bool) -> str:
 
 def run(args: argparse.Namespace, base: Path) -> None:
     from graft.backbones import build_backbone
-    from graft.engine import cpu_cores
+    from graft.engine import cpu_cores, make_engine
     from graft.images import load_batch
     from graft.tasks.featurize import featurize
-    from graft.engine import make_engine
     from graft.tasks.ingest import ingest
 
     rss_counts = [int(c) for c in args.rss_counts.split(",") if c.strip()]
@@ -227,7 +225,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
     )
     print(
         f"photos: {total} JPEGs in {photos} ({t_gen:.0f} s to generate); main run {args.count} "
-        f"({args.count - n_large} x 500x375, {n_large} x 4000x3000); {cpu_cores()} cores; load avg {os.getloadavg()[0]:.2f}"
+        f"({args.count - n_large} x 500x375, {n_large} x 4000x3000); {cpu_cores()} cores; "
+        f"load avg {os.getloadavg()[0]:.2f}"
     )
 
     ws, params = workspace(base, "main", photos, names[: args.count], args)
@@ -263,11 +262,13 @@ def run(args: argparse.Namespace, base: Path) -> None:
     rate_c = (roof_before + roof_after) / 2
     peak_b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"(b) graft featurize, end to end   {rate_b:8.1f} img/s   ({summary_b['images']} photos in {summary_b['stage_seconds']:.1f} s; "
+        f"(b) graft featurize, end to end   {rate_b:8.1f} img/s   "
+        f"({summary_b['images']} photos in {summary_b['stage_seconds']:.1f} s; "
         f"compute loop {summary_b['img_per_s']} img/s)"
     )
     print(
-        f"(c) {engine.name} forward-only roofline {rate_c:6.1f} img/s   (before b {roof_before:.1f}, after b {roof_after:.1f}; "
+        f"(c) {engine.name} forward-only roofline {rate_c:6.1f} img/s   "
+        f"(before b {roof_before:.1f}, after b {roof_after:.1f}; "
         f"{engine.streams} stream(s), pre-decoded batches of {fp.batch_size})"
     )
     single = None
@@ -320,13 +321,15 @@ def run(args: argparse.Namespace, base: Path) -> None:
             flush=True,
         )
 
-    print("\ntargets (measured on this machine now; load avg %.2f):" % os.getloadavg()[0])
+    print(f"\ntargets (measured on this machine now; load avg {os.getloadavg()[0]:.2f}):")
     print(f"  {mark(rate_b >= TARGETS['img_per_s'])} end to end >= {TARGETS['img_per_s']:.0f} img/s: {rate_b:.1f}")
     print(
-        f"  {mark(rate_b / rate_c >= TARGETS['of_roofline'])} >= {TARGETS['of_roofline']} of roofline: {rate_b / rate_c:.2f}"
+        f"  {mark(rate_b / rate_c >= TARGETS['of_roofline'])} >= {TARGETS['of_roofline']} of roofline: "
+        f"{rate_b / rate_c:.2f}"
     )
     print(
-        f"  {mark(rate_b / rate_a >= TARGETS['vs_loop'])} >= {TARGETS['vs_loop']:.0f}x the per-image loop: {rate_b / rate_a:.1f}x"
+        f"  {mark(rate_b / rate_a >= TARGETS['vs_loop'])} >= {TARGETS['vs_loop']:.0f}x the per-image loop: "
+        f"{rate_b / rate_a:.1f}x"
     )
     note = "" if hit["images"] >= 10_000 else f" (only {hit['images']} images: use --count 10000)"
     print(
@@ -334,7 +337,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
         f"{hit['stage_seconds']:.2f} s in process, {t_cli:.2f} s CLI{note}"
     )
     print(
-        f"  {mark(add_share <= TARGETS['add_10pct'])} +10 % images <= {TARGETS['add_10pct']:.0%} of a full run: {add_share:.1%}"
+        f"  {mark(add_share <= TARGETS['add_10pct'])} +10 % images <= {TARGETS['add_10pct']:.0%} of a full run: "
+        f"{add_share:.1%}"
     )
     if len(rss) >= 2:
         lo, hi = min(rss), max(rss)

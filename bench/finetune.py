@@ -13,9 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from graft.demo import write_digits
-from graft.params import load_params, parse_params
+from graft.params import Params, load_params, parse_params
 from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.finetune import finetune
@@ -25,7 +24,7 @@ from graft.tasks.train_head import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def workspace_params(ws: Path, mode: str, quick: bool) -> "Params":  # noqa: F821
+def workspace_params(ws: Path, mode: str, quick: bool) -> Params:
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
     raw["featurize"].update(cache_dir=str(ws / "cache"), out=str(ws / "data/features.parquet"))

@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from photos import make_bases, write_photos  # bench/photos.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import numpy as np  # noqa: E402
-
-from photos import make_bases, write_photos  # noqa: E402
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
 TARGETS = {"speedup_batch_32": 1.5, "max_accuracy_drop": 0.01}
 
@@ -141,7 +140,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
         )
     print(
         f"int8 speedup: batch 32 {report['int8_speedup_batch_32']}x, batch 1 {report['int8_speedup_batch_1']}x; "
-        f"accuracy drop {report['int8_accuracy_drop'] * 100:.2f} points; argmax agreement {q['argmax_agreement_with_fp32']:.3f}"
+        f"accuracy drop {report['int8_accuracy_drop'] * 100:.2f} points; "
+        f"argmax agreement {q['argmax_agreement_with_fp32']:.3f}"
     )
 
     photos = base / "photos"
@@ -163,13 +163,15 @@ def run(args: argparse.Namespace, base: Path) -> None:
             f"CLI {cli:.1f} s ({len(paths) / cli:.1f} img/s incl. start-up)"
         )
     print(
-        f"  int8 / fp32: predict {rates['int8'][0] / rates['fp32'][0]:.2f}x, forward {rates['int8'][1] / rates['fp32'][1]:.2f}x"
+        f"  int8 / fp32: predict {rates['int8'][0] / rates['fp32'][0]:.2f}x, "
+        f"forward {rates['int8'][1] / rates['fp32'][1]:.2f}x"
     )
 
     speed, drop = report["int8_speedup_batch_32"], report["int8_accuracy_drop"]
     print("\ntargets (from this run's export.json):")
     print(
-        f"  {'MET ' if speed >= TARGETS['speedup_batch_32'] else 'MISS'} int8 >= {TARGETS['speedup_batch_32']}x fp32 at batch 32: {speed}x"
+        f"  {'MET ' if speed >= TARGETS['speedup_batch_32'] else 'MISS'} "
+        f"int8 >= {TARGETS['speedup_batch_32']}x fp32 at batch 32: {speed}x"
     )
     print(
         f"  {'MET ' if drop <= TARGETS['max_accuracy_drop'] else 'MISS'} accuracy loss <= 1 point on the demo: "

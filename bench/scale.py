@@ -23,17 +23,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from photos import SMALL, make_bases, write_photos  # bench/photos.py, shared with bench/featurize.py
+
+if TYPE_CHECKING:
+    from graft.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from photos import SMALL, make_bases, write_photos  # noqa: E402  (bench/photos.py, shared with bench/featurize.py)
-
-from graft.params import Params, load_params, parse_params  # noqa: E402
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
 
 def bench_params(ws: Path, backbone: str, name: str, runner: str, workers: int, shard_size: int) -> Params:
     """The repo's params with every path inside ``ws`` and a cache of its own per run."""
+    from graft.params import load_params, parse_params
+
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
     raw["featurize"].update(
@@ -103,9 +107,9 @@ def main() -> int:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from graft.cache import compare_caches
     from graft.tasks.featurize import featurize
     from graft.tasks.ingest import ingest
-    from graft.cache import compare_caches
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=180):
         ws = Path(args.dir or tmp)
@@ -130,7 +134,8 @@ def main() -> int:
                 f"{r['worker_cpu_s'] / r['seconds']:>10.2f} {r['computed'] / r['worker_cpu_s']:>10.1f}"
             )
         print(
-            f"throughput ratio 2 workers / 1 worker: {two['img_per_s'] / one['img_per_s']:.2f}x  (ideal 2.00x on 2 cores); "
+            f"throughput ratio 2 workers / 1 worker: {two['img_per_s'] / one['img_per_s']:.2f}x  "
+            "(ideal 2.00x on 2 cores); "
             f"cores obtained ratio {two['worker_cpu_s'] / two['seconds'] / (one['worker_cpu_s'] / one['seconds']):.2f}x"
         )
         print(

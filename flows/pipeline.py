@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -22,7 +20,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 @flow(name="graft-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", wait_s: Optional[float] = None) -> dict:
+def pipeline(params_path: str = "params.yaml", wait_s: float | None = None) -> dict:
     """Run every stage in order on ``params_path`` and publish the metrics and the report.
 
     Holds the workspace lock throughout, so an overlapping scheduled run is refused (or, with

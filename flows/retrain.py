@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -67,7 +66,7 @@ def _export(chosen_p: Params, metrics: dict) -> tuple[Params, dict]:
 
 
 @flow(name="graft-retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", wait_s: Optional[float] = None) -> dict:
+def retrain(params_path: str = "params.yaml", wait_s: float | None = None) -> dict:
     """Retrain when the target data changed; promote the challenger only if it passes the gate."""
     with workspace_lock(params_path, wait_s):
         return _retrain(load_params(params_path))

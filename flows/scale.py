@@ -16,8 +16,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -189,19 +190,22 @@ def predict_dask_flow(
 
 
 def predict_dask(
-    target: str, model: str, out: str, dask: DaskParams = DaskParams(), shard_size: int = 512, batch_size: int = 32
+    target: str, model: str, out: str, dask: DaskParams | None = None, shard_size: int = 512, batch_size: int = 32
 ) -> dict:
     """``graft predict --dask``: :func:`predict_dask_flow` on the given Dask cluster (a LocalCluster by default)."""
     if not str(out).endswith(".parquet"):
         raise GraftError(f"--out {out}: predictions over a cluster are written as Parquet; name it *.parquet")
+    dask = dask or DaskParams()
     return predict_dask_flow.with_options(task_runner=task_runner(dask))(
         target, model, out, shard_size, batch_size, dask.retries
     )
 
 
 @flow(name="graft-featurize-cluster", log_prints=True)
-def featurize_cluster(params_path: str = "params.yaml", address: Optional[str] = None) -> dict:
-    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``), whatever ``featurize.runner`` says.
+def featurize_cluster(params_path: str = "params.yaml", address: str | None = None) -> dict:
+    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``).
+
+    Runs on Dask whatever ``featurize.runner`` says.
 
     Holds the workspace lock, as every stage command does; the Dask work runs as a subflow with the
     ``DaskTaskRunner`` built from params (a deployment's own task runner is not configurable per run).

@@ -188,7 +188,7 @@ def _resnet(arch: str, filename: str, resize: int, dims: tuple[int, ...]) -> Bac
         dims[-1],
         filename,
         ("conv1", "bn1", "relu", "maxpool", *layers, "avgpool", "fc"),
-        tuple((p, p, d) for p, d in zip(layers, dims)),
+        tuple((p, p, d) for p, d in zip(layers, dims, strict=True)),
     )
 
 
@@ -231,7 +231,7 @@ REGISTRY: dict[str, BackboneConfig] = {
             "efficientnet-lite0-57934424.pth",
             ("conv_stem", "bn1", *_LITE0_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
             (
-                *((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320))),
+                *((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320), strict=True)),
                 ("conv_head", "bn2", LITE0_DIM),
             ),
         ),

@@ -18,9 +18,10 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -107,7 +108,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
         if not pc.any(hits).as_py():
             continue  # nothing of ours in this part: skip reading its features
         keep = []
-        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist()):
+        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist(), strict=True):
             if key not in seen:  # racing runs may both have written a key: keep its first row
                 seen.add(key)
                 keep.append(i)
@@ -197,7 +198,7 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"graft.")}
     dim = table.schema.field("feature").type.list_size
     feats = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return dict(zip(table["sha256"].to_pylist(), feats)), meta
+    return dict(zip(table["sha256"].to_pylist(), feats, strict=True)), meta
 
 
 def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -266,7 +267,7 @@ class CachePlan:
 
     @property
     def table_metadata(self) -> dict[bytes, bytes]:
-        """The feature table's metadata: which backbone, and its description (so readers can find each tap's columns)."""
+        """The feature table's metadata: which backbone, and its description (where each tap's columns are)."""
         return {
             b"graft.backbone": self.name.encode(),
             b"graft.fingerprint": self.fingerprint.encode(),
@@ -301,7 +302,7 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     plan.cache = cache_dir_for(fp.cache_dir, plan.name, plan.fingerprint)
     open_cache(plan.cache, description)
     have = cached_keys(plan.cache, plan.dim, among=unique["sha256"])  # bounded by the manifest, not the shared cache
-    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"]) if sha not in have]
+    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"], strict=True) if sha not in have]
     return plan
 
 
@@ -315,7 +316,7 @@ def compare_caches(a: str | Path, b: str | Path) -> dict:
         for p in sorted(Path(cache).glob("part-*.parquet")):
             t = pq.read_table(p)
             feats = t["feature"].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-            for k, v in zip(t["sha256"].to_pylist(), feats):
+            for k, v in zip(t["sha256"].to_pylist(), feats, strict=True):
                 repeats += k in out
                 out[k] = v
         return out, repeats

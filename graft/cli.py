@@ -36,7 +36,8 @@ def metrics_table(path: str | Path = "metrics/metrics.json") -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'model':<{width}}  accuracy  macro_f1  bal_acc     ece     n"]
     lines += [
-        f"{name:<{width}}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['balanced_accuracy']:>7.4f}  {r['ece']:>6.4f}  {r['n']:>4}"
+        f"{name:<{width}}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['balanced_accuracy']:>7.4f}  "
+        f"{r['ece']:>6.4f}  {r['n']:>4}"
         for name, r in rows
     ]
     return "\n".join(lines)
@@ -53,8 +54,9 @@ def _predict(args: argparse.Namespace) -> None:
         raise GraftError(f"no image files under {args.target}")
     records = list(predict_files(model, paths, args.batch_size, args.top_k))
     if args.out:
-        from graft.atomic import write_text
         import io
+
+        from graft.atomic import write_text
 
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["path", "label", "probability", "error"], extrasaction="ignore")

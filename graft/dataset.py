@@ -60,7 +60,7 @@ def split_items(
 
 def data_hash(manifest: pd.DataFrame) -> str:
     """A hash of what the model was trained and tested on: (sha256, label, split) rows, sorted."""
-    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))
+    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True))
     return hashlib.sha256("\n".join("\t".join(r) for r in rows).encode()).hexdigest()
 
 
@@ -79,7 +79,8 @@ class Candidate:
 
 def _walk(top: Path) -> tuple[list[Path], list[Path]]:
     """Image files under ``top`` (hidden entries skipped, symlinked folders not followed) and ignored files."""
-    images, ignored = [], []
+    images: list[Path] = []
+    ignored: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -90,7 +91,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB deterministically (alpha over white, 16-bit scaled)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.int64)
-        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        top: float = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     elif img.mode == "F":
@@ -121,40 +122,44 @@ def load_rgb(
     Raises:
         BadImage: with a short reason for the quarantine record.
     """
+    with _open(source) as fh:
+        try:
+            try:
+                img = Image.open(fh, formats=_FORMATS)
+            except Image.UnidentifiedImageError:
+                raise BadImage("not a recognised image format") from None
+            except Image.DecompressionBombError:  # raised only while MAX_IMAGE_PIXELS is set
+                raise BadImage(f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels") from None
+            except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
+                raise BadImage(f"cannot decode: {exc}") from None
+            width, height = img.size
+            if width == 0 or height == 0:
+                raise BadImage("image has zero width or height")
+            # Checked here rather than through Pillow's warning: warning filters are process-global (threads).
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
+            try:
+                orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
+                if orientation in _ORIENTATION_SWAPS:
+                    width, height = height, width
+                if min_side and img.format == "JPEG":
+                    img.draft(img.mode, (min_side, min_side))
+                img.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise BadImage(f"cannot decode: {exc}") from None
+            return _to_rgb(ImageOps.exif_transpose(img)), (width, height)
+        except OSError as exc:
+            raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _open(source: bytes | str | os.PathLike[str]) -> BinaryIO:
+    """The encoded bytes as a file, or the file at ``source`` open for reading."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
     try:
-        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        return open(source, "rb")
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
-    try:
-        try:
-            img = Image.open(fh, formats=_FORMATS)
-        except Image.UnidentifiedImageError:
-            raise BadImage("not a recognised image format") from None
-        except Image.DecompressionBombError:
-            raise BadImage(f"decompression bomb: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
-        except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
-            raise BadImage(f"cannot decode: {exc}") from None
-        width, height = img.size
-        if width == 0 or height == 0:
-            raise BadImage("image has zero width or height")
-        # Checked here rather than through Pillow's warning: warning filters are process-global (threads).
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
-        try:
-            orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
-            if orientation in _ORIENTATION_SWAPS:
-                width, height = height, width
-            if min_side and img.format == "JPEG":
-                img.draft(img.mode, (min_side, min_side))
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise BadImage(f"cannot decode: {exc}") from None
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img), (width, height)
-    except OSError as exc:
-        raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
-    finally:
-        fh.close()
 
 
 def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 import torch
 from torch import nn
 
@@ -219,7 +218,7 @@ def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
             "train": params.train.model_dump(mode="json"),
             "seed": params.seed,
             "fp": fingerprint,
-            "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"])),
+            "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True)),
         }
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

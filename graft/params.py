@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +27,7 @@ class SplitParams(_Strict):
     test: float = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitParams":
+    def _sums_to_one(self) -> SplitParams:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
@@ -36,7 +36,7 @@ class SplitParams(_Strict):
 
 class DataParams(_Strict):
     root: str = "data/raw"  # class folders, train/val/test folders, or where manifest paths resolve
-    manifest: Optional[str] = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
+    manifest: str | None = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
     out_dir: str = "data"  # manifest.parquet, quarantine.csv, classes.json land here
     split: SplitParams = SplitParams()
 
@@ -51,7 +51,7 @@ class IngestParams(_Strict):
 class DaskParams(_Strict):
     """Where ``featurize.runner: dask`` runs: an existing Dask scheduler, or a LocalCluster started for the run."""
 
-    address: Optional[str] = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
+    address: str | None = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
     n_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one backbone each)
     threads_per_worker: int = Field(1, ge=1, le=256)  # shards run at once per worker; each shard uses one core
     decode_threads: int = Field(
@@ -64,8 +64,8 @@ class DaskParams(_Strict):
 
 class FeaturizeParams(_Strict):
     backbone: str = "efficientnet_lite0"  # see `graft backbones`
-    weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
-    image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    weights: str | None = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
+    image_size: int | None = Field(None, ge=16, le=1024)  # override the backbone's crop size
     # What one forward pass caches per image: raw (grey raw_size^2 pixels), stages (pooled output of each
     # stage: Head2Toe's multi-layer features), last (the usual pooled features). auto's candidates use all three.
     taps: tuple[Literal["raw", "stages", "last"], ...] = Field(("raw", "stages", "last"), min_length=1)
@@ -98,7 +98,7 @@ class AugmentParams(_Strict):
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast jitter strength
 
     @model_validator(mode="after")
-    def _ratio_order(self) -> "AugmentParams":
+    def _ratio_order(self) -> AugmentParams:
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
         return self
@@ -106,7 +106,7 @@ class AugmentParams(_Strict):
 
 class FinetuneParams(_Strict):
     strategy: Literal["head", "last_n", "full", "staged"] = "staged"
-    last_n: Optional[int] = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
+    last_n: int | None = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
     head_epochs: int = Field(1, ge=0)  # staged: epochs with the backbone frozen before unfreezing
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -119,8 +119,8 @@ class FinetuneParams(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
     # null = from the data: median short side rounded up to a multiple of 32, clamped to [96, the backbone's crop]
-    image_size: Optional[int] = Field(None, ge=16, le=1024)
-    ema: Optional[float] = Field(
+    image_size: int | None = Field(None, ge=16, le=1024)
+    ema: float | None = Field(
         0.999, gt=0, lt=1
     )  # EMA decay of the weights (smoother, better-generalising end point); null = off
     init: Literal["probe", "random"] = (
@@ -136,7 +136,8 @@ CANDIDATES: tuple[Candidate, ...] = typing.get_args(Candidate)  # cheapest first
 
 
 class TrainParams(_Strict):
-    # auto: try train.candidates cheapest first within budget_minutes, keep the best on validation (no one mode wins everywhere)
+    # auto: try train.candidates cheapest first within budget_minutes, keep the best on validation
+    # (no one mode wins everywhere)
     mode: Literal["auto", "head", "finetune"] = "auto"
     budget_minutes: float = Field(
         20.0, gt=0, allow_inf_nan=False
@@ -159,7 +160,7 @@ class TrainParams(_Strict):
     patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
     class_weights: bool = False  # weight the loss by inverse class frequency of the train split
     model_dir: str = "models"
-    init_from: Optional[str] = None  # fine-tuning starts from an earlier graft model (file or folder)
+    init_from: str | None = None  # fine-tuning starts from an earlier graft model (file or folder)
     finetune: FinetuneParams = FinetuneParams()
 
     @field_validator("candidates")
@@ -171,7 +172,7 @@ class TrainParams(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _init_needs_finetune(self) -> "TrainParams":
+    def _init_needs_finetune(self) -> TrainParams:
         fine_tunes = self.mode == "finetune" or (self.mode == "auto" and "finetune" in self.candidates)
         if self.init_from and not fine_tunes:  # it would be silently ignored
             raise ValueError("init_from needs mode: finetune (or mode: auto with finetune in train.candidates)")
@@ -196,7 +197,7 @@ class ExportParams(_Strict):
     atol: float = Field(1e-4, gt=0)  # max |p_onnx - p_torch| allowed at batch 1 and batch N
     check_batch: int = Field(8, ge=2, le=256)
     out: str = "models/model.onnx"
-    quantize: Optional[Literal["int8"]] = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
+    quantize: Literal["int8"] | None = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
     calibration_images: int = Field(
         128, ge=1, le=10000
     )  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
@@ -208,7 +209,7 @@ class RetrainParams(_Strict):
     max_macro_f1_drop: float = Field(0.01, ge=0, le=1)  # gate: challenger macro-F1 >= champion's - this
     max_class_recall_drop: float = Field(0.1, ge=0, le=1)  # gate: no class's recall may drop more
     allow_class_change: bool = False  # new or vanished classes change the model contract: opt in
-    escalate_below_val_accuracy: Optional[float] = Field(None, ge=0, le=1)  # head challenger below this -> fine-tune
+    escalate_below_val_accuracy: float | None = Field(None, ge=0, le=1)  # head challenger below this -> fine-tune
     escalation: Literal["finetune_after", "finetune_instead"] = "finetune_after"  # after: keep the better one
     keep_versions: int = Field(5, ge=1)  # champion version folders kept on disk
     schedule: str = "0 3 * * 1"  # cron of the scheduled deployments (Mondays 03:00)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from graft import GraftError
 from graft.images import IMAGE_EXTENSIONS, BadImage, Preprocess, load_rgb, preprocess
 from graft.sources import read_bytes
-
 
 PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")  # Preprocess.as_dict(), the one schema
 
@@ -100,7 +99,7 @@ def predict_files(
             except BadImage as exc:
                 records.append({"path": str(p), "label": None, "probability": None, "error": str(exc)})
         if arrays:
-            for k, pr in zip(good, model.predict_arrays(np.stack(arrays))):
+            for k, pr in zip(good, model.predict_arrays(np.stack(arrays)), strict=True):
                 top = np.argsort(-pr)[:top_k]
                 records[k].update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
                 if top_k > 1:

@@ -267,7 +267,7 @@ def to_torch_head(pipeline: Pipeline, n_classes: int) -> dict[str, torch.Tensor]
     if n_classes == 2 and w.shape[0] == 1:  # sigmoid output -> logits [0, z]
         layers[-1] = (np.vstack([np.zeros_like(w), w]), np.concatenate([np.zeros_like(b), b]))
     state = {"mean": scaler.mean_, "std": scaler.scale_}
-    for prefix, (w, b) in zip(prefixes, layers):
+    for prefix, (w, b) in zip(prefixes, layers, strict=True):
         state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
     return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
 

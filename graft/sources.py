@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from graft.heads import class_weights
 from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.model import Classifier, classifier_from_payload
 from graft.params import AugmentParams, FinetuneParams
-
 
 # --- which parameters train
 
@@ -246,20 +246,13 @@ def fit(
     judged = ema.module if ema else model  # validation, the best state and the result use the averaged weights
     start, best, best_loss, since, history = 0, copy.deepcopy(judged.state_dict()), float("inf"), 0, []
     ck = read_checkpoint(checkpoint, device)
-    if ck:
-        if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            if ema and "ema" in ck:
-                ema.module.load_state_dict(ck["ema"])
-            start, best, best_loss, since, history = (
-                ck["epoch"],
-                ck["best"],
-                ck["best_loss"],
-                ck["since"],
-                ck["history"],
-            )
+    if ck and ck.get("key") == key:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema and "ema" in ck:
+            ema.module.load_state_dict(ck["ema"])
+        start, best, best_loss, since, history = ck["epoch"], ck["best"], ck["best_loss"], ck["since"], ck["history"]
     yt = torch.tensor(y, device=device)
     for epoch in range(start, fp.epochs):
         if since >= fp.patience:

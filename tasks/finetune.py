@@ -14,22 +14,21 @@ the starting model (pretrained, or ``train.init_from``), keys the run for resumi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from graft import GraftError
 from graft.atomic import write_json
-from graft.dataset import read_classes, read_manifest, split_items
 from graft.auto import data_image_size
+from graft.dataset import read_classes, read_manifest, split_items
 from graft.model import head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
 from graft.select import write_leaderboard
 from graft.tasks import stage_task
 from graft.tune import fit, read_checkpoint
-
 
 # --- the model to start from
 

@@ -87,7 +87,8 @@ def check_classes(rows: pd.DataFrame, min_per_class: int) -> list[str]:
     small = counts[counts < min_per_class]
     if len(small):
         raise GraftError(
-            f"class {small.index[0]!r} has {small.iloc[0]} usable image(s), fewer than ingest.min_images_per_class={min_per_class}"
+            f"class {small.index[0]!r} has {small.iloc[0]} usable image(s), "
+            f"fewer than ingest.min_images_per_class={min_per_class}"
         )
     no_train = sorted(set(counts.index) - set(rows.loc[rows["split"] == "train", "label"]))
     if no_train:

@@ -54,11 +54,11 @@ def diff_manifests(old: pd.DataFrame | None, new: pd.DataFrame) -> DataDiff:
     """Compare two manifests by content: (sha256, label) pairs, classes and paths."""
     if old is None or old.empty:
         return DataDiff(added=int(new["sha256"].nunique()), new_classes=sorted(new["label"].unique()))
-    old_pairs = set(zip(old["sha256"], old["label"]))
-    new_pairs = set(zip(new["sha256"], new["label"]))
+    old_pairs = set(zip(old["sha256"], old["label"], strict=True))
+    new_pairs = set(zip(new["sha256"], new["label"], strict=True))
     old_sha, new_sha = set(old["sha256"]), set(new["sha256"])
     relabelled = {s for s, _ in new_pairs - old_pairs if s in old_sha}
-    moved = set(zip(new["sha256"], new["path"])) - set(zip(old["sha256"], old["path"]))
+    moved = set(zip(new["sha256"], new["path"], strict=True)) - set(zip(old["sha256"], old["path"], strict=True))
     return DataDiff(
         added=len(new_sha - old_sha),
         removed=len(old_sha - new_sha),
@@ -148,9 +148,10 @@ def gate_test_set(new: pd.DataFrame, champion_manifest: pd.DataFrame | None) -> 
         zip(
             champion_manifest.loc[champion_manifest["split"] == "test", "sha256"],
             champion_manifest.loc[champion_manifest["split"] == "test", "label"],
+            strict=True,
         )
     )
-    return test[[pair in known for pair in zip(test["sha256"], test["label"])]]
+    return test[[pair in known for pair in zip(test["sha256"], test["label"], strict=True)]]
 
 
 def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[str]) -> dict:
@@ -158,8 +159,8 @@ def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[
 
     A model that lacks a class (an older champion) simply never predicts it.
     """
-    from graft.predict import OnnxClassifier, predict_proba
     from graft.metrics import classification_metrics
+    from graft.predict import OnnxClassifier, predict_proba
 
     model = OnnxClassifier(onnx_path)
     index = {c: i for i, c in enumerate(classes)}

@@ -451,7 +451,7 @@ def test_raw_tap_equals_numpy_reference(crop: int, raw_size: int) -> None:
         got = bb.model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, _numpy_raw(x.astype(np.float64), raw_size), rtol=0, atol=1e-5)
     assert got.shape == (4, raw_size**2) and bb.feature_dim == raw_size**2
-    assert 0.0 <= got.min() and got.max() <= 1.0
+    assert got.min() >= 0.0 and got.max() <= 1.0
 
 
 def test_raw_tap_alone_builds_no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -98,12 +98,11 @@ def test_served_deployment_runs_to_completion_one_at_a_time(tmp_path: Path) -> N
                 stderr=subprocess.DEVNULL,
             )
         )
-        listed = lambda: (
-            "graft-pipeline"
-            in subprocess.run(  # noqa: E731
-                [sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True, text=True
-            ).stdout
-        )
+
+        def listed() -> bool:
+            ls = [sys.executable, "-m", "prefect", "deployment", "ls"]
+            return "graft-pipeline" in subprocess.run(ls, env=env, capture_output=True, text=True).stdout
+
         _wait_for(listed, 120, "the served deployments")
         out = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=700)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -19,9 +19,9 @@ import graft.engine
 import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone, describe_backbone, fingerprint_of
+from graft.cache import feature_schema, load_feature_table
 from graft.engine import ONNX_FILE, TorchEngine, ort_engine, plan_threads, resolve_engine
 from graft.tasks.featurize import featurize
-from graft.cache import feature_schema, load_feature_table
 from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
@@ -221,8 +221,8 @@ def test_lite0_description_equals_built(lite0, image_size: int | None) -> None:
 @pytest.mark.slow
 def test_lite0_onnx_engine_matches_torch(lite0, tmp_path: Path) -> None:
     """Lite0 exported for onnxruntime gives torch's features on a real photo within 1e-4."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     from graft.images import preprocess
 

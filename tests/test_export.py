@@ -16,13 +16,11 @@ import torch
 
 import graft.tasks.export
 from graft import GraftError
-from graft.images import load_batch
-from graft.model import classifier_from_payload, load_model
-from graft.tasks.evaluate import evaluate
-from graft.predict import OnnxClassifier
 from graft.dataset import data_hash
-from graft.images import Preprocess
-from graft.predict import PREPROCESS_KEYS
+from graft.images import Preprocess, load_batch
+from graft.model import classifier_from_payload, load_model
+from graft.predict import PREPROCESS_KEYS, OnnxClassifier
+from graft.tasks.evaluate import evaluate
 from graft.tasks.export import calibration_paths, export, int8_path
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest

@@ -6,8 +6,8 @@ import json
 import os
 import shutil
 import threading
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,9 @@ import torch
 import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
-from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
 from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
@@ -333,9 +333,11 @@ def test_interrupted_run_keeps_what_was_done(ws: Path) -> None:
     params = make_params(ws, {"featurize": {"batch_size": 2, "part_rows": 4}})
     ingest(params)
     counter = CountingBackbone()
-    with mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)):
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            featurize(params, backbone=counter.bb)
+    with (
+        mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)),
+        pytest.raises(RuntimeError, match="simulated crash"),
+    ):
+        featurize(params, backbone=counter.bb)
     cache = cache_dir_for(params.featurize.cache_dir, counter.bb.name, counter.bb.fingerprint)
     kept = _cached_rows(cache)
     assert len(kept) == len(set(kept)) == 10  # 5 batches of 2, none lost, none twice

@@ -10,12 +10,11 @@ import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
-from graft.model import Classifier, load_model, make_head, head_config
-from graft.params import FinetuneParams, parse_params
-from graft.model import initial_model
+from graft.model import Classifier, head_config, initial_model, load_model, make_head
+from graft.params import FinetuneParams, Params, parse_params
 from graft.tasks.finetune import finetune
-from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, trainable_groups, train_mode
 from graft.tasks.ingest import ingest
+from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, train_mode, trainable_groups
 from tests.conftest import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
@@ -27,7 +26,7 @@ def tiny_classifier(n_classes: int = 3) -> tuple[Classifier, list]:
     return model, layer_groups(model.features.body)
 
 
-def ft_params(ws: Path, **finetune: object) -> "Params":  # noqa: F821
+def ft_params(ws: Path, **finetune: object) -> Params:
     return make_params(ws, {"train": {"mode": "finetune", "finetune": {**FAST, **finetune}}})
 
 
@@ -198,9 +197,10 @@ def test_init_from_a_model_with_another_backbone_is_refused(ws: Path) -> None:
 
 def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> None:
     """Both kinds feed the same evaluate and export stages and give the same ONNX contract."""
+    import onnx
+
     from graft.tasks.evaluate import evaluate
     from graft.tasks.export import export
-    import onnx
 
     write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
     params = ft_params(ws, epochs=2)

@@ -14,10 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from graft.tasks.evaluate import evaluate
-from graft.tasks.featurize import featurize
 from graft.cache import load_feature_table
-from graft.tasks.ingest import ingest
 from graft.leakage import (
     COLUMNS,
     cross_split_pairs,
@@ -26,6 +23,9 @@ from graft.leakage import (
     leakage_report,
     near_duplicate_rows,
 )
+from graft.tasks.evaluate import evaluate
+from graft.tasks.featurize import featurize
+from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
 from tests.conftest import make_params, run_stages, write_tree
 
@@ -55,17 +55,21 @@ def test_pairs_match_brute_force_with_tiles_smaller_than_the_data() -> None:
 
     a, b, s, total = cross_split_pairs(x, splits, 0.999, block=7)
 
-    assert {(int(i), int(j)) for i, j in zip(a, b)} == brute_force(x, splits, 0.999) >= {(3, 45), (7, 55), (45, 58)}
+    assert (
+        {(int(i), int(j)) for i, j in zip(a, b, strict=True)}
+        == brute_force(x, splits, 0.999)
+        >= {(3, 45), (7, 55), (45, 58)}
+    )
     assert total == len(a)
     assert list(s) == sorted(s, reverse=True) and (s >= 0.999).all()
-    assert all(SPLIT_ORDER[splits[i]] < SPLIT_ORDER[splits[j]] for i, j in zip(a, b))
+    assert all(SPLIT_ORDER[splits[i]] < SPLIT_ORDER[splits[j]] for i, j in zip(a, b, strict=True))
 
 
 def test_same_split_copies_are_not_pairs() -> None:
     """Two identical vectors in one split are not leakage."""
     x = np.ones((3, 4), np.float32)
     a, b, _, total = cross_split_pairs(x, np.array(["train", "train", "test"]), 0.99)
-    assert total == 2 and sorted(zip(a.tolist(), b.tolist())) == [(0, 2), (1, 2)]  # never (0, 1)
+    assert total == 2 and sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (1, 2)]  # never (0, 1)
 
 
 def test_zero_vectors_match_nothing() -> None:
@@ -106,7 +110,7 @@ def test_property_tiles_equal_the_full_matrix(x: np.ndarray, seed: int, block: i
     if np.any(np.abs(n @ n.T - threshold) < 1e-5):
         return  # float32 tiles and float64 brute force may round a value at the threshold differently
     a, b, _, total = cross_split_pairs(x, splits, threshold, block=block)
-    assert {(int(i), int(j)) for i, j in zip(a, b)} == brute_force(x, splits, threshold)
+    assert {(int(i), int(j)) for i, j in zip(a, b, strict=True)} == brute_force(x, splits, threshold)
     assert total == len(a)
 
 
@@ -247,7 +251,7 @@ def test_evaluate_writes_leakage_csv_matching_brute_force(evaluated) -> None:
 
     assert expected  # the generated classes are near-copies of each other: some pairs cross splits
     near = leak[leak["kind"] == "near_duplicate"]
-    assert set(zip(near["path_a"], near["path_b"])) == expected
+    assert set(zip(near["path_a"], near["path_b"], strict=True)) == expected
     exact = leak[leak["kind"] == "exact_cross_label"]
     assert exact[["path_a", "label_a", "path_b", "label_b"]].values.tolist() == [
         ["cat/cat-002.png", "cat", "dog/cat-in-dog-folder.png", "dog"]

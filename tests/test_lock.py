@@ -82,9 +82,8 @@ def test_refusal_is_one_line_naming_the_holder(params: Path) -> None:
     try:
         note = holder(params.parent / WORKSPACE_LOCK)
         t0 = time.monotonic()
-        with pytest.raises(GraftError) as refused:
-            with workspace_lock(params, 0):
-                pass
+        with pytest.raises(GraftError) as refused, workspace_lock(params, 0):
+            pass
         elapsed = time.monotonic() - t0
     finally:
         other.kill()
@@ -155,9 +154,8 @@ def test_inherited_env_alone_does_not_let_a_process_in(params: Path, monkeypatch
     other = _hold(params, 30)
     try:
         monkeypatch.setenv(ENV_HELD, json.dumps({key: os.getppid()}))  # alive, but not the holder
-        with pytest.raises(GraftError, match=f"pid {other.pid} "):
-            with workspace_lock(params, 0):
-                pass
+        with pytest.raises(GraftError, match=f"pid {other.pid} "), workspace_lock(params, 0):
+            pass
         monkeypatch.setenv(ENV_HELD, json.dumps({key: other.pid}))  # as if we were its child
         with workspace_lock(params, 0):
             assert holder(key)["pid"] == other.pid

@@ -26,11 +26,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fsspec.implementations.local import LocalFileSystem
 
 from graft import GraftError
+from graft.cache import compare_caches
+from graft.sources import resolve_url
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.shard import FeaturizeJob, make_shards, plan_featurize, run_featurize_shard, shard_id
-from graft.cache import compare_caches
-from graft.sources import resolve_url
 from tests.conftest import REPO, class_image, make_params, write_tree
 
 TOL = 1e-5  # features of the same pixels through the same ONNX graph, batched differently
@@ -294,7 +294,8 @@ def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, pr
 def test_module_entry_point_uses_address(
     dataset: tuple[Path, Path], tmp_path: Path, cluster, prefect_harness, capsys: pytest.CaptureFixture
 ) -> None:
-    """``python -m graft.flows.scale --params P --address A``: a params file, the workspace lock, an existing cluster."""
+    """``python -m graft.flows.scale --params P --address A``: a params file, the workspace lock, an existing
+    cluster."""
     import yaml
 
     from graft.flows.scale import main

@@ -48,9 +48,12 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
             f = node.func
             base = ast.unparse(f.value) if isinstance(f, ast.Attribute) else ""
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-            if name in ("eval", "exec") and isinstance(f, ast.Name):
-                hit = True
-            elif base.split(".")[0] in _PICKLE_MODULES and name in ("load", "loads", "open", "Unpickler"):
+            if (
+                name in ("eval", "exec")
+                and isinstance(f, ast.Name)
+                or base.split(".")[0] in _PICKLE_MODULES
+                and name in ("load", "loads", "open", "Unpickler")
+            ):
                 hit = True
             elif name == "load" and base == "torch":
                 hit = _const(_keyword(node, "weights_only")) is not True
@@ -152,7 +155,7 @@ def test_manifest_paths_escaping_the_data_root_are_refused(tmp_path: Path) -> No
 
     q = pd.read_csv(tmp_path / "data/quarantine.csv", dtype=str, keep_default_na=False)
     m = pd.read_parquet(tmp_path / "data/manifest.parquet")
-    assert dict(zip(q["path"], q["reason"])) == {r["path"]: "path escapes the data root" for r in evil}
+    assert dict(zip(q["path"], q["reason"], strict=True)) == {r["path"]: "path escapes the data root" for r in evil}
     assert len(m) == 16 and all(not p.startswith("..") and not os.path.isabs(p) for p in m["path"])
 
 

@@ -54,7 +54,7 @@ def test_cv_splits_are_stratified_disjoint_and_complete():
     for tr, va in splits:
         assert not set(tr) & set(va) and tr.size + va.size == y.size
         assert np.array_equal(np.bincount(y[va]), [4, 3, 2])  # every fold keeps the class proportions
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, cv_splits(y, n_splits=5, seed=1)))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, cv_splits(y, n_splits=5, seed=1), strict=True))
 
 
 def test_cv_splits_shrink_to_the_rarest_class_and_refuse_singletons():

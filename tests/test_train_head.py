@@ -16,14 +16,14 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.cache import load_feature_table, select_columns, tap_columns
+from graft.dataset import split_arrays
+from graft.heads import class_weights, fit_head
+from graft.model import MODEL_FORMAT, head_from_payload, load_model
 from graft.params import TrainParams
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.tasks.ingest import ingest
-from graft.model import MODEL_FORMAT, head_from_payload, load_model
 from graft.tasks.train_head import train
-from graft.heads import class_weights, fit_head
-from graft.dataset import split_arrays
 from tests.conftest import make_params, write_tree
 
 K = 4

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -91,7 +91,7 @@ def read_quarantine(ws: Path) -> pd.DataFrame:
 
 
 def reasons(q: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(q["path"], q["reason"]))
+    return dict(zip(q["path"], q["reason"], strict=True))
 
 
 def graft_env() -> dict[str, str]:

@@ -12,8 +12,8 @@ import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
-from graft.tasks.featurize import featurize
 from graft.cache import load_feature_table
+from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from tests.conftest import write_tree
 from tests.faults.conftest import params_for

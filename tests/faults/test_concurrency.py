@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from graft import GraftError
+from graft.cache import load_feature_table
 from graft.cli import main
 from graft.lock import ENV_HELD, WORKSPACE_LOCK, cache_lock, holder, workspace_lock
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, write_tree
 from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
@@ -36,7 +36,8 @@ def _part_keys(cache: Path) -> list[str]:
 
 
 def _workspace(root: Path, shared_cache: Path, own: range) -> Path:
-    """A workspace with 2 x 12 shared images plus its own (seeds ``own``), ingested, featurizing into ``shared_cache``."""
+    """A workspace with 2 x 12 shared images plus its own (seeds ``own``), ingested, featurizing into
+    ``shared_cache``."""
     write_tree(root / "raw", per_class=12)
     for i in own:
         class_image(0, i).save(root / "raw/cat" / f"own-{i}.png")

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from graft.cache import load_feature_table
 from graft.cli import main
 from graft.model import load_model
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from graft import GraftError
+from graft.cache import load_feature_table
+from graft.leakage import leakage_report
 from graft.params import SplitParams
 from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import hash_split, ingest
-from graft.leakage import leakage_report
 from graft.tasks.train_head import train
 from tests.conftest import class_image, write_tree
 from tests.faults.conftest import encode, params_for, png_bytes, reasons, run_ingest

@@ -1,4 +1,7 @@
-"""Fault row 18, the file itself: duplicate or non-string keys, oversized, non-mapping, too deep or non-UTF-8 params files."""
+"""Fault row 18, the file itself.
+
+Duplicate or non-string keys, oversized, non-mapping, too deep or non-UTF-8 params files.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def test_duplicate_key_is_an_error_naming_the_key_and_both_lines(
 
 
 def test_same_name_in_different_sections_and_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
-    """lr under train and under train.finetune are two keys; a `<<` merge overridden by an explicit key is valid YAML."""
+    """lr under train and under train.finetune are two keys; a `<<` merge overridden by an explicit key is valid
+    YAML."""
     text = (
         "train:\n  lr: 0.01\n  finetune:\n    <<: {lr: 0.5, epochs: 3}\n    lr: 0.004\n"
         "    augment: {ratio: &r [0.5, 2.0]}\n"

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from graft.backbones import build_backbone
+from graft.cache import load_feature_table
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from tests.conftest import write_tree
 from tests.faults.conftest import encode, params_for, raw_png, run_ingest
 
