@@ -4,12 +4,12 @@ PYTHON ?= python3
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast repro retrain retrain-flow deploy clean
+.PHONY: install lint demo test test-fast repro retrain retrain-flow deploy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lint]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,8 +20,14 @@ demo: install
 	test -d data/raw || graft demo-data --out data/raw; \
 	dvc repro && graft metrics && echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-## test: the whole suite, including the end-to-end `dvc repro` with the real Lite0 weights
-test: install
+## lint: ruff (rules and format) and mypy, configured in pyproject.toml
+lint: install
+	ruff check
+	ruff format --check
+	mypy
+
+## test: lint, then the whole suite, including the end-to-end `dvc repro` with the real Lite0 weights
+test: lint
 	pytest -q
 
 ## test-fast: unit tests only (skips the slow end-to-end and real-weights tests)

@@ -26,16 +26,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import yaml
+from photos import make_bases, photo_name, write_photos  # bench/photos.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from photos import make_bases, photo_name, write_photos  # noqa: E402
-
-TARGETS = {"img_per_s": 150.0, "of_roofline": 0.7, "vs_loop": 8.0, "cache_hit_s": 3.0, "add_10pct": 0.15, "rss_ratio": 1.10}
+TARGETS = {
+    "img_per_s": 150.0,
+    "of_roofline": 0.7,
+    "vs_loop": 8.0,
+    "cache_hit_s": 3.0,
+    "add_10pct": 0.15,
+    "rss_ratio": 1.10,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-counts", default="2000,20000", help="image counts of the peak-RSS subprocesses ('' skips)")
     p.add_argument("--loop-images", type=int, default=200, help="photos timed in the per-image loop (a)")
     p.add_argument("--large-fraction", type=float, default=0.02, help="share of 4000x3000 photos (the rest 500x375)")
-    p.add_argument("--distinct", type=int, default=300, help="distinct base photos (files beyond reuse them with new bytes)")
+    p.add_argument(
+        "--distinct", type=int, default=300, help="distinct base photos (files beyond reuse them with new bytes)"
+    )
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--engine", default=None, help="featurize.engine override (auto | onnxruntime | torch)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -63,8 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def featurize_overrides(args: argparse.Namespace) -> dict:
-    keys = {"engine": args.engine, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
-            "streams": args.streams}
+    keys = {
+        "engine": args.engine,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "threads": args.threads,
+        "streams": args.streams,
+    }
     return {"backbone": args.backbone, **{k: v for k, v in keys.items() if v is not None}}
 
 
@@ -75,9 +88,15 @@ def workspace(base: Path, name: str, photos: Path, names: list[str], args: argpa
     ws = base / name
     (ws / "data").mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"path": names, "label": [n.split("/")[0] for n in names]}).to_csv(ws / "list.csv", index=False)
-    raw = {"data": {"root": str(photos), "manifest": str(ws / "list.csv"), "out_dir": str(ws / "data")},
-           "ingest": {"max_bad_fraction": 0.0},
-           "featurize": {**featurize_overrides(args), "cache_dir": str(ws / "cache"), "out": str(ws / "data/features.parquet")}}
+    raw = {
+        "data": {"root": str(photos), "manifest": str(ws / "list.csv"), "out_dir": str(ws / "data")},
+        "ingest": {"max_bad_fraction": 0.0},
+        "featurize": {
+            **featurize_overrides(args),
+            "cache_dir": str(ws / "cache"),
+            "out": str(ws / "data/features.parquet"),
+        },
+    }
     (ws / "params.yaml").write_text(yaml.safe_dump(raw))
     return ws, parse_params(raw)
 
@@ -152,8 +171,12 @@ print(json.dumps({"summary": summary, "rss_start_kb": start, "rss_peak_kb": hwm_
 
 def rss_run(ws: Path) -> dict:
     """Run featurize in a fresh interpreter; return its summary and peak RSS (KiB)."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(ws / "params.yaml"), str(REPO)], capture_output=True,
-                          text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(ws / "params.yaml"), str(REPO)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"featurize subprocess failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -177,10 +200,9 @@ def mark(ok: bool) -> str:
 
 def run(args: argparse.Namespace, base: Path) -> None:
     from graft.backbones import build_backbone
-    from graft.engine import cpu_cores
+    from graft.engine import cpu_cores, make_engine
     from graft.images import load_batch
     from graft.tasks.featurize import featurize
-    from graft.engine import make_engine
     from graft.tasks.ingest import ingest
 
     rss_counts = [int(c) for c in args.rss_counts.split(",") if c.strip()]
@@ -191,12 +213,21 @@ def run(args: argparse.Namespace, base: Path) -> None:
     stamp = photos / "bench-photos.json"
     if stamp.exists() and json.loads(stamp.read_text()) != settings:
         raise SystemExit(f"{photos} was generated with {stamp.read_text().strip()}; use another --dir")
-    _, t_gen = timed(lambda: write_photos(photos, 0, total, make_bases(args.distinct, args.large_fraction), args.large_fraction))
+    _, t_gen = timed(
+        lambda: write_photos(photos, 0, total, make_bases(args.distinct, args.large_fraction), args.large_fraction)
+    )
     stamp.write_text(json.dumps(settings))
     names = [photo_name(i) for i in range(total)]
-    n_large = sum(1 for i in range(args.count) if args.large_fraction and i % round(1 / args.large_fraction) == round(1 / args.large_fraction) - 1)
-    print(f"photos: {total} JPEGs in {photos} ({t_gen:.0f} s to generate); main run {args.count} "
-          f"({args.count - n_large} x 500x375, {n_large} x 4000x3000); {cpu_cores()} cores; load avg {os.getloadavg()[0]:.2f}")
+    n_large = sum(
+        1
+        for i in range(args.count)
+        if args.large_fraction and i % round(1 / args.large_fraction) == round(1 / args.large_fraction) - 1
+    )
+    print(
+        f"photos: {total} JPEGs in {photos} ({t_gen:.0f} s to generate); main run {args.count} "
+        f"({args.count - n_large} x 500x375, {n_large} x 4000x3000); {cpu_cores()} cores; "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
 
     ws, params = workspace(base, "main", photos, names[: args.count], args)
     _, t_ingest = timed(ingest, params)
@@ -207,15 +238,22 @@ def run(args: argparse.Namespace, base: Path) -> None:
     cache = cache_dir_for(fp.cache_dir, bb.name, bb.fingerprint)
     open_cache(cache, bb.describe())
     engine, t_export = timed(make_engine, fp, cache, bb.describe(), lambda: bb)
-    print(f"ingest {t_ingest:.1f} s; engine {engine.name} (streams {engine.streams}), one-time backbone export + check "
-          f"{t_export:.1f} s; batch {fp.batch_size}, decoders {fp.workers}")
+    print(
+        f"ingest {t_ingest:.1f} s; engine {engine.name} (streams {engine.streams}), one-time backbone export + check "
+        f"{t_export:.1f} s; batch {fp.batch_size}, decoders {fp.workers}"
+    )
 
     # (a) per-image loop, (c) roofline, (b) the stage, (c) again
     rate_a, fwd_a = per_image_loop(bb, [photos / n for n in names[: args.loop_images]])
-    print(f"(a) seed-style per-image loop     {rate_a:8.1f} img/s   ({args.loop_images} photos; its torch eager "
-          f"batch-1 forward alone {fwd_a:.1f} img/s)", flush=True)
-    pre = [load_batch([photos / n for n in names[i : i + fp.batch_size]], bb.preprocess)
-           for i in range(0, min(args.count, 4 * fp.batch_size), fp.batch_size)]
+    print(
+        f"(a) seed-style per-image loop     {rate_a:8.1f} img/s   ({args.loop_images} photos; its torch eager "
+        f"batch-1 forward alone {fwd_a:.1f} img/s)",
+        flush=True,
+    )
+    pre = [
+        load_batch([photos / n for n in names[i : i + fp.batch_size]], bb.preprocess)
+        for i in range(0, min(args.count, 4 * fp.batch_size), fp.batch_size)
+    ]
     n_roof = max(2 * engine.streams, min(args.count, 1500) // fp.batch_size)
     roof_before = roofline(engine, pre, n_roof)
     summary_b, _ = timed(featurize, params)
@@ -223,10 +261,16 @@ def run(args: argparse.Namespace, base: Path) -> None:
     roof_after = roofline(engine, pre, n_roof)
     rate_c = (roof_before + roof_after) / 2
     peak_b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"(b) graft featurize, end to end   {rate_b:8.1f} img/s   ({summary_b['images']} photos in {summary_b['stage_seconds']:.1f} s; "
-          f"compute loop {summary_b['img_per_s']} img/s)")
-    print(f"(c) {engine.name} forward-only roofline {rate_c:6.1f} img/s   (before b {roof_before:.1f}, after b {roof_after:.1f}; "
-          f"{engine.streams} stream(s), pre-decoded batches of {fp.batch_size})")
+    print(
+        f"(b) graft featurize, end to end   {rate_b:8.1f} img/s   "
+        f"({summary_b['images']} photos in {summary_b['stage_seconds']:.1f} s; "
+        f"compute loop {summary_b['img_per_s']} img/s)"
+    )
+    print(
+        f"(c) {engine.name} forward-only roofline {rate_c:6.1f} img/s   "
+        f"(before b {roof_before:.1f}, after b {roof_after:.1f}; "
+        f"{engine.streams} stream(s), pre-decoded batches of {fp.batch_size})"
+    )
     single = None
     if engine.name == "onnxruntime" and engine.streams > 1:
         from graft.engine import OrtEngine
@@ -238,20 +282,29 @@ def run(args: argparse.Namespace, base: Path) -> None:
 
     # cache hit, in process and as the CLI
     hit, _ = timed(featurize, params)
-    cli, t_cli = timed(subprocess.run, [sys.executable, "-m", "graft.cli", "featurize", "--params", str(ws / "params.yaml")],
-                       capture_output=True, text=True, cwd=REPO)
+    cli, t_cli = timed(
+        subprocess.run,
+        [sys.executable, "-m", "graft.cli", "featurize", "--params", str(ws / "params.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if cli.returncode:
         raise SystemExit(f"graft featurize failed: {cli.stderr[-2000:]}")
-    print(f"cache-hit rerun over {hit['images']}: {hit['stage_seconds']:.2f} s in process "
-          f"(computed {hit['computed']}); `graft featurize` CLI {t_cli:.2f} s incl. interpreter start and imports")
+    print(
+        f"cache-hit rerun over {hit['images']}: {hit['stage_seconds']:.2f} s in process "
+        f"(computed {hit['computed']}); `graft featurize` CLI {t_cli:.2f} s incl. interpreter start and imports"
+    )
 
     # +10 % new photos
     ws_add, params_add = workspace(base, "main", photos, names[: args.count + n_add], args)
     _, t_ingest_add = timed(ingest, params_add)
     add, _ = timed(featurize, params_add)
     add_share = add["stage_seconds"] / summary_b["stage_seconds"]
-    print(f"+10 % photos ({n_add} new): {add['stage_seconds']:.2f} s = {add_share:.1%} of the full run "
-          f"(computed {add['computed']}; ingest {t_ingest_add:.1f} s not counted)")
+    print(
+        f"+10 % photos ({n_add} new): {add['stage_seconds']:.2f} s = {add_share:.1%} of the full run "
+        f"(computed {add['computed']}; ingest {t_ingest_add:.1f} s not counted)"
+    )
 
     # peak RSS over image counts, each in a fresh interpreter
     rss = {}
@@ -261,18 +314,32 @@ def run(args: argparse.Namespace, base: Path) -> None:
         seed_engine_file(cache, ws_n)
         rss[n] = rss_run(ws_n)
         r = rss[n]
-        print(f"RSS {n:>6} photos: peak {r['rss_peak_kb'] / 1024:7.0f} MiB (at start {r['rss_start_kb'] / 1024:.0f} MiB, "
-              f"growth {(r['rss_peak_kb'] - r['rss_start_kb']) / 1024:.0f} MiB); {r['summary']['img_per_s']} img/s, "
-              f"stage {r['summary']['stage_seconds']:.1f} s", flush=True)
+        print(
+            f"RSS {n:>6} photos: peak {r['rss_peak_kb'] / 1024:7.0f} MiB (at start {r['rss_start_kb'] / 1024:.0f} MiB, "
+            f"growth {(r['rss_peak_kb'] - r['rss_start_kb']) / 1024:.0f} MiB); {r['summary']['img_per_s']} img/s, "
+            f"stage {r['summary']['stage_seconds']:.1f} s",
+            flush=True,
+        )
 
-    print("\ntargets (measured on this machine now; load avg %.2f):" % os.getloadavg()[0])
+    print(f"\ntargets (measured on this machine now; load avg {os.getloadavg()[0]:.2f}):")
     print(f"  {mark(rate_b >= TARGETS['img_per_s'])} end to end >= {TARGETS['img_per_s']:.0f} img/s: {rate_b:.1f}")
-    print(f"  {mark(rate_b / rate_c >= TARGETS['of_roofline'])} >= {TARGETS['of_roofline']} of roofline: {rate_b / rate_c:.2f}")
-    print(f"  {mark(rate_b / rate_a >= TARGETS['vs_loop'])} >= {TARGETS['vs_loop']:.0f}x the per-image loop: {rate_b / rate_a:.1f}x")
+    print(
+        f"  {mark(rate_b / rate_c >= TARGETS['of_roofline'])} >= {TARGETS['of_roofline']} of roofline: "
+        f"{rate_b / rate_c:.2f}"
+    )
+    print(
+        f"  {mark(rate_b / rate_a >= TARGETS['vs_loop'])} >= {TARGETS['vs_loop']:.0f}x the per-image loop: "
+        f"{rate_b / rate_a:.1f}x"
+    )
     note = "" if hit["images"] >= 10_000 else f" (only {hit['images']} images: use --count 10000)"
-    print(f"  {mark(hit['stage_seconds'] < TARGETS['cache_hit_s'])} cache-hit rerun < {TARGETS['cache_hit_s']:.0f} s: "
-          f"{hit['stage_seconds']:.2f} s in process, {t_cli:.2f} s CLI{note}")
-    print(f"  {mark(add_share <= TARGETS['add_10pct'])} +10 % images <= {TARGETS['add_10pct']:.0%} of a full run: {add_share:.1%}")
+    print(
+        f"  {mark(hit['stage_seconds'] < TARGETS['cache_hit_s'])} cache-hit rerun < {TARGETS['cache_hit_s']:.0f} s: "
+        f"{hit['stage_seconds']:.2f} s in process, {t_cli:.2f} s CLI{note}"
+    )
+    print(
+        f"  {mark(add_share <= TARGETS['add_10pct'])} +10 % images <= {TARGETS['add_10pct']:.0%} of a full run: "
+        f"{add_share:.1%}"
+    )
     if len(rss) >= 2:
         lo, hi = min(rss), max(rss)
         ratio = rss[hi]["rss_peak_kb"] / rss[lo]["rss_peak_kb"]

@@ -13,9 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from graft.demo import write_digits
-from graft.params import load_params, parse_params
+from graft.params import Params, load_params, parse_params
 from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.finetune import finetune
@@ -25,15 +24,16 @@ from graft.tasks.train_head import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def workspace_params(ws: Path, mode: str, quick: bool) -> "Params":  # noqa: F821
+def workspace_params(ws: Path, mode: str, quick: bool) -> Params:
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
     raw["featurize"].update(cache_dir=str(ws / "cache"), out=str(ws / "data/features.parquet"))
     raw["train"].update(mode=mode, model_dir=str(ws / mode))
     if quick:
         raw["train"]["finetune"].update(epochs=2)
-    raw["evaluate"].update(metrics_dir=str(ws / mode / "metrics"), plots_dir=str(ws / mode / "plots"),
-                           report=str(ws / mode / "report.md"))
+    raw["evaluate"].update(
+        metrics_dir=str(ws / mode / "metrics"), plots_dir=str(ws / mode / "plots"), report=str(ws / mode / "report.md")
+    )
     return parse_params(raw)
 
 
@@ -58,15 +58,21 @@ def main() -> None:
         t_ft = time.perf_counter() - t0
         ft = evaluate(ft_p)
     fp = ft_p.train.finetune
-    print(f"\ndemo digits: {head['counts']}  (fine-tune: {fp.strategy}, {summary['epochs']} epochs at {fp.image_size}px)")
+    print(
+        f"\ndemo digits: {head['counts']}  (fine-tune: {fp.strategy}, {summary['epochs']} epochs at {fp.image_size}px)"
+    )
     print(f"{'model':<58} {'accuracy':>8} {'macro_f1':>8} {'wall_s':>8}")
-    rows = [(f"raw pixels {head['baseline_size']}px + logreg (baseline)", head["baseline"], float("nan")),
-            (f"{head['model_name']} (featurize {t_feat:.0f}s + train)", head["model"], t_feat + t_head),
-            (ft["model_name"], ft["model"], t_ft)]
+    rows = [
+        (f"raw pixels {head['baseline_size']}px + logreg (baseline)", head["baseline"], float("nan")),
+        (f"{head['model_name']} (featurize {t_feat:.0f}s + train)", head["model"], t_feat + t_head),
+        (ft["model_name"], ft["model"], t_ft),
+    ]
     for name, m, wall in rows:
         print(f"{name:<58} {m['accuracy']:>8.4f} {m['macro_f1']:>8.4f} {wall:>8.1f}")
-    print(f"finetune - head accuracy: {ft['model']['accuracy'] - head['model']['accuracy']:+.4f}; "
-          f"finetune - baseline: {ft['model']['accuracy'] - head['baseline']['accuracy']:+.4f}")
+    print(
+        f"finetune - head accuracy: {ft['model']['accuracy'] - head['model']['accuracy']:+.4f}; "
+        f"finetune - baseline: {ft['model']['accuracy'] - head['baseline']['accuracy']:+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,16 @@ def _sources() -> list[np.ndarray]:
     """RGB uint8 source photos from scikit-image's bundled data (grey textures tinted)."""
     from skimage import data
 
-    colour = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(),
-              data.immunohistochemistry(), data.retina(), *data.stereo_motorcycle()[:2]]
+    colour = [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.hubble_deep_field(),
+        data.immunohistochemistry(),
+        data.retina(),
+        *data.stereo_motorcycle()[:2],
+    ]
     grey = [data.camera(), data.coins(), data.moon(), data.grass(), data.gravel(), data.brick()]
     tints = np.array([[1.0, 0.85, 0.7], [0.7, 0.9, 1.0], [0.9, 1.0, 0.75]])
     tinted = [np.clip(g[..., None] * tints[i % 3], 0, 255).astype(np.uint8) for i, g in enumerate(grey)]
@@ -50,7 +58,9 @@ def make_photo(rng: np.random.Generator, sources: list[np.ndarray], size: tuple[
         r = int(rng.integers(size[0] // 20, size[0] // 4))
         colour = (*rng.integers(0, 256, 3).tolist(), int(rng.integers(60, 180)))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r // 2, x + r, y + r // 2), fill=colour)
-    img = Image.alpha_composite(img.convert("RGBA"), overlay.filter(ImageFilter.GaussianBlur(size[0] / 200))).convert("RGB")
+    img = Image.alpha_composite(img.convert("RGBA"), overlay.filter(ImageFilter.GaussianBlur(size[0] / 200))).convert(
+        "RGB"
+    )
     noise = rng.normal(0.0, rng.uniform(1.5, 5.0), (size[1], size[0], 1)).astype(np.float32)
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
@@ -78,8 +88,10 @@ def make_bases(distinct: int, large_fraction: float, seed: int = 0) -> tuple[lis
     """(small, large) base JPEGs; about 1 in 10 small ones carries an EXIF rotation (orientation 6)."""
     rng = np.random.default_rng(seed)
     sources = _sources()
-    small = [encode(make_photo(rng, sources, SMALL), int(rng.integers(75, 96)), 6 if i % 10 == 9 else 1)
-             for i in range(distinct)]
+    small = [
+        encode(make_photo(rng, sources, SMALL), int(rng.integers(75, 96)), 6 if i % 10 == 9 else 1)
+        for i in range(distinct)
+    ]
     n_large = 0 if large_fraction <= 0 else max(1, min(8, round(distinct * large_fraction)))
     large = [encode(make_photo(rng, sources, LARGE), int(rng.integers(85, 96))) for _ in range(n_large)]
     return small, large
@@ -90,8 +102,14 @@ def photo_name(i: int, classes: int = 2) -> str:
     return f"class{i % classes}/img_{i:06d}.jpg"
 
 
-def write_photos(folder: str | Path, start: int, stop: int, bases: tuple[list[bytes], list[bytes]],
-                 large_fraction: float, classes: int = 2) -> list[str]:
+def write_photos(
+    folder: str | Path,
+    start: int,
+    stop: int,
+    bases: tuple[list[bytes], list[bytes]],
+    large_fraction: float,
+    classes: int = 2,
+) -> list[str]:
     """Write photos ``start .. stop - 1`` under ``folder`` (existing files are kept); return their relative paths.
 
     Photo ``i`` is large when ``i`` falls on the ``1 / large_fraction`` grid, so a prefix of the

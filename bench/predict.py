@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from photos import make_bases, write_photos  # bench/photos.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import numpy as np  # noqa: E402
-
-from photos import make_bases, write_photos  # noqa: E402
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
 TARGETS = {"speedup_batch_32": 1.5, "max_accuracy_drop": 0.01}
 
@@ -49,13 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def demo_params(ws: Path):
     from graft.params import parse_params
 
-    return parse_params({
-        "data": {"root": str(ws / "raw"), "out_dir": str(ws / "data")},
-        "featurize": {"cache_dir": str(ws / "cache"), "out": str(ws / "data/features.parquet")},
-        "train": {"model_dir": str(ws / "models")},
-        "evaluate": {"metrics_dir": str(ws / "metrics"), "plots_dir": str(ws / "plots"), "report": str(ws / "reports/report.md")},
-        "export": {"out": str(ws / "models/model.onnx"), "quantize": "int8"},
-    })
+    return parse_params(
+        {
+            "data": {"root": str(ws / "raw"), "out_dir": str(ws / "data")},
+            "featurize": {"cache_dir": str(ws / "cache"), "out": str(ws / "data/features.parquet")},
+            "train": {"model_dir": str(ws / "models")},
+            "evaluate": {
+                "metrics_dir": str(ws / "metrics"),
+                "plots_dir": str(ws / "plots"),
+                "report": str(ws / "reports/report.md"),
+            },
+            "export": {"out": str(ws / "models/model.onnx"), "quantize": "int8"},
+        }
+    )
 
 
 def build_demo(ws: Path, per_class: int | None) -> tuple[dict, float]:
@@ -106,8 +111,12 @@ def _time(fn) -> float:
 def cli_seconds(folder: Path, model: Path, out: Path) -> float:
     """Wall time of `graft predict FOLDER --model MODEL --out CSV` in a fresh interpreter."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "graft.cli", "predict", str(folder), "--model", str(model), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "predict", str(folder), "--model", str(model), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if proc.returncode:
         raise SystemExit(f"graft predict failed: {proc.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -120,13 +129,20 @@ def run(args: argparse.Namespace, base: Path) -> None:
     ws = base / "demo"
     report, t_export = build_demo(ws, args.per_class)
     f, q = report["fp32"], report["int8"]
-    print(f"demo: {f['test_images']} test digits; export stage {t_export:.1f} s (incl. int8 calibration and measurements)")
+    print(
+        f"demo: {f['test_images']} test digits; export stage {t_export:.1f} s (incl. int8 calibration and measurements)"
+    )
     print(f"{'':6}{'test acc':>10}{'batch-1 ms':>12}{'batch-32 ms':>13}{'MB':>7}")
     for name, m in (("fp32", f), ("int8", q)):
-        print(f"{name:6}{m['test_accuracy']:>10.4f}{m['latency_ms']['batch_1']:>12.2f}{m['latency_ms']['batch_32']:>13.1f}"
-              f"{m['bytes'] / 2**20:>7.1f}")
-    print(f"int8 speedup: batch 32 {report['int8_speedup_batch_32']}x, batch 1 {report['int8_speedup_batch_1']}x; "
-          f"accuracy drop {report['int8_accuracy_drop'] * 100:.2f} points; argmax agreement {q['argmax_agreement_with_fp32']:.3f}")
+        print(
+            f"{name:6}{m['test_accuracy']:>10.4f}{m['latency_ms']['batch_1']:>12.2f}{m['latency_ms']['batch_32']:>13.1f}"
+            f"{m['bytes'] / 2**20:>7.1f}"
+        )
+    print(
+        f"int8 speedup: batch 32 {report['int8_speedup_batch_32']}x, batch 1 {report['int8_speedup_batch_1']}x; "
+        f"accuracy drop {report['int8_accuracy_drop'] * 100:.2f} points; "
+        f"argmax agreement {q['argmax_agreement_with_fp32']:.3f}"
+    )
 
     photos = base / "photos"
     write_photos(photos, 0, args.count, make_bases(min(args.count, 100), 0.0), 0.0)
@@ -134,21 +150,33 @@ def run(args: argparse.Namespace, base: Path) -> None:
     models = {"fp32": ws / "models/model.onnx", "int8": ws / "models/model.int8.onnx"}
     batch = load_batch(paths[: args.batch_size], OnnxClassifier(models["fp32"]).preprocess)
     rates = {}
-    print(f"\ngraft predict over {len(paths)} 500x375 JPEGs (batch {args.batch_size}; load avg {os.getloadavg()[0]:.2f}):")
+    print(
+        f"\ngraft predict over {len(paths)} 500x375 JPEGs (batch {args.batch_size}; load avg {os.getloadavg()[0]:.2f}):"
+    )
     for name, path in models.items():
         rate, ok = predict_rate(path, paths, args.batch_size, args.threads)
         fwd = forward_rate(path, batch, args.threads)
         cli = cli_seconds(photos, path, base / f"pred-{name}.csv")
         rates[name] = (rate, fwd)
-        print(f"  {name}: {rate:7.1f} img/s decode + forward ({ok} predicted); forward only {fwd:7.1f} img/s; "
-              f"CLI {cli:.1f} s ({len(paths) / cli:.1f} img/s incl. start-up)")
-    print(f"  int8 / fp32: predict {rates['int8'][0] / rates['fp32'][0]:.2f}x, forward {rates['int8'][1] / rates['fp32'][1]:.2f}x")
+        print(
+            f"  {name}: {rate:7.1f} img/s decode + forward ({ok} predicted); forward only {fwd:7.1f} img/s; "
+            f"CLI {cli:.1f} s ({len(paths) / cli:.1f} img/s incl. start-up)"
+        )
+    print(
+        f"  int8 / fp32: predict {rates['int8'][0] / rates['fp32'][0]:.2f}x, "
+        f"forward {rates['int8'][1] / rates['fp32'][1]:.2f}x"
+    )
 
     speed, drop = report["int8_speedup_batch_32"], report["int8_accuracy_drop"]
     print("\ntargets (from this run's export.json):")
-    print(f"  {'MET ' if speed >= TARGETS['speedup_batch_32'] else 'MISS'} int8 >= {TARGETS['speedup_batch_32']}x fp32 at batch 32: {speed}x")
-    print(f"  {'MET ' if drop <= TARGETS['max_accuracy_drop'] else 'MISS'} accuracy loss <= 1 point on the demo: "
-          f"{drop * 100:.2f} points ({f['test_images']} test images)")
+    print(
+        f"  {'MET ' if speed >= TARGETS['speedup_batch_32'] else 'MISS'} "
+        f"int8 >= {TARGETS['speedup_batch_32']}x fp32 at batch 32: {speed}x"
+    )
+    print(
+        f"  {'MET ' if drop <= TARGETS['max_accuracy_drop'] else 'MISS'} accuracy loss <= 1 point on the demo: "
+        f"{drop * 100:.2f} points ({f['test_images']} test images)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

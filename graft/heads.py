@@ -19,8 +19,15 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-             tp: TrainParams, seed: int = 0) -> tuple[Head, list[dict]]:
+def fit_head(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    tp: TrainParams,
+    seed: int = 0,
+) -> tuple[Head, list[dict]]:
     """Fit a head with AdamW and early stopping on validation loss; return it and the per-epoch history."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,8 +60,15 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.nd
             val_loss = float(nn.functional.cross_entropy(logits, monitor_y))
             val_acc = float((logits.argmax(1) == monitor_y).float().mean())
             train_acc = float((head(xt).argmax(1) == yt).float().mean())
-        history.append({"epoch": epoch, "train_loss": total / len(yt), "train_accuracy": train_acc,
-                        "val_loss": val_loss, "val_accuracy": val_acc})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(yt),
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+            }
+        )
         if val_loss < best_loss - 1e-6:
             best, best_loss, since = copy.deepcopy(head.state_dict()), val_loss, 0
         else:

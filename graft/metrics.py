@@ -30,6 +30,13 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str],
         "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4),
         "ece": round(expected_calibration_error(y, proba, bins), 4),
         "n": int(len(y)),
-        "per_class": {c: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
-                          "f1": round(float(f[i]), 4), "support": int(s[i])} for i, c in enumerate(classes)},
+        "per_class": {
+            c: {
+                "precision": round(float(p[i]), 4),
+                "recall": round(float(r[i]), 4),
+                "f1": round(float(f[i]), 4),
+                "support": int(s[i]),
+            }
+            for i, c in enumerate(classes)
+        },
     }

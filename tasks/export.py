@@ -20,8 +20,8 @@ import platform
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,9 @@ from graft.params import Params
 from graft.tasks import stage_task
 
 
-def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str,
-                  model_name: str = "") -> dict[str, str]:
+def onnx_metadata(
+    classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str, model_name: str = ""
+) -> dict[str, str]:
     """The graph's ``metadata_props``: the input contract uses the one preprocessing schema
     (:meth:`Preprocess.as_dict`: resize of the shorter side, centre crop, mean/std, interpolation)."""
     return {
@@ -47,11 +48,17 @@ def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint
         "graft.kind": kind,
         "graft.model": model_name or f"{backbone} {kind}",
         "graft.classes": json.dumps(classes, ensure_ascii=False),
-        "graft.input": json.dumps({
-            "name": "image", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
-            **pp.as_dict(),
-            "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
-        }),
+        "graft.input": json.dumps(
+            {
+                "name": "image",
+                "layout": "NCHW",
+                "dtype": "float32",
+                "range": [0.0, 1.0],
+                "channel_order": "RGB",
+                **pp.as_dict(),
+                "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
+            }
+        ),
         "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),
         "graft.backbone": backbone,
         "graft.fingerprint": fingerprint,
@@ -66,9 +73,16 @@ def export_onnx(model: nn.Module, path: Path, size: int, opset: int, metadata: d
     dummy = torch.rand(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
@@ -159,15 +173,25 @@ def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dic
         convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
         float_convs = convs[:1] + convs[-1:] if len(convs) > 4 else []  # in a shallow net the ends are the work
         try:
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS,
-                            nodes_to_exclude=float_convs)
+            quantize_static(
+                str(pre),
+                str(dst),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=QUANTIZED_OPS,
+                nodes_to_exclude=float_convs,
+            )
         except GraftError:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean "cannot quantize this graph"
-            raise GraftError(f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             f"set export.quantize: null") from None
+            raise GraftError(
+                f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"set export.quantize: null"
+            ) from None
     proto = onnx.load(str(dst))
     del proto.metadata_props[:]
     for k, v in metadata.items():
@@ -188,8 +212,9 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def eval_batches(manifest: pd.DataFrame, root: Path, classes: list[str], pp: Preprocess,
-                 batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_batches(
+    manifest: pd.DataFrame, root: Path, classes: list[str], pp: Preprocess, batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, label indices) over the distinct test-split images, decoded like ``graft predict``."""
     test = manifest[manifest["split"] == "test"].drop_duplicates("sha256")
     index = {c: i for i, c in enumerate(classes)}
@@ -214,9 +239,14 @@ def onnx_accuracy(models: dict[str, Path], batches: Iterator[tuple[np.ndarray, n
         for k, pred in preds.items():
             correct[k] += int((pred == y).sum())
             agree[k] += int((pred == preds[first]).sum())
-    return {k: {"test_accuracy": round(correct[k] / n, 4) if n else None,
-                f"argmax_agreement_with_{first}": round(agree[k] / n, 4) if n else None, "test_images": n}
-            for k in models}
+    return {
+        k: {
+            "test_accuracy": round(correct[k] / n, 4) if n else None,
+            f"argmax_agreement_with_{first}": round(agree[k] / n, 4) if n else None,
+            "test_images": n,
+        }
+        for k in models
+    }
 
 
 LATENCY_RUNS = {1: 20, 32: 7}  # timed runs per batch size, after two warm-up runs each
@@ -244,18 +274,28 @@ def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.
     report: dict = {}
     for k, path in models.items():
         ms = {f"batch_{b}": lat[b][k] for b in LATENCY_RUNS}
-        report[k] = {"path": str(path), "bytes": path.stat().st_size, **acc[k], "latency_ms": ms,
-                     "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1)}
+        report[k] = {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            **acc[k],
+            "latency_ms": ms,
+            "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1),
+        }
     if "int8" in report:
         f, q = report["fp32"], report["int8"]
         for b in LATENCY_RUNS:
             report[f"int8_speedup_batch_{b}"] = round(f["latency_ms"][f"batch_{b}"] / q["latency_ms"][f"batch_{b}"], 2)
         if f["test_accuracy"] is not None:
             report["int8_accuracy_drop"] = round(f["test_accuracy"] - q["test_accuracy"], 4)
-    report["latency_setup"] = {"runs": {f"batch_{b}": r for b, r in LATENCY_RUNS.items()}, "statistic": "median",
-                               "order": "models interleaved run by run", "threads": "onnxruntime default",
-                               "cpu_cores": os.cpu_count(), "machine": platform.machine(),
-                               "processor": platform.processor() or None}
+    report["latency_setup"] = {
+        "runs": {f"batch_{b}": r for b, r in LATENCY_RUNS.items()},
+        "statistic": "median",
+        "order": "models interleaved run by run",
+        "threads": "onnxruntime default",
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
     return report
 
 
@@ -293,8 +333,15 @@ def export(params: Params) -> dict:
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
-    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"],
-                         model_name(payload))
+    meta = onnx_metadata(
+        payload["classes"],
+        bb.preprocess,
+        bb.name,
+        bb.fingerprint,
+        data_hash(manifest),
+        payload["kind"],
+        model_name(payload),
+    )
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
     q_path = int8_path(xp.out)
     with atomic_path(xp.out) as tmp:
@@ -302,10 +349,19 @@ def export(params: Params) -> dict:
         drift = check_against_torch(tmp, model, images, xp.atol)
         if xp.quantize == "int8":
             reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
-            q_meta = {**meta, "graft.quantization": json.dumps({
-                "dtype": "int8", "method": "onnxruntime static QDQ", "weights": "int8 per-channel",
-                "activations": "uint8 MinMax", "float": "head; first and last Conv of deep nets",
-                "calibration_images": xp.calibration_images})}
+            q_meta = {
+                **meta,
+                "graft.quantization": json.dumps(
+                    {
+                        "dtype": "int8",
+                        "method": "onnxruntime static QDQ",
+                        "weights": "int8 per-channel",
+                        "activations": "uint8 MinMax",
+                        "float": "head; first and last Conv of deep nets",
+                        "calibration_images": xp.calibration_images,
+                    }
+                ),
+            }
             with atomic_path(q_path) as q_tmp:
                 quantize_int8(tmp, q_tmp, reader, q_meta)
     if xp.quantize is None:
@@ -317,9 +373,12 @@ def export(params: Params) -> dict:
     write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
     summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
     if xp.quantize:
-        summary.update(int8=str(q_path), int8_bytes=q_path.stat().st_size,
-                       int8_speedup_batch_32=report["int8_speedup_batch_32"],
-                       int8_accuracy_drop=report.get("int8_accuracy_drop"))
+        summary.update(
+            int8=str(q_path),
+            int8_bytes=q_path.stat().st_size,
+            int8_speedup_batch_32=report["int8_speedup_batch_32"],
+            int8_accuracy_drop=report.get("int8_accuracy_drop"),
+        )
     return summary
 
 

@@ -26,11 +26,19 @@ def make_params(root: Path, overrides: dict | None = None) -> Params:
     raw = {
         "data": {"root": str(root / "raw"), "out_dir": str(root / "data")},
         # taps: the plain features keep most tests about featurize mechanics, not the auto-mode taps (own tests)
-        "featurize": {"backbone": "tiny_cnn", "cache_dir": str(root / "cache"), "out": str(root / "data/features.parquet"),
-                      "batch_size": 8, "taps": ["last"]},
+        "featurize": {
+            "backbone": "tiny_cnn",
+            "cache_dir": str(root / "cache"),
+            "out": str(root / "data/features.parquet"),
+            "batch_size": 8,
+            "taps": ["last"],
+        },
         "train": {"model_dir": str(root / "models"), "mode": "head"},
-        "evaluate": {"metrics_dir": str(root / "metrics"), "plots_dir": str(root / "plots"),
-                     "report": str(root / "reports/report.md")},
+        "evaluate": {
+            "metrics_dir": str(root / "metrics"),
+            "plots_dir": str(root / "plots"),
+            "report": str(root / "reports/report.md"),
+        },
         "export": {"out": str(root / "models/model.onnx")},
     }
     return parse_params(_merge(raw, overrides or {}))
@@ -48,7 +56,9 @@ def class_image(label_index: int, i: int, size: tuple[int, int] = (40, 32)) -> I
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 12, fmt: str = "PNG") -> list[Path]:
+def write_tree(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 12, fmt: str = "PNG"
+) -> list[Path]:
     """Write ``per_class`` generated images into ``root/<class>/``; return their paths."""
     paths = []
     ext = {"PNG": "png", "JPEG": "jpg"}[fmt]

@@ -33,8 +33,11 @@ FEATURE_ONLY = ["pixels", "logreg", "mlp", "multilayer", "fusion"]
 def _workspace(root: Path, signal: dict[str, float], per_class: int = 40, seed: int = 0) -> tuple:
     """manifest, classes and a features.parquet whose ``signal`` taps separate the classes (others are noise)."""
     desc = describe_backbone("tiny_cnn", None, None, TAPS, 4)
-    meta = {"graft.backbone": "tiny_cnn", "graft.fingerprint": fingerprint_of(desc),
-            "graft.description": json.dumps(desc, sort_keys=True)}
+    meta = {
+        "graft.backbone": "tiny_cnn",
+        "graft.fingerprint": fingerprint_of(desc),
+        "graft.description": json.dumps(desc, sort_keys=True),
+    }
     rng = np.random.default_rng(seed)
     n = per_class * len(CLASSES)
     y = np.repeat(np.arange(len(CLASSES)), per_class)
@@ -45,26 +48,44 @@ def _workspace(root: Path, signal: dict[str, float], per_class: int = 40, seed: 
         x[:, cols] += centres[y]
     shas = [f"{i:064x}" for i in range(n)]
     split = np.array(["train", "train", "train", "train", "val", "test"] * (n // 6 + 1))[rng.permutation(n)]
-    manifest = pd.DataFrame({"path": [f"{CLASSES[c]}/{i}.png" for i, c in enumerate(y)], "sha256": shas,
-                             "label": [CLASSES[c] for c in y], "split": split, "width": 32, "height": 32})
+    manifest = pd.DataFrame(
+        {
+            "path": [f"{CLASSES[c]}/{i}.png" for i, c in enumerate(y)],
+            "sha256": shas,
+            "label": [CLASSES[c] for c in y],
+            "split": split,
+            "width": 32,
+            "height": 32,
+        }
+    )
     (root / "data").mkdir(parents=True)
     write_parquet(root / "data/manifest.parquet", manifest)
     write_json(root / "data/classes.json", {"classes": CLASSES})
     table = feature_table(shas, x, desc["feature_dim"])
-    write_parquet(root / "data/features.parquet", table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()}))
+    write_parquet(
+        root / "data/features.parquet", table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+    )
     return manifest, x, meta
 
 
 def _params(root: Path, **train):
-    return make_params(root, {"featurize": {"taps": list(TAPS), "raw_size": 4},
-                              "train": {"mode": "auto", "candidates": FEATURE_ONLY, **train}})
+    return make_params(
+        root,
+        {
+            "featurize": {"taps": list(TAPS), "raw_size": 4},
+            "train": {"mode": "auto", "candidates": FEATURE_ONLY, **train},
+        },
+    )
 
 
-@pytest.mark.parametrize(("signal", "winner"), [
-    ({"raw": 1.0}, "pixels"),  # ImageNet features are noise: the raw-pixel model must win (and be shipped)
-    ({"last": 1.0}, "logreg"),  # the usual probe
-    ({"stages": 1.0}, "multilayer"),  # only the intermediate stages know the class
-])
+@pytest.mark.parametrize(
+    ("signal", "winner"),
+    [
+        ({"raw": 1.0}, "pixels"),  # ImageNet features are noise: the raw-pixel model must win (and be shipped)
+        ({"last": 1.0}, "logreg"),  # the usual probe
+        ({"stages": 1.0}, "multilayer"),  # only the intermediate stages know the class
+    ],
+)
 def test_the_candidate_reading_the_signal_wins(tmp_path: Path, signal: dict, winner: str) -> None:
     _workspace(tmp_path, signal)
     summary = auto(_params(tmp_path))
@@ -83,7 +104,10 @@ def test_fusion_wins_when_pixels_and_stages_know_different_classes(tmp_path: Pat
     x[:, raw[:4]] += 3.0 * (y == 0)[:, None]
     x[:, stages[:4]] += 3.0 * (y == 1)[:, None] - 3.0 * (y == 2)[:, None] + rng.normal(size=(len(y), 1)) * 0.1
     table = feature_table(manifest["sha256"].tolist(), x, x.shape[1])
-    write_parquet(tmp_path / "data/features.parquet", table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()}))
+    write_parquet(
+        tmp_path / "data/features.parquet",
+        table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()}),
+    )
     assert auto(_params(tmp_path))["chosen"] == "fusion"
 
 
@@ -140,9 +164,13 @@ def test_finetune_candidate_lp_ft_on_images(tmp_path: Path, one_torch_thread) ->
     from graft.stages import run_stage
 
     write_tree(tmp_path / "raw", classes=("cat", "dog", "bird"), per_class=14)
-    params = make_params(tmp_path, {"featurize": {"taps": list(TAPS), "raw_size": 4},
-                                    "train": {"mode": "auto", "candidates": ["logreg", "finetune"],
-                                              "finetune": {"epochs": 2, "batch_size": 8}}})
+    params = make_params(
+        tmp_path,
+        {
+            "featurize": {"taps": list(TAPS), "raw_size": 4},
+            "train": {"mode": "auto", "candidates": ["logreg", "finetune"], "finetune": {"epochs": 2, "batch_size": 8}},
+        },
+    )
     for stage in ("ingest", "featurize", "train"):
         run_stage(stage, params)
     board = pd.read_csv(tmp_path / "metrics/leaderboard.csv").set_index("candidate")
@@ -155,9 +183,13 @@ def test_a_candidate_that_cannot_fit_the_budget_is_skipped_and_said(tmp_path: Pa
     from graft.stages import run_stage
 
     write_tree(tmp_path / "raw", classes=("cat", "dog"), per_class=10)
-    params = make_params(tmp_path, {"featurize": {"taps": list(TAPS), "raw_size": 4},
-                                    "train": {"mode": "auto", "candidates": ["logreg", "finetune"],
-                                              "budget_minutes": 1e-4}})
+    params = make_params(
+        tmp_path,
+        {
+            "featurize": {"taps": list(TAPS), "raw_size": 4},
+            "train": {"mode": "auto", "candidates": ["logreg", "finetune"], "budget_minutes": 1e-4},
+        },
+    )
     for stage in ("ingest", "featurize", "train"):
         run_stage(stage, params)
     board = pd.read_csv(tmp_path / "metrics/leaderboard.csv").set_index("candidate")
@@ -174,10 +206,17 @@ def test_auto_needs_the_taps_it_reads(tmp_path: Path) -> None:
     cols = tap_columns(meta, ("last",))
     x = table["feature"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)[:, cols]
     plain = describe_backbone("tiny_cnn")
-    new_meta = {"graft.backbone": "tiny_cnn", "graft.fingerprint": fingerprint_of(plain),
-                "graft.description": json.dumps(plain, sort_keys=True)}
-    write_parquet(tmp_path / "data/features.parquet", feature_table(table["sha256"].to_pylist(), x, plain["feature_dim"])
-                  .replace_schema_metadata({k.encode(): v.encode() for k, v in new_meta.items()}))
+    new_meta = {
+        "graft.backbone": "tiny_cnn",
+        "graft.fingerprint": fingerprint_of(plain),
+        "graft.description": json.dumps(plain, sort_keys=True),
+    }
+    write_parquet(
+        tmp_path / "data/features.parquet",
+        feature_table(table["sha256"].to_pylist(), x, plain["feature_dim"]).replace_schema_metadata(
+            {k.encode(): v.encode() for k, v in new_meta.items()}
+        ),
+    )
     assert desc["taps"] == list(TAPS)
     auto(_params(tmp_path, candidates=["pixels", "logreg"]))
     board = pd.read_csv(tmp_path / "metrics/leaderboard.csv").set_index("candidate")

@@ -133,8 +133,9 @@ def test_map_lite0_keys_rejects_missing_tensor(lite0_sd) -> None:
 def test_map_lite0_keys_rejects_unknown_key() -> None:
     """A lukemelas-style key that has no timm counterpart is an error."""
     with pytest.raises(GraftError, match="unexpected key _mystery.weight"):
-        map_lite0_keys({"_blocks.0._depthwise_conv.weight": torch.zeros(1), "_mystery.weight": torch.zeros(1)},
-                       _timm_lite0())
+        map_lite0_keys(
+            {"_blocks.0._depthwise_conv.weight": torch.zeros(1), "_mystery.weight": torch.zeros(1)}, _timm_lite0()
+        )
 
 
 def test_map_lite0_keys_passes_timm_keys_through() -> None:
@@ -275,8 +276,12 @@ def test_unknown_backbone() -> None:
 
 # Feature-cache keys computed with the code before the registry became declarative: they must never move
 # (a change would silently orphan every cached feature). Not metrics: compatibility constants.
-CACHE_KEYS = {("efficientnet_lite0", None): "2bbd70d0006a11fd", ("efficientnet_lite0", 96): "49caf68113772850",
-              ("tiny_cnn", None): "a3b6baada738b675", ("tiny_cnn", 48): "0e2cf2010d702882"}
+CACHE_KEYS = {
+    ("efficientnet_lite0", None): "2bbd70d0006a11fd",
+    ("efficientnet_lite0", 96): "49caf68113772850",
+    ("tiny_cnn", None): "a3b6baada738b675",
+    ("tiny_cnn", 48): "0e2cf2010d702882",
+}
 
 
 @pytest.mark.parametrize(("name", "size"), list(CACHE_KEYS))
@@ -373,9 +378,16 @@ def _saved_random_weights(arch: str, path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "efficientnet_b0",
-                                  pytest.param("resnet50", marks=pytest.mark.slow),
-                                  pytest.param("convnext_tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        pytest.param("convnext_tiny", marks=pytest.mark.slow),
+    ],
+)
 def test_torchvision_stage_taps(tmp_path: Path, name: str) -> None:
     """Each stage's width is as registered and the last stage, pooled, is the plain features."""
     weights = _saved_random_weights(REGISTRY[name].arch, tmp_path / "w.pth")
@@ -387,7 +399,9 @@ def test_torchvision_stage_taps(tmp_path: Path, name: str) -> None:
         stages, _ = tapped.model._stages(tapped.model.normalize(x))
     assert [s.shape[1] for s in stages] == [d for _, _, d in REGISTRY[name].stages]
     sl = tapped.tap_slices
-    assert f.shape == (2, tapped.feature_dim) and tapped.describe() == describe_backbone(name, weights, taps=["stages", "last"])
+    assert f.shape == (2, tapped.feature_dim) and tapped.describe() == describe_backbone(
+        name, weights, taps=["stages", "last"]
+    )
     torch.testing.assert_close(f[:, sl["last"]], ref, rtol=0, atol=0)
     torch.testing.assert_close(f[:, sl[f"stages/{REGISTRY[name].stages[-1][0]}"]], ref, rtol=1e-5, atol=1e-5)
 
@@ -437,7 +451,7 @@ def test_raw_tap_equals_numpy_reference(crop: int, raw_size: int) -> None:
         got = bb.model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, _numpy_raw(x.astype(np.float64), raw_size), rtol=0, atol=1e-5)
     assert got.shape == (4, raw_size**2) and bb.feature_dim == raw_size**2
-    assert 0.0 <= got.min() and got.max() <= 1.0
+    assert got.min() >= 0.0 and got.max() <= 1.0
 
 
 def test_raw_tap_alone_builds_no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -459,12 +473,15 @@ def test_raw_tap_alone_builds_no_network(monkeypatch: pytest.MonkeyPatch, tmp_pa
         assert bb.model(x).shape == (2, 256)
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"taps": ("last", "pixels")}, "unknown feature tap 'pixels'"),
-    ({"taps": ()}, "no feature taps"),
-    ({"taps": ("raw",), "raw_size": 0}, "raw_size 0"),
-    ({"taps": ("raw", "last"), "raw_size": 33}, "crop size 32"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"taps": ("last", "pixels")}, "unknown feature tap 'pixels'"),
+        ({"taps": ()}, "no feature taps"),
+        ({"taps": ("raw",), "raw_size": 0}, "raw_size 0"),
+        ({"taps": ("raw", "last"), "raw_size": 33}, "crop size 32"),
+    ],
+)
 def test_bad_taps_are_one_line_errors(kwargs: dict, needle: str) -> None:
     """Unknown or empty taps and an out-of-range raw_size fail in one line, described or built."""
     for fn in (describe_backbone, build_backbone):
@@ -481,9 +498,16 @@ def _onnx_parity(model: torch.nn.Module, size: int, path: Path) -> float:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(2, 3, size, size),), str(path), input_names=["image"],
-                          output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.rand(2, 3, size, size),),
+            str(path),
+            input_names=["image"],
+            output_names=["features"],
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for n in (1, 5):
@@ -592,13 +616,22 @@ def test_preprocess_round_trips_through_its_dict() -> None:
 _GOOD = {"resize": 256, "crop": 224, "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear"}
 
 
-@pytest.mark.parametrize(("change", "needle"), [
-    ({"resize": 0}, "preprocess resize"), ({"crop": 22.5}, "preprocess crop"), ({"crop": True}, "preprocess crop"),
-    ({"crop": 300}, "crop 300 is larger than resize 256"), ({"mean": [0.5, 0.5]}, "preprocess mean"),
-    ({"std": [0.2, 0.0, 0.2]}, "preprocess std"), ({"mean": [0.5, "x", 0.5]}, "preprocess mean"),
-    ({"std": [0.2, float("nan"), 0.2]}, "preprocess std"), ({"interpolation": "lanczos9"}, "'lanczos9'"),
-    ({"height": 224}, "unknown key 'height'"), ({"resize": None}, "preprocess resize"),
-])
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"resize": 0}, "preprocess resize"),
+        ({"crop": 22.5}, "preprocess crop"),
+        ({"crop": True}, "preprocess crop"),
+        ({"crop": 300}, "crop 300 is larger than resize 256"),
+        ({"mean": [0.5, 0.5]}, "preprocess mean"),
+        ({"std": [0.2, 0.0, 0.2]}, "preprocess std"),
+        ({"mean": [0.5, "x", 0.5]}, "preprocess mean"),
+        ({"std": [0.2, float("nan"), 0.2]}, "preprocess std"),
+        ({"interpolation": "lanczos9"}, "'lanczos9'"),
+        ({"height": 224}, "unknown key 'height'"),
+        ({"resize": None}, "preprocess resize"),
+    ],
+)
 def test_preprocess_from_dict_rejects_bad_values(change: dict, needle: str) -> None:
     """Each bad schema value is a one-line GraftError naming the key."""
     with pytest.raises(GraftError) as info:

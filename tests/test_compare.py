@@ -105,12 +105,12 @@ def test_mcnemar_matches_hand_computed_binomial_tails():
     y = np.zeros(20, int)
     a, b = np.zeros(20, int), np.zeros(20, int)
     b[:5] = 1  # 5 images only a gets right, none only b gets right, 15 both right
-    assert mcnemar(y, a, b) == {"b": 5, "c": 0, "p": pytest.approx(2 * 0.5 ** 5)}
+    assert mcnemar(y, a, b) == {"b": 5, "c": 0, "p": pytest.approx(2 * 0.5**5)}
     a, b = np.zeros(20, int), np.zeros(20, int)
     a[:2], b[2:12] = 1, 1  # b = 10 (a right only), c = 2 (b right only)
     r = mcnemar(y, a, b)
     assert (r["b"], r["c"]) == (10, 2)
-    assert r["p"] == pytest.approx(2 * (1 + 12 + 66) / 2 ** 12)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    assert r["p"] == pytest.approx(2 * (1 + 12 + 66) / 2**12)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
     assert mcnemar(y, a, a)["p"] == 1.0  # no discordant pair
 
 
@@ -123,10 +123,13 @@ def test_verdict_follows_the_interval():
 
 def test_sentence_wording_for_the_three_verdicts():
     base = {"metric": "macro_f1", "n": 273, "p": 0.004}
-    wins = comparison_sentence("efficientnet_lite0 + logreg head", "the raw-pixel baseline",
-                               {**base, "diff": 0.031, "lo": 0.012, "hi": 0.050})
-    assert wins == ("efficientnet_lite0 + logreg head wins against the raw-pixel baseline: macro-F1 +3.1 pt "
-                    "(95% CI +1.2 to +5.0, paired bootstrap, n=273); McNemar p=0.004.")
+    wins = comparison_sentence(
+        "efficientnet_lite0 + logreg head", "the raw-pixel baseline", {**base, "diff": 0.031, "lo": 0.012, "hi": 0.050}
+    )
+    assert wins == (
+        "efficientnet_lite0 + logreg head wins against the raw-pixel baseline: macro-F1 +3.1 pt "
+        "(95% CI +1.2 to +5.0, paired bootstrap, n=273); McNemar p=0.004."
+    )
     # A positive point estimate whose interval includes 0 is a tie, not a win.
     ties = comparison_sentence("A", "B", {**base, "diff": 0.04, "lo": -0.005, "hi": 0.085, "p": 0.2})
     assert ties.startswith("A is tied with B (the interval includes 0): macro-F1 +4.0 pt (95% CI -0.5 to +8.5")

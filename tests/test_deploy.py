@@ -63,9 +63,14 @@ def test_served_deployment_runs_to_completion_one_at_a_time(tmp_path: Path) -> N
     """Two runs triggered at once both complete, the second starting after the first ended."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PYTHONPATH": str(REPO),
+    }
     ws = tmp_path / "ws"
     (ws / "raw").mkdir(parents=True)
     write_tree(ws / "raw", per_class=8)
@@ -74,15 +79,30 @@ def test_served_deployment_runs_to_completion_one_at_a_time(tmp_path: Path) -> N
 
     procs = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(port)], env=env, cwd=tmp_path,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         _wait_for(lambda: _healthy(api), 120, "the Prefect server")
-        procs.append(subprocess.Popen([sys.executable, "-m", "graft.flows.deploy", "--params", str(params_path),
-                                       "--cron", "0 0 1 1 *"], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        listed = lambda: "graft-pipeline" in subprocess.run(  # noqa: E731
-            [sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True, text=True).stdout
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "graft.flows.deploy", "--params", str(params_path), "--cron", "0 0 1 1 *"],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+        def listed() -> bool:
+            ls = [sys.executable, "-m", "prefect", "deployment", "ls"]
+            return "graft-pipeline" in subprocess.run(ls, env=env, capture_output=True, text=True).stdout
+
         _wait_for(listed, 120, "the served deployments")
         out = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=700)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -26,16 +26,23 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The repository's tracked files in a new git repo, with a small real subset of the demo digits."""
     dst = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }
     _run(["graft", "demo-data", "--out", "data/raw", "--per-class", "12"], dst, env)
     _run(["git", "init", "-q"], dst, env)
     _run(["git", "add", "-A"], dst, env)
@@ -109,8 +116,23 @@ def test_predict_with_the_exported_model(repo_copy: tuple[Path, dict]) -> None:
 def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tuple[Path, dict]) -> None:
     """`dvc exp run -S train.mode=finetune` fine-tunes the real Lite0 and exports the same ONNX contract."""
     repo, env = repo_copy
-    out = _run(["dvc", "exp", "run", "-S", "train.mode=finetune", "-S", "train.finetune.epochs=4", "-S", "train.finetune.batch_size=16",
-                "-S", "train.finetune.image_size=64"], repo, env).stdout
+    out = _run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "train.mode=finetune",
+            "-S",
+            "train.finetune.epochs=4",
+            "-S",
+            "train.finetune.batch_size=16",
+            "-S",
+            "train.finetune.image_size=64",
+        ],
+        repo,
+        env,
+    ).stdout
     assert "Running stage 'train'" in out and "Running stage 'featurize'" not in out
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert metrics["model_name"] == "efficientnet_lite0 fine-tuned at 64 px"

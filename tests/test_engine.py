@@ -19,9 +19,9 @@ import graft.engine
 import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone, describe_backbone, fingerprint_of
+from graft.cache import feature_schema, load_feature_table
 from graft.engine import ONNX_FILE, TorchEngine, ort_engine, plan_threads, resolve_engine
 from graft.tasks.featurize import featurize
-from graft.cache import feature_schema, load_feature_table
 from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
@@ -36,8 +36,17 @@ def setup(ws: Path):
 
 def _params(ws: Path, engine: str, cache: str = "cache", **extra):
     """Params for ``engine`` writing into their own cache folder and feature table."""
-    return make_params(ws, {"featurize": {"engine": engine, "cache_dir": str(ws / cache),
-                                          "out": str(ws / f"data/features-{cache}.parquet"), **extra}})
+    return make_params(
+        ws,
+        {
+            "featurize": {
+                "engine": engine,
+                "cache_dir": str(ws / cache),
+                "out": str(ws / f"data/features-{cache}.parquet"),
+                **extra,
+            }
+        },
+    )
 
 
 @pytest.fixture
@@ -146,9 +155,13 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     (cache / "meta.json").write_text(json.dumps(desc))
     shas = sorted(set(pd.read_parquet(ws / "data/manifest.parquet")["sha256"]))
     feats = np.random.default_rng(0).random((len(shas), 1280), dtype=np.float32)
-    pq.write_table(pa.table({"sha256": pa.array(shas, pa.string()),
-                             "feature": pa.FixedSizeListArray.from_arrays(feats.ravel(), 1280)},
-                            schema=feature_schema(1280)), cache / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(feats.ravel(), 1280)},
+            schema=feature_schema(1280),
+        ),
+        cache / "part-0.parquet",
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("must not be called on a cache hit")
@@ -162,15 +175,20 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     assert meta["graft.fingerprint"] == fingerprint_of(desc)
 
 
-@pytest.mark.parametrize(("threads", "streams", "cores", "plan"), [
-    (0, 0, 2, (2, 1)),  # default on 2 cores: two single-threaded sessions
-    (0, 1, 2, (1, 2)),  # one session using both cores
-    (4, 2, 2, (2, 2)),
-    (2, 8, 2, (2, 1)),  # never more streams than threads
-    (0, 0, 1, (1, 1)),
-    (0, 0, 16, (4, 4)),  # many cores: at most 4 sessions, threads split inside them
-])
-def test_plan_threads(threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("threads", "streams", "cores", "plan"),
+    [
+        (0, 0, 2, (2, 1)),  # default on 2 cores: two single-threaded sessions
+        (0, 1, 2, (1, 2)),  # one session using both cores
+        (4, 2, 2, (2, 2)),
+        (2, 8, 2, (2, 1)),  # never more streams than threads
+        (0, 0, 1, (1, 1)),
+        (0, 0, 16, (4, 4)),  # many cores: at most 4 sessions, threads split inside them
+    ],
+)
+def test_plan_threads(
+    threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """(streams, threads per stream) from featurize.threads and featurize.streams."""
     monkeypatch.setattr(graft.engine, "cpu_cores", lambda: cores)
     assert plan_threads(threads, streams) == plan
@@ -214,8 +232,8 @@ def test_lite0_description_equals_built(lite0, image_size: int | None) -> None:
 @pytest.mark.slow
 def test_lite0_onnx_engine_matches_torch(lite0, tmp_path: Path) -> None:
     """Lite0 exported for onnxruntime gives torch's features on a real photo within 1e-4."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     from graft.images import preprocess
 

@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from graft import GraftError
-from graft.tasks.evaluate import evaluate
 from graft.metrics import classification_metrics, expected_calibration_error
+from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
@@ -110,7 +110,7 @@ def test_metrics_json_sections(evaluated) -> None:
     m = json.loads((root / "metrics" / "metrics.json").read_text())
     assert m == json.loads(json.dumps(returned))
     assert METRIC_KEYS | {"per_class"} <= set(m["model"])
-    assert METRIC_KEYS <= set(m["baseline"])
+    assert set(m["baseline"]) >= METRIC_KEYS
     for section in ("model", "baseline"):
         for key in ("accuracy", "macro_f1", "balanced_accuracy", "ece"):
             assert 0.0 <= m[section][key] <= 1.0, (section, key)

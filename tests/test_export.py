@@ -16,13 +16,11 @@ import torch
 
 import graft.tasks.export
 from graft import GraftError
-from graft.images import load_batch
-from graft.model import classifier_from_payload, load_model
-from graft.tasks.evaluate import evaluate
-from graft.predict import OnnxClassifier
 from graft.dataset import data_hash
-from graft.images import Preprocess
-from graft.predict import PREPROCESS_KEYS
+from graft.images import Preprocess, load_batch
+from graft.model import classifier_from_payload, load_model
+from graft.predict import PREPROCESS_KEYS, OnnxClassifier
+from graft.tasks.evaluate import evaluate
 from graft.tasks.export import calibration_paths, export, int8_path
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
@@ -126,8 +124,9 @@ def _copy_workspace(root: Path, dst: Path):
 def _always_drifts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the numeric check fail for real: the true comparison with a tolerance nothing can meet."""
     real = graft.tasks.export.check_against_torch
-    monkeypatch.setattr(graft.tasks.export, "check_against_torch",
-                        lambda path, model, images, atol: real(path, model, images, -1.0))
+    monkeypatch.setattr(
+        graft.tasks.export, "check_against_torch", lambda path, model, images, atol: real(path, model, images, -1.0)
+    )
 
 
 def test_failed_check_keeps_previous_model(exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +153,8 @@ def test_failed_check_publishes_nothing(exported, tmp_path: Path, monkeypatch: p
         export(params)
     assert not out.exists()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(
-        p.name for p in (root / "models").iterdir() if p.name != out.name)
+        p.name for p in (root / "models").iterdir() if p.name != out.name
+    )
 
 
 def test_stale_backbone_is_refused(exported, tmp_path: Path) -> None:
@@ -231,8 +231,9 @@ def test_export_json_fields(exported) -> None:
     assert report["fp32"]["argmax_agreement_with_fp32"] == 1.0
     assert 0.0 <= report["int8"]["argmax_agreement_with_fp32"] <= 1.0
     assert report["int8_speedup_batch_32"] > 0 and report["int8_speedup_batch_1"] > 0
-    assert report["int8_accuracy_drop"] == pytest.approx(report["fp32"]["test_accuracy"] - report["int8"]["test_accuracy"],
-                                                         abs=1e-4)
+    assert report["int8_accuracy_drop"] == pytest.approx(
+        report["fp32"]["test_accuracy"] - report["int8"]["test_accuracy"], abs=1e-4
+    )
     assert report["latency_setup"]["statistic"] == "median"
     assert summary["int8_speedup_batch_32"] == report["int8_speedup_batch_32"]
 
@@ -261,7 +262,9 @@ def test_calibration_uses_train_split_only(exported) -> None:
     assert len(rel) == len(set(rel)) == 6
     assert (rows["split"] == "train").all()
     assert set(rows["label"].head(3)) == set(CLASSES)
-    assert len(calibration_paths(manifest, root / "raw", 10_000)) == manifest.query("split == 'train'")["sha256"].nunique()
+    assert (
+        len(calibration_paths(manifest, root / "raw", 10_000)) == manifest.query("split == 'train'")["sha256"].nunique()
+    )
 
 
 def test_failed_quantization_publishes_neither(exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,8 @@ import json
 import os
 import shutil
 import threading
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,9 @@ import torch
 import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
-from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
 from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
 
@@ -165,8 +165,11 @@ def test_cached_features_match_direct_forward(setup) -> None:
     with torch.no_grad():
         direct = bb.model(x)[0].numpy()
     np.testing.assert_allclose(feats[row["sha256"]], direct, rtol=1e-5, atol=1e-5)
-    assert meta == {"graft.backbone": "tiny_cnn", "graft.fingerprint": bb.fingerprint,
-                    "graft.description": json.dumps(bb.describe(), sort_keys=True)}
+    assert meta == {
+        "graft.backbone": "tiny_cnn",
+        "graft.fingerprint": bb.fingerprint,
+        "graft.description": json.dumps(bb.describe(), sort_keys=True),
+    }
 
 
 def test_foreign_part_with_other_dim_is_rejected(setup) -> None:
@@ -175,8 +178,12 @@ def test_foreign_part_with_other_dim_is_rejected(setup) -> None:
     summary = featurize(params)
     cache = Path(summary["cache"])
     foreign = cache / "part-foreign.parquet"
-    table = pa.table({"sha256": pa.array(["0" * 64], pa.string()),
-                      "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(16, np.float32)), 16)})
+    table = pa.table(
+        {
+            "sha256": pa.array(["0" * 64], pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(16, np.float32)), 16),
+        }
+    )
     pq.write_table(table, foreign)
     with pytest.raises(GraftError) as info:
         featurize(params)
@@ -190,8 +197,12 @@ def test_foreign_part_with_other_dtype_is_rejected(setup) -> None:
     ws, params = setup
     summary = featurize(params)
     foreign = Path(summary["cache"]) / "part-float64.parquet"
-    table = pa.table({"sha256": pa.array(["1" * 64], pa.string()),
-                      "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(DIM, np.float64)), DIM)})
+    table = pa.table(
+        {
+            "sha256": pa.array(["1" * 64], pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(DIM, np.float64)), DIM),
+        }
+    )
     pq.write_table(table, foreign)
     with pytest.raises(GraftError, match="part-float64.parquet"):
         featurize(params)
@@ -235,7 +246,8 @@ def test_changed_preprocessing_gets_new_cache(setup) -> None:
     assert second["cache"] != first["cache"]
     assert second["computed"] == bigger.seen == 20
     assert sorted(p.name for p in Path(params.featurize.cache_dir).iterdir()) == sorted(
-        [Path(first["cache"]).name, Path(second["cache"]).name])
+        [Path(first["cache"]).name, Path(second["cache"]).name]
+    )
 
 
 def test_features_parquet_one_row_per_unique_image(setup) -> None:
@@ -256,8 +268,13 @@ def test_no_tmp_files_left(setup) -> None:
     ws, params = setup
     featurize(params)
     featurize(params)
-    leftovers = [f for d in (params.featurize.cache_dir, Path(params.featurize.out).parent)
-                 for _, _, files in os.walk(d) for f in files if f.endswith(".tmp")]
+    leftovers = [
+        f
+        for d in (params.featurize.cache_dir, Path(params.featurize.out).parent)
+        for _, _, files in os.walk(d)
+        for f in files
+        if f.endswith(".tmp")
+    ]
     assert leftovers == []
     assert (Path(featurize(params)["cache"]) / "meta.json").is_file()
 
@@ -316,9 +333,11 @@ def test_interrupted_run_keeps_what_was_done(ws: Path) -> None:
     params = make_params(ws, {"featurize": {"batch_size": 2, "part_rows": 4}})
     ingest(params)
     counter = CountingBackbone()
-    with mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)):
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            featurize(params, backbone=counter.bb)
+    with (
+        mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)),
+        pytest.raises(RuntimeError, match="simulated crash"),
+    ):
+        featurize(params, backbone=counter.bb)
     cache = cache_dir_for(params.featurize.cache_dir, counter.bb.name, counter.bb.fingerprint)
     kept = _cached_rows(cache)
     assert len(kept) == len(set(kept)) == 10  # 5 batches of 2, none lost, none twice
@@ -345,9 +364,13 @@ def test_feature_table_streams_part_by_part(setup) -> None:
     params = make_params(ws, {"featurize": {"engine": params.featurize.engine, "part_rows": 6}})
     summary = featurize(params)
     cache = Path(summary["cache"])
-    foreign = pa.table({"sha256": pa.array(["e" * 64], pa.string()),
-                        "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)},
-                       schema=feature_schema(DIM))
+    foreign = pa.table(
+        {
+            "sha256": pa.array(["e" * 64], pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM),
+        },
+        schema=feature_schema(DIM),
+    )
     pq.write_table(foreign, cache / "part-0-unrelated.parquet")
     featurize(params)
     meta = pq.read_metadata(params.featurize.out)
@@ -391,8 +414,12 @@ def test_sigkill_midway_then_rerun_computes_the_rest(ws: Path) -> None:
     params = make_params(ws, overrides)
     ingest(params)
     cache = cache_dir_for(params.featurize.cache_dir, "tiny_cnn", build_backbone("tiny_cnn").fingerprint)
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(params.model_dump(mode="json"))],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, json.dumps(params.model_dump(mode="json"))],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not (cache.is_dir() and _parts(cache)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -413,9 +440,13 @@ def test_cached_keys_among_the_manifest(setup) -> None:
     ws, params = setup
     summary = featurize(params)
     cache = Path(summary["cache"])
-    other = pa.table({"sha256": pa.array(["d" * 64], pa.string()),
-                      "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)},
-                     schema=feature_schema(DIM))
+    other = pa.table(
+        {
+            "sha256": pa.array(["d" * 64], pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM),
+        },
+        schema=feature_schema(DIM),
+    )
     pq.write_table(other, cache / "part-other-project.parquet")
     shas = _unique(params)
     assert cached_keys(cache, DIM) == shas | {"d" * 64}

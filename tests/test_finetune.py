@@ -10,12 +10,11 @@ import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
-from graft.model import Classifier, load_model, make_head, head_config
-from graft.params import FinetuneParams, parse_params
-from graft.model import initial_model
+from graft.model import Classifier, head_config, initial_model, load_model, make_head
+from graft.params import FinetuneParams, Params, parse_params
 from graft.tasks.finetune import finetune
-from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, trainable_groups, train_mode
 from graft.tasks.ingest import ingest
+from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, train_mode, trainable_groups
 from tests.conftest import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
@@ -27,7 +26,7 @@ def tiny_classifier(n_classes: int = 3) -> tuple[Classifier, list]:
     return model, layer_groups(model.features.body)
 
 
-def ft_params(ws: Path, **finetune: object) -> "Params":  # noqa: F821
+def ft_params(ws: Path, **finetune: object) -> Params:
     return make_params(ws, {"train": {"mode": "finetune", "finetune": {**FAST, **finetune}}})
 
 
@@ -47,9 +46,14 @@ def test_lite0_layer_groups_cover_stem_blocks_and_head_conv() -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "extra", "epoch", "expected_groups"),
-    [("head", {}, 0, 0), ("full", {}, 0, 2), ("last_n", {"last_n": 1}, 0, 1),
-     ("staged", {"head_epochs": 2}, 1, 0), ("staged", {"head_epochs": 2}, 2, 2),
-     ("staged", {"head_epochs": 1, "last_n": 1}, 1, 1)],
+    [
+        ("head", {}, 0, 0),
+        ("full", {}, 0, 2),
+        ("last_n", {"last_n": 1}, 0, 1),
+        ("staged", {"head_epochs": 2}, 1, 0),
+        ("staged", {"head_epochs": 2}, 2, 2),
+        ("staged", {"head_epochs": 1, "last_n": 1}, 1, 1),
+    ],
 )
 def test_strategies_set_requires_grad(strategy: str, extra: dict, epoch: int, expected_groups: int) -> None:
     """Each strategy trains the head plus exactly the expected top groups of the backbone."""
@@ -166,7 +170,9 @@ def test_init_from_a_source_model_with_other_classes(ws: Path) -> None:
     assert model.head.net[-1].out_features == 3
     assert "rebuilt for 3 classes" in note["head"]
 
-    same = make_params(src, {"train": {"mode": "finetune", "init_from": str(Path(sp.train.model_dir) / "model.pt"), "finetune": FAST}})
+    same = make_params(
+        src, {"train": {"mode": "finetune", "init_from": str(Path(sp.train.model_dir) / "model.pt"), "finetune": FAST}}
+    )
     model2, _, note2 = initial_model(same, ["cat", "dog"])
     assert note2["head"] == "loaded"
     assert torch.equal(model2.head.net[-1].weight, source["state_dict"]["head.net.0.weight"])
@@ -179,17 +185,22 @@ def test_init_from_a_model_with_another_backbone_is_refused(ws: Path) -> None:
     sp = ft_params(src, epochs=1)
     ingest(sp)
     finetune(sp)
-    tp = parse_params({"featurize": {"backbone": "efficientnet_lite0"},
-                       "train": {"mode": "finetune", "init_from": sp.train.model_dir}})
+    tp = parse_params(
+        {
+            "featurize": {"backbone": "efficientnet_lite0"},
+            "train": {"mode": "finetune", "init_from": sp.train.model_dir},
+        }
+    )
     with pytest.raises(GraftError, match="backbone 'tiny_cnn'"):
         initial_model(tp, ["cat", "dog"])
 
 
 def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> None:
     """Both kinds feed the same evaluate and export stages and give the same ONNX contract."""
+    import onnx
+
     from graft.tasks.evaluate import evaluate
     from graft.tasks.export import export
-    import onnx
 
     write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
     params = ft_params(ws, epochs=2)

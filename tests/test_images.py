@@ -35,8 +35,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny, well-formed PNG whose header claims ``width`` x ``height`` RGB pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_with_broken_second_chunk() -> bytes:
@@ -44,8 +48,13 @@ def png_with_broken_second_chunk() -> bytes:
     ihdr = struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0)
     raw = b"".join(b"\0" + bytes(range(48)) for _ in range(16))
     z = zlib.compress(raw)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", z[:10])
-            + png_chunk(b"(\x94\xd3\xab", z[10:]) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", z[:10])
+        + png_chunk(b"(\x94\xd3\xab", z[10:])
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -117,7 +126,9 @@ def test_header_claiming_huge_size_is_a_decompression_bomb() -> None:
 
 
 @pytest.mark.parametrize("size", [(150, 100), (300, 100)], ids=["warning-range", "error-range"])
-def test_image_over_pixel_limit_is_refused_without_decoding(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_over_pixel_limit_is_refused_without_decoding(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Over MAX_IMAGE_PIXELS (1x-2x: Pillow warns; >2x: errors) the pixels are never decoded."""
     data = encode(Image.new("RGB", size, (5, 6, 7)), "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)

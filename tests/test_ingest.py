@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from graft import GraftError
+from graft.dataset import MANIFEST_COLUMNS, SPLITS
 from graft.params import SplitParams
 from graft.tasks.ingest import hash_split, ingest
-from graft.dataset import MANIFEST_COLUMNS, SPLITS
 from tests.conftest import class_image, make_params, write_tree
 
 
@@ -40,7 +40,7 @@ def read_classes(ws: Path) -> list[str]:
 
 
 def reasons(q: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(q["path"], q["reason"]))
+    return dict(zip(q["path"], q["reason"], strict=True))
 
 
 def png_bytes(label_index: int, i: int) -> bytes:
@@ -224,7 +224,7 @@ def test_broken_symlink_image_is_quarantined(ws: Path) -> None:
 
 def test_unicode_spaces_and_quotes_in_names_work(ws: Path) -> None:
     """Class folders and files with spaces, quotes and non-ASCII keep their exact names as paths and labels."""
-    classes = ("Chat noir é", "l'oiseau \"bleu\" 🐦")
+    classes = ("Chat noir é", 'l\'oiseau "bleu" 🐦')
     for ci, c in enumerate(classes):
         (ws / "raw" / c).mkdir(parents=True)
         for i in range(6):
@@ -380,7 +380,7 @@ def test_hash_split_proportions_match_params(fractions: tuple[float, float, floa
 
     got = pd.Series([hash_split(h, params) for h in hashes]).value_counts(normalize=True)
 
-    for name, want in zip(SPLITS, fractions):
+    for name, want in zip(SPLITS, fractions, strict=True):
         assert abs(got.get(name, 0.0) - want) <= 0.03, (name, got.to_dict())
 
 
@@ -452,7 +452,7 @@ def test_csv_manifest_labels_come_from_the_csv(ws: Path) -> None:
     summary, m, q = run(ws, {"data": {"manifest": str(ws / "labels.csv")}})
 
     assert len(q) == 0 and len(m) == 24
-    assert dict(zip(m["path"], m["label"])) == dict(zip(table["path"], table["label"]))
+    assert dict(zip(m["path"], m["label"], strict=True)) == dict(zip(table["path"], table["label"], strict=True))
     assert all(row.split == hash_split(row.sha256, SplitParams()) for row in m.itertuples())
     assert read_classes(ws) == ["cat", "dog"]
 
@@ -465,7 +465,7 @@ def test_csv_manifest_split_column_is_used(ws: Path) -> None:
 
     _, m, _ = run(ws, {"data": {"manifest": str(ws / "labels.csv")}})
 
-    assert dict(zip(m["path"], m["split"])) == dict(zip(table["path"], table["split"]))
+    assert dict(zip(m["path"], m["split"], strict=True)) == dict(zip(table["path"], table["split"], strict=True))
 
 
 def test_parquet_manifest_is_accepted(ws: Path) -> None:
@@ -476,7 +476,7 @@ def test_parquet_manifest_is_accepted(ws: Path) -> None:
     _, m, q = run(ws, {"data": {"manifest": str(ws / "labels.parquet")}})
 
     assert len(q) == 0
-    assert dict(zip(m["path"], m["label"])) == dict(zip(table["path"], table["label"]))
+    assert dict(zip(m["path"], m["label"], strict=True)) == dict(zip(table["path"], table["label"], strict=True))
 
 
 def test_manifest_path_escaping_the_root_is_quarantined(ws: Path) -> None:
@@ -487,7 +487,10 @@ def test_manifest_path_escaping_the_root_is_quarantined(ws: Path) -> None:
 
     _, m, q = run(ws, {"data": {"manifest": str(ws / "labels.csv")}})
 
-    assert reasons(q) == {"../../etc/passwd": "path escapes the data root", "/etc/hostname": "path escapes the data root"}
+    assert reasons(q) == {
+        "../../etc/passwd": "path escapes the data root",
+        "/etc/hostname": "path escapes the data root",
+    }
     assert len(m) == 24
 
 

@@ -52,15 +52,20 @@ def _env(held: bool) -> dict[str, str]:
 
 def _hold(params: Path, seconds: float) -> subprocess.Popen:
     """An unrelated process holding the workspace lock of ``params``; returns once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(params), str(seconds), "hold-marker"],
-                            stdout=subprocess.PIPE, text=True, env=_env(held=False))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(params), str(seconds), "hold-marker"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(held=False),
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
 def _probe(params: Path, held: bool) -> str:
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(params)], capture_output=True, text=True,
-                         env=_env(held), timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(params)], capture_output=True, text=True, env=_env(held), timeout=60
+    )
     return out.stdout.strip() or out.stderr
 
 
@@ -77,9 +82,8 @@ def test_refusal_is_one_line_naming_the_holder(params: Path) -> None:
     try:
         note = holder(params.parent / WORKSPACE_LOCK)
         t0 = time.monotonic()
-        with pytest.raises(GraftError) as refused:
-            with workspace_lock(params, 0):
-                pass
+        with pytest.raises(GraftError) as refused, workspace_lock(params, 0):
+            pass
         elapsed = time.monotonic() - t0
     finally:
         other.kill()
@@ -87,8 +91,10 @@ def test_refusal_is_one_line_naming_the_holder(params: Path) -> None:
     message = str(refused.value)
     assert note["pid"] == other.pid and note["host"] == socket.gethostname() and "hold-marker" in note["command"]
     assert "\n" not in message and elapsed < 5
-    assert message.startswith(f"another graft run holds the workspace lock {params.parent / WORKSPACE_LOCK} "
-                              f"(pid {other.pid} `{note['command']}` on {note['host']}, since {note['since']}): ")
+    assert message.startswith(
+        f"another graft run holds the workspace lock {params.parent / WORKSPACE_LOCK} "
+        f"(pid {other.pid} `{note['command']}` on {note['host']}, since {note['since']}): "
+    )
     assert "pass --wait SECONDS" in message and "after waiting" not in message
 
 
@@ -102,7 +108,9 @@ def test_wait_queues_until_the_holder_releases(params: Path, capsys: pytest.Capt
         assert json.loads(os.environ[ENV_HELD]) == {str(params.parent / WORKSPACE_LOCK): os.getpid()}
     err = capsys.readouterr().err
     assert 0.5 <= waited < 30 and other.wait(timeout=30) == 0
-    assert f"graft: another graft run holds the workspace lock {params.parent / WORKSPACE_LOCK} (pid {other.pid} `" in err
+    assert (
+        f"graft: another graft run holds the workspace lock {params.parent / WORKSPACE_LOCK} (pid {other.pid} `" in err
+    )
     assert "waiting up to 60 s..." in err
     assert holder(params.parent / WORKSPACE_LOCK) is None  # released: the note is cleared
     assert ENV_HELD not in os.environ
@@ -112,10 +120,17 @@ def test_wait_that_runs_out_says_how_long(tmp_path: Path) -> None:
     """The cache lock (featurize) refused after its wait runs out names the wait."""
     with cache_lock(tmp_path / "cache", wait_s=0):  # creates the cache folder for its lock file
         assert (tmp_path / "cache" / CACHE_LOCK).is_file()
-        code = ("import sys\nfrom graft.lock import cache_lock\n"
-                "try:\n    cache_lock(sys.argv[1], 0.3).__enter__()\nexcept Exception as e:\n    print(e)\n")
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True,
-                             env=_env(held=False), timeout=60).stdout
+        code = (
+            "import sys\nfrom graft.lock import cache_lock\n"
+            "try:\n    cache_lock(sys.argv[1], 0.3).__enter__()\nexcept Exception as e:\n    print(e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            env=_env(held=False),
+            timeout=60,
+        ).stdout
     assert f"holds the feature cache lock {tmp_path / 'cache' / CACHE_LOCK} (pid {os.getpid()} " in out
     assert "after waiting 0.3 s: another featurize is still filling this cache" in out
 
@@ -127,7 +142,9 @@ def test_child_of_the_holder_does_not_wait_for_it(params: Path) -> None:
         stranger = _probe(params, held=False)
         assert holder(params.parent / WORKSPACE_LOCK)["pid"] == os.getpid()  # the child left our note alone
     assert child == f"got {os.getpid()}"
-    assert stranger.startswith("refused another graft run holds the workspace lock") and f"pid {os.getpid()} " in stranger
+    assert (
+        stranger.startswith("refused another graft run holds the workspace lock") and f"pid {os.getpid()} " in stranger
+    )
     assert _probe(params, held=False) == "got self"  # released: free for anyone
 
 
@@ -137,9 +154,8 @@ def test_inherited_env_alone_does_not_let_a_process_in(params: Path, monkeypatch
     other = _hold(params, 30)
     try:
         monkeypatch.setenv(ENV_HELD, json.dumps({key: os.getppid()}))  # alive, but not the holder
-        with pytest.raises(GraftError, match=f"pid {other.pid} "):
-            with workspace_lock(params, 0):
-                pass
+        with pytest.raises(GraftError, match=f"pid {other.pid} "), workspace_lock(params, 0):
+            pass
         monkeypatch.setenv(ENV_HELD, json.dumps({key: other.pid}))  # as if we were its child
         with workspace_lock(params, 0):
             assert holder(key)["pid"] == other.pid

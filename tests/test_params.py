@@ -11,7 +11,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from graft import GraftError
 from graft.params import CANDIDATES, Params, dump_params, load_params, parse_params
@@ -122,8 +122,16 @@ def test_repo_params_yaml_lists_every_field() -> None:
 def test_dump_params_round_trips(tmp_path: Path) -> None:
     """dump_params writes YAML that loads back equal, for the defaults and for changed values."""
     assert load_params(_write(tmp_path, dump_params())) == Params()
-    changed = parse_params({"seed": 7, "train": {"mode": "finetune", "candidates": ["mlp", "logreg"],
-                                                  "finetune": {"ema": None, "augment": {"ratio": [0.5, 2.0]}}}})
+    changed = parse_params(
+        {
+            "seed": 7,
+            "train": {
+                "mode": "finetune",
+                "candidates": ["mlp", "logreg"],
+                "finetune": {"ema": None, "augment": {"ratio": [0.5, 2.0]}},
+            },
+        }
+    )
     assert load_params(_write(tmp_path, dump_params(changed))) == changed
     assert changed != Params()
 
@@ -208,8 +216,8 @@ def test_last_n_strategy_needs_last_n_when_auto_fine_tunes() -> None:
 def test_params_are_frozen() -> None:
     """The params object cannot be mutated after loading."""
     p = parse_params({})
-    with pytest.raises(Exception):
-        p.train.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        p.train.lr = 1.0  # type: ignore[misc]  # the point of the test: a frozen field refuses assignment
 
 
 @pytest.mark.parametrize(
@@ -366,7 +374,10 @@ def test_cli_bad_params_exits_2_with_one_line(tmp_path: Path) -> None:
     bad.write_text("train:\n  lr: fast\n", encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "graft.cli", "train", "--params", str(bad)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()

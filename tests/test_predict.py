@@ -57,7 +57,10 @@ def _predict_subprocess(folder: Path, model: str, out: Path) -> subprocess.Compl
     """Run `graft predict FOLDER --model MODEL --out CSV` in a fresh interpreter that must not import torch."""
     return subprocess.run(
         [sys.executable, "-c", _RUN_PREDICT, "predict", str(folder), "--model", model, "--out", str(out)],
-        capture_output=True, text=True, encoding="utf-8", timeout=300,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
     )
 
 
@@ -87,8 +90,18 @@ def test_predict_csv_rows_and_labels(served, predicted) -> None:
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
     assert list(rows.columns) == ["path", "label", "probability", "error"]
     names = sorted(Path(p).name for p in rows["path"])
-    assert names == sorted(["new 0-0.png", "new 0-1.png", "new 1-0.png", "new 1-1.png", "new 2-0.png",
-                            "new 2-1.png", "é nested.jpg", "broken.png"])
+    assert names == sorted(
+        [
+            "new 0-0.png",
+            "new 0-1.png",
+            "new 1-0.png",
+            "new 1-1.png",
+            "new 2-0.png",
+            "new 2-1.png",
+            "é nested.jpg",
+            "broken.png",
+        ]
+    )
     good = rows[rows["error"] == ""]
     assert len(good) == 7
     assert set(good["label"]) <= set(CLASSES)

@@ -25,8 +25,9 @@ def manifest(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
 def test_diff_counts_added_removed_relabelled_moved_and_classes() -> None:
     """The diff is by content: a moved file is not a change, a relabelled one is."""
     old = manifest([("a/1.png", "h1", "a", "train"), ("a/2.png", "h2", "a", "test"), ("b/3.png", "h3", "b", "train")])
-    new = manifest([("a/1-renamed.png", "h1", "a", "train"), ("b/2.png", "h2", "b", "test"),
-                    ("c/4.png", "h4", "c", "val")])
+    new = manifest(
+        [("a/1-renamed.png", "h1", "a", "train"), ("b/2.png", "h2", "b", "test"), ("c/4.png", "h4", "c", "val")]
+    )
     d = diff_manifests(old, new)
     assert (d.added, d.removed, d.relabelled, d.moved) == (1, 1, 1, 1)
     assert d.new_classes == ["c"] and d.removed_classes == [] and d.changed
@@ -49,12 +50,16 @@ def test_gate_tolerates_small_drops_and_rejects_a_class_collapse() -> None:
 def test_gate_test_set_keeps_only_test_images_the_champion_knew() -> None:
     """New test images (and relabelled ones) do not decide the gate."""
     champion = manifest([("x", "h1", "a", "test"), ("y", "h2", "b", "test"), ("z", "h3", "a", "train")])
-    new = manifest([("x", "h1", "a", "test"), ("y", "h2", "a", "test"), ("n", "h9", "b", "test"), ("z", "h3", "a", "train")])
+    new = manifest(
+        [("x", "h1", "a", "test"), ("y", "h2", "a", "test"), ("n", "h9", "b", "test"), ("z", "h3", "a", "train")]
+    )
     assert list(gate_test_set(new, champion)["path"]) == ["x"]
     assert list(gate_test_set(new, None)["path"]) == ["x", "y", "n"]
 
 
-def test_promotion_is_atomic_and_a_failed_one_leaves_the_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_promotion_is_atomic_and_a_failed_one_leaves_the_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The champion link always names a complete version; a failure mid-copy changes nothing."""
     rp = RetrainParams(models_dir=str(tmp_path / "models"), keep_versions=2)
     src = tmp_path / "challenger"
@@ -94,7 +99,9 @@ def _params_file(ws: Path, overrides: dict) -> Path:
     return path
 
 
-RETRAIN_FAST = {"retrain": {"escalate_below_val_accuracy": None, "max_macro_f1_drop": 1.0, "max_class_recall_drop": 1.0}}
+RETRAIN_FAST = {
+    "retrain": {"escalate_below_val_accuracy": None, "max_macro_f1_drop": 1.0, "max_class_recall_drop": 1.0}
+}
 
 
 def test_unchanged_data_is_a_recorded_no_op_and_a_new_class_needs_opting_in(ws: Path, prefect_harness) -> None:
@@ -102,8 +109,14 @@ def test_unchanged_data_is_a_recorded_no_op_and_a_new_class_needs_opting_in(ws: 
     from graft.flows.retrain import retrain
 
     write_tree(ws / "raw", per_class=8)
-    overrides = {**RETRAIN_FAST, "retrain": {**RETRAIN_FAST["retrain"], "models_dir": str(ws / "models"),
-                                             "history": str(ws / "models/history.parquet")}}
+    overrides = {
+        **RETRAIN_FAST,
+        "retrain": {
+            **RETRAIN_FAST["retrain"],
+            "models_dir": str(ws / "models"),
+            "history": str(ws / "models/history.parquet"),
+        },
+    }
     path = _params_file(ws, overrides)
     assert retrain(str(path))["decision"] == "promoted"
     second = retrain(str(path))
@@ -126,16 +139,27 @@ def test_a_weak_head_escalates_to_a_finetune(ws: Path, prefect_harness) -> None:
     from graft.flows.retrain import retrain
 
     write_tree(ws / "raw", classes=("a", "b", "c", "d", "e"), per_class=8)  # a and e look alike: val acc < 1
-    path = _params_file(ws, {"retrain": {"escalate_below_val_accuracy": 1.0, "escalation": "finetune_instead",
-                                         "models_dir": str(ws / "models"), "history": str(ws / "models/history.parquet")},
-                             "train": {"finetune": {"image_size": 32, "epochs": 1, "batch_size": 8, "workers": 1}}})
+    path = _params_file(
+        ws,
+        {
+            "retrain": {
+                "escalate_below_val_accuracy": 1.0,
+                "escalation": "finetune_instead",
+                "models_dir": str(ws / "models"),
+                "history": str(ws / "models/history.parquet"),
+            },
+            "train": {"finetune": {"image_size": 32, "epochs": 1, "batch_size": 8, "workers": 1}},
+        },
+    )
     out = retrain(str(path))
     assert out["decision"] == "promoted" and out["kind"] == "finetune"
     assert json.loads((ws / "models/champion/meta.json").read_text())["kind"] == "finetune"
     assert (ws / "models/challenger/model.pt").is_file() and (ws / "models/challenger-finetune/model.pt").is_file()
 
 
-def _write_digits(root: Path, images: np.ndarray, targets: np.ndarray, idx: list[int], shift: int = 0, tag: str = "") -> None:
+def _write_digits(
+    root: Path, images: np.ndarray, targets: np.ndarray, idx: list[int], shift: int = 0, tag: str = ""
+) -> None:
     """Digits ``idx`` as PNGs under ``root/<label>/``; ``shift`` mislabels, ``tag`` re-encodes as new bytes."""
     for i in idx:
         pixels = (255 - np.clip(images[i] * 16, 0, 255)).astype(np.uint8)
@@ -156,11 +180,20 @@ def test_a_week_of_arrivals_promotes_good_data_and_rejects_corrupted_labels(ws: 
     digits = load_digits()
     per_class = {c: [i for i in range(len(digits.target)) if digits.target[i] == c][:50] for c in range(10)}
     batches = [[i for c in per_class for i in per_class[c][a:b]] for a, b in ((0, 26), (26, 38), (38, 50))]
-    path = _params_file(ws, {"featurize": {"backbone": "efficientnet_lite0", "batch_size": 32},
-                             "data": {"split": {"train": 0.6, "val": 0.1, "test": 0.3}},
-                             "retrain": {"escalate_below_val_accuracy": None, "max_macro_f1_drop": 0.05,
-                                         "max_class_recall_drop": 0.5, "models_dir": str(ws / "models"),
-                                         "history": str(ws / "models/history.parquet")}})
+    path = _params_file(
+        ws,
+        {
+            "featurize": {"backbone": "efficientnet_lite0", "batch_size": 32},
+            "data": {"split": {"train": 0.6, "val": 0.1, "test": 0.3}},
+            "retrain": {
+                "escalate_below_val_accuracy": None,
+                "max_macro_f1_drop": 0.05,
+                "max_class_recall_drop": 0.5,
+                "models_dir": str(ws / "models"),
+                "history": str(ws / "models/history.parquet"),
+            },
+        },
+    )
     decisions = []
     for day, batch in enumerate(batches):
         _write_digits(ws / "raw", digits.images, digits.target, batch)

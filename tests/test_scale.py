@@ -26,11 +26,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fsspec.implementations.local import LocalFileSystem
 
 from graft import GraftError
+from graft.cache import compare_caches
+from graft.sources import resolve_url
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.shard import FeaturizeJob, make_shards, plan_featurize, run_featurize_shard, shard_id
-from graft.cache import compare_caches
-from graft.sources import resolve_url
 from tests.conftest import REPO, class_image, make_params, write_tree
 
 TOL = 1e-5  # features of the same pixels through the same ONNX graph, batched differently
@@ -67,8 +67,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _dask_params(root: Path, name: str, shard_size: int = 8, data_root: str | None = None, **dask):
     """Params for a dask run over the dataset's manifest into its own cache ``root/name``."""
-    over: dict = {"featurize": {"runner": "dask", "shard_size": shard_size, "cache_dir": str(root / name),
-                                "out": str(root / f"data/{name}.parquet"), "dask": dask}}
+    over: dict = {
+        "featurize": {
+            "runner": "dask",
+            "shard_size": shard_size,
+            "cache_dir": str(root / name),
+            "out": str(root / f"data/{name}.parquet"),
+            "dask": dask,
+        }
+    }
     if data_root:
         over["data"] = {"root": data_root}
     return make_params(root, over)
@@ -223,8 +230,10 @@ def cluster():
     """A LocalCluster of 2 worker processes x 1 thread, shared by the tests that pass its address."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc,
+        Client(lc) as client,
+    ):
         yield lc, client
 
 
@@ -256,11 +265,20 @@ def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, pr
 
     root, reference = dataset
     _, client = cluster
-    names = sorted(p.name for p in (root / "raw/cat").glob("*.png"))[:1] + sorted(p.name for p in (root / "raw/owl").glob("*.png"))[-1:]
+    names = (
+        sorted(p.name for p in (root / "raw/cat").glob("*.png"))[:1]
+        + sorted(p.name for p in (root / "raw/owl").glob("*.png"))[-1:]
+    )
     client.register_plugin(FlakyFSPlugin(str(tmp_path), tuple(names)))
     before = client.run(load_counts)
-    params = _dask_params(root, "cache-retry", shard_size=4, address=cluster[0].scheduler_address, retries=2,
-                          data_root=f"flaky://{root / 'raw'}")
+    params = _dask_params(
+        root,
+        "cache-retry",
+        shard_size=4,
+        address=cluster[0].scheduler_address,
+        retries=2,
+        data_root=f"flaky://{root / 'raw'}",
+    )
     summary = featurize_dask(params)
     assert summary["shards"] == 15 and summary["computed"] == 60
     assert summary["retried_shards"] == 2
@@ -273,9 +291,11 @@ def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, pr
 
 
 @pytest.mark.prefect
-def test_module_entry_point_uses_address(dataset: tuple[Path, Path], tmp_path: Path, cluster, prefect_harness,
-                                         capsys: pytest.CaptureFixture) -> None:
-    """``python -m graft.flows.scale --params P --address A``: a params file, the workspace lock, an existing cluster."""
+def test_module_entry_point_uses_address(
+    dataset: tuple[Path, Path], tmp_path: Path, cluster, prefect_harness, capsys: pytest.CaptureFixture
+) -> None:
+    """``python -m graft.flows.scale --params P --address A``: a params file, the workspace lock, an existing
+    cluster."""
     import yaml
 
     from graft.flows.scale import main
@@ -330,8 +350,21 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
         class_image(i % 3, 700 + i).save(folder / ("sub" if i % 2 else ".") / f"img {i}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "preds.parquet"
-    rc = main(["predict", str(folder), "--model", str(model), "--out", str(out), "--dask",
-               "--address", cluster[0].scheduler_address, "--shard-size", "3"])
+    rc = main(
+        [
+            "predict",
+            str(folder),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--dask",
+            "--address",
+            cluster[0].scheduler_address,
+            "--shard-size",
+            "3",
+        ]
+    )
     assert rc == 0
     got = pd.read_parquet(out)
     assert list(got.columns) == ["path", "label", "probability", "error"] and len(got) == 10
@@ -344,13 +377,28 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
     ok = merged["error"].isna()
     assert ok.sum() == 9
     assert np.allclose(merged.loc[ok, "probability"], merged.loc[ok, "probability_local"], atol=1e-6)
-    assert main(["predict", str(folder), "--model", str(model), "--out", str(tmp_path / "p.csv"), "--dask",
-                 "--address", cluster[0].scheduler_address]) == 2  # Parquet only
+    assert (
+        main(
+            [
+                "predict",
+                str(folder),
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--dask",
+                "--address",
+                cluster[0].scheduler_address,
+            ]
+        )
+        == 2
+    )  # Parquet only
 
 
 @pytest.mark.prefect
-def test_killed_worker_loses_and_duplicates_nothing(dataset: tuple[Path, Path], cluster, prefect_harness,
-                                                   tmp_path: Path) -> None:
+def test_killed_worker_loses_and_duplicates_nothing(
+    dataset: tuple[Path, Path], cluster, prefect_harness, tmp_path: Path
+) -> None:
     """SIGKILL a worker stuck inside a shard: the shard is redone elsewhere, every key lands exactly once."""
     from graft.flows.scale import featurize_dask
 
@@ -359,8 +407,9 @@ def test_killed_worker_loses_and_duplicates_nothing(dataset: tuple[Path, Path], 
     hang = sorted(p.name for p in (root / "raw/dog").glob("*.png"))[7]
     reads = tmp_path / "reads.log"
     client.register_plugin(FlakyFSPlugin(str(tmp_path), hang=hang, read_log=str(reads)))
-    params = _dask_params(root, "cache-kill", shard_size=4, address=lc.scheduler_address,
-                          data_root=f"flaky://{root / 'raw'}")
+    params = _dask_params(
+        root, "cache-kill", shard_size=4, address=lc.scheduler_address, data_root=f"flaky://{root / 'raw'}"
+    )
     folder = root / "cache-kill"
     marker = tmp_path / f"hang-{hang}"
     killed: dict = {}
@@ -399,17 +448,20 @@ def _tiny_onnx_classifier(path: Path, classes: list[str]) -> Path:
 
     w = np.array([[4.0, -2.0, -2.0], [-2.0, 4.0, -2.0], [-2.0, -2.0, 4.0]], np.float32)[:, : len(classes)]
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)])],
-        [numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(w, "w")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
-    spec = {"crop": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.25] * 3,
-            "interpolation": "bilinear"}
+    spec = {"crop": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
     for k, v in {"graft.classes": json.dumps(classes), "graft.input": json.dumps(spec)}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

@@ -48,9 +48,12 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
             f = node.func
             base = ast.unparse(f.value) if isinstance(f, ast.Attribute) else ""
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-            if name in ("eval", "exec") and isinstance(f, ast.Name):
-                hit = True
-            elif base.split(".")[0] in _PICKLE_MODULES and name in ("load", "loads", "open", "Unpickler"):
+            if (
+                name in ("eval", "exec")
+                and isinstance(f, ast.Name)
+                or base.split(".")[0] in _PICKLE_MODULES
+                and name in ("load", "loads", "open", "Unpickler")
+            ):
                 hit = True
             elif name == "load" and base == "torch":
                 hit = _const(_keyword(node, "weights_only")) is not True
@@ -137,17 +140,22 @@ def test_manifest_paths_escaping_the_data_root_are_refused(tmp_path: Path) -> No
     secret.parent.mkdir()
     class_image(0, 99).save(secret)  # a valid image: only the path check can stop it
     os.symlink(secret, root / "pool/link.png")
-    evil = [{"path": "../outside/secret.png", "label": "cat"}, {"path": str(secret), "label": "dog"},
-            {"path": "pool/link.png", "label": "cat"}, {"path": "pool/../../outside/secret.png", "label": "dog"}]
+    evil = [
+        {"path": "../outside/secret.png", "label": "cat"},
+        {"path": str(secret), "label": "dog"},
+        {"path": "pool/link.png", "label": "cat"},
+        {"path": "pool/../../outside/secret.png", "label": "dog"},
+    ]
     pd.DataFrame(rows + evil).to_csv(tmp_path / "labels.csv", index=False)
-    params = make_params(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")},
-                                    "ingest": {"max_bad_fraction": 0.5}})
+    params = make_params(
+        tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")}, "ingest": {"max_bad_fraction": 0.5}}
+    )
 
     ingest(params)
 
     q = pd.read_csv(tmp_path / "data/quarantine.csv", dtype=str, keep_default_na=False)
     m = pd.read_parquet(tmp_path / "data/manifest.parquet")
-    assert dict(zip(q["path"], q["reason"])) == {r["path"]: "path escapes the data root" for r in evil}
+    assert dict(zip(q["path"], q["reason"], strict=True)) == {r["path"]: "path escapes the data root" for r in evil}
     assert len(m) == 16 and all(not p.startswith("..") and not os.path.isabs(p) for p in m["path"])
 
 
@@ -166,8 +174,10 @@ def test_onnx_metadata_strings_are_escaped_json(tmp_path: Path) -> None:
             class_image(ci, i).save(root / f"pool/{ci}-{i}.png")
             rows.append({"path": f"pool/{ci}-{i}.png", "label": label, "split": "test" if i == 5 else "train"})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    params = make_params(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")},
-                                    "train": {"max_epochs": 20}, "export": {"quantize": None}})
+    params = make_params(
+        tmp_path,
+        {"data": {"manifest": str(tmp_path / "labels.csv")}, "train": {"max_epochs": 20}, "export": {"quantize": None}},
+    )
     run_stages(params, ingest, featurize, train, export)
 
     meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}

@@ -54,7 +54,7 @@ def test_cv_splits_are_stratified_disjoint_and_complete():
     for tr, va in splits:
         assert not set(tr) & set(va) and tr.size + va.size == y.size
         assert np.array_equal(np.bincount(y[va]), [4, 3, 2])  # every fold keeps the class proportions
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, cv_splits(y, n_splits=5, seed=1)))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, cv_splits(y, n_splits=5, seed=1), strict=True))
 
 
 def test_cv_splits_shrink_to_the_rarest_class_and_refuse_singletons():
@@ -120,8 +120,9 @@ def test_cv_grid_rows_describe_every_setting():
     mlp = cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2], hidden=8, max_iter=20)
     assert [r.cost for r in mlp] == [1.0, 0.0]  # rank 0 = the largest alpha
     assert mlp[0].settings == {"alpha": 1e-4, "hidden": 8}
-    assert [r.fold_scores for r in mlp] == [r.fold_scores for r in cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2],
-                                                                           hidden=8, max_iter=20)]
+    assert [r.fold_scores for r in mlp] == [
+        r.fold_scores for r in cv_grid("mlp", X, y, [1e-4, 1.0], splits[:2], hidden=8, max_iter=20)
+    ]
     with pytest.raises(GraftError, match="unknown candidate kind"):
         cv_grid("svm", X, y, [1.0], splits)
 

@@ -16,14 +16,14 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.cache import load_feature_table, select_columns, tap_columns
+from graft.dataset import split_arrays
+from graft.heads import class_weights, fit_head
+from graft.model import MODEL_FORMAT, head_from_payload, load_model
 from graft.params import TrainParams
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.tasks.ingest import ingest
-from graft.model import MODEL_FORMAT, head_from_payload, load_model
 from graft.tasks.train_head import train
-from graft.heads import class_weights, fit_head
-from graft.dataset import split_arrays
 from tests.conftest import make_params, write_tree
 
 K = 4
@@ -34,8 +34,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _problem(seed: int, n_test_extra: int = 0) -> tuple[np.ndarray, ...]:
     """600 samples x 64 features, 4 classes, split 60/20/20; optionally more test draws."""
-    x, y = make_classification(n_samples=600 + n_test_extra, n_features=64, n_informative=12, n_redundant=8,
-                               n_classes=K, n_clusters_per_class=1, random_state=seed)
+    x, y = make_classification(
+        n_samples=600 + n_test_extra,
+        n_features=64,
+        n_informative=12,
+        n_redundant=8,
+        n_classes=K,
+        n_clusters_per_class=1,
+        random_state=seed,
+    )
     x = x.astype(np.float32)
     return x[:360], y[:360], x[360:480], y[360:480], x[480:], y[480:]
 
@@ -91,8 +98,16 @@ def test_class_weights_inverse_frequency() -> None:
 
 def test_class_weights_help_the_minority_class() -> None:
     """On imbalanced data, weighting the loss raises the minority class's recall."""
-    x, y = make_classification(n_samples=1200, n_features=16, n_informative=4, n_classes=2, weights=[0.9, 0.1],
-                               class_sep=0.5, flip_y=0, random_state=1)
+    x, y = make_classification(
+        n_samples=1200,
+        n_features=16,
+        n_informative=4,
+        n_classes=2,
+        weights=[0.9, 0.1],
+        class_sep=0.5,
+        flip_y=0,
+        random_state=1,
+    )
     x = x.astype(np.float32)
     x_tr, y_tr, x_val, y_val, x_te, y_te = x[:720], y[:720], x[720:960], y[720:960], x[960:], y[960:]
 
@@ -115,7 +130,7 @@ def test_early_stopping() -> None:
     losses = [h["val_loss"] for h in history]
     best = int(np.argmin(losses))
     assert len(history) == best + 1 + tp.patience  # stopped exactly `patience` epochs after the best
-    assert all(h["val_loss"] >= losses[best] - 1e-6 for h in history[best + 1:])
+    assert all(h["val_loss"] >= losses[best] - 1e-6 for h in history[best + 1 :])
     with torch.no_grad():
         kept = float(torch.nn.functional.cross_entropy(head(torch.from_numpy(x_val)), torch.from_numpy(y_val)))
     assert kept == pytest.approx(losses[best], abs=1e-5)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
     """A PNG written by hand (IHDR, one IDAT, IEND): any header, any bit depth Pillow cannot write itself."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bytes(label_index: int, i: int, size: tuple[int, int] = (40, 32)) -> bytes:
@@ -86,7 +91,7 @@ def read_quarantine(ws: Path) -> pd.DataFrame:
 
 
 def reasons(q: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(q["path"], q["reason"]))
+    return dict(zip(q["path"], q["reason"], strict=True))
 
 
 def graft_env() -> dict[str, str]:
@@ -106,8 +111,9 @@ def start_graft(*args: str, cwd: Path, slow: float | None = None) -> subprocess.
     """Start the real ``graft`` CLI in a subprocess; its output goes to a log file read by :func:`output_of`."""
     log_path = cwd / f"graft-{time.monotonic_ns()}.log"
     with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(graft_cmd(*args, slow=slow), cwd=cwd, env=graft_env(), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            graft_cmd(*args, slow=slow), cwd=cwd, env=graft_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     proc.log_path = log_path  # type: ignore[attr-defined]
     return proc
 

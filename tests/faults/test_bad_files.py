@@ -18,8 +18,17 @@ from graft.cli import main
 from graft.images import load_rgb
 from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, write_tree
-from tests.faults.conftest import (encode, params_for, png_bytes, raw_png, read_quarantine, reasons, run_ingest,
-                                   truncated_jpeg, write_params)
+from tests.faults.conftest import (
+    encode,
+    params_for,
+    png_bytes,
+    raw_png,
+    read_quarantine,
+    reasons,
+    run_ingest,
+    truncated_jpeg,
+    write_params,
+)
 
 
 def test_row01_truncated_jpeg_is_quarantined(ws: Path) -> None:
@@ -110,7 +119,7 @@ def test_row04_mostly_unreadable_fails_with_the_count_and_threshold(ws: Path, ca
 @pytest.mark.timeout(60)
 def test_row12_hidden_non_image_symlink_loops_and_unicode_names_never_crash(ws: Path) -> None:
     """Hidden entries and non-images are skipped, links looping back are not followed, odd names kept exactly."""
-    classes = ("Chat noir é", "l'oiseau \"bleu\" 🐦")
+    classes = ("Chat noir é", 'l\'oiseau "bleu" 🐦')
     for ci, c in enumerate(classes):
         (ws / "raw" / c).mkdir(parents=True)
         for i in range(6):
@@ -153,8 +162,14 @@ print(img.size[0], img.size[1], size[0], size[1], hwm() - before)
 
 def _peak_decode(path: Path, min_side: int) -> tuple[tuple[int, int], tuple[int, int], float]:
     """Decode ``path`` in a fresh process; return the decoded size, the reported size and the peak RSS growth (MiB)."""
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(min_side)], capture_output=True, text=True,
-                         check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(path), str(min_side)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout.split()
     w, h, ow, oh, grew_kib = map(int, out)
     return (w, h), (ow, oh), grew_kib / 1024
 

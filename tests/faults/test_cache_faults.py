@@ -12,8 +12,8 @@ import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
-from graft.tasks.featurize import featurize
 from graft.cache import load_feature_table
+from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from tests.conftest import write_tree
 from tests.faults.conftest import params_for
@@ -32,17 +32,27 @@ def featurized(ws: Path):
 def _foreign_part(cache: Path, dim: int, value_type: pa.DataType) -> Path:
     """A part with the right key column but another feature width or dtype (an older or foreign writer)."""
     path = cache / "part-00000000T000000-foreign.parquet"
-    table = pa.table({"sha256": pa.array(["f" * 64], pa.string()),
-                      "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(dim), value_type), dim)})
+    table = pa.table(
+        {
+            "sha256": pa.array(["f" * 64], pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(dim), value_type), dim),
+        }
+    )
     pq.write_table(table, path)
     return path
 
 
-@pytest.mark.parametrize(("dim", "value_type", "shown"), [(16, pa.float32(), "fixed_size_list<element: float>[16]"),
-                                                         (32, pa.float64(), "fixed_size_list<element: double>[32]")],
-                         ids=["dimension", "dtype"])
-def test_row16_feature_dimension_or_dtype_drift_is_detected_by_schema(featurized, dim: int, value_type: pa.DataType,
-                                                                      shown: str) -> None:
+@pytest.mark.parametrize(
+    ("dim", "value_type", "shown"),
+    [
+        (16, pa.float32(), "fixed_size_list<element: float>[16]"),
+        (32, pa.float64(), "fixed_size_list<element: double>[32]"),
+    ],
+    ids=["dimension", "dtype"],
+)
+def test_row16_feature_dimension_or_dtype_drift_is_detected_by_schema(
+    featurized, dim: int, value_type: pa.DataType, shown: str
+) -> None:
     """A part of another width or dtype in the cache stops featurize naming the file; nothing is mixed or replaced."""
     ws, params, cache = featurized
     before = Path(params.featurize.out).read_bytes()
@@ -85,7 +95,8 @@ def test_row17_changed_backbone_or_preprocessing_gets_a_new_fingerprint(featuriz
     assert (summary["computed"], summary["from_cache"]) == (20, 0)
     assert summary["fingerprint"] != old_meta["graft.fingerprint"]
     assert Path(summary["cache"]) != cache and sorted(p.name for p in cache.parent.iterdir()) == sorted(
-        [cache.name, Path(summary["cache"]).name])
+        [cache.name, Path(summary["cache"]).name]
+    )
     new_feats, new_meta = load_feature_table(changed.featurize.out)
     assert new_meta["graft.fingerprint"] == summary["fingerprint"]
     assert new_feats.keys() == old_feats.keys()

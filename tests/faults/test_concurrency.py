@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from graft import GraftError
+from graft.cache import load_feature_table
 from graft.cli import main
 from graft.lock import ENV_HELD, WORKSPACE_LOCK, cache_lock, holder, workspace_lock
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.ingest import ingest
 from tests.conftest import REPO, class_image, write_tree
 from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
@@ -28,11 +28,16 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _part_keys(cache: Path) -> list[str]:
-    return [k for p in sorted(cache.glob("*/part-*.parquet")) for k in pq.read_table(p, columns=["sha256"]).column(0).to_pylist()]
+    return [
+        k
+        for p in sorted(cache.glob("*/part-*.parquet"))
+        for k in pq.read_table(p, columns=["sha256"]).column(0).to_pylist()
+    ]
 
 
 def _workspace(root: Path, shared_cache: Path, own: range) -> Path:
-    """A workspace with 2 x 12 shared images plus its own (seeds ``own``), ingested, featurizing into ``shared_cache``."""
+    """A workspace with 2 x 12 shared images plus its own (seeds ``own``), ingested, featurizing into
+    ``shared_cache``."""
     write_tree(root / "raw", per_class=12)
     for i in own:
         class_image(0, i).save(root / "raw/cat" / f"own-{i}.png")
@@ -108,8 +113,12 @@ with workspace_lock(sys.argv[1], 0):
 
 def _hold(params_path: Path, seconds: float, env: dict | None = None) -> subprocess.Popen:
     """Another process holding the workspace lock for ``seconds``; returns once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(params_path), str(seconds)], stdout=subprocess.PIPE,
-                            text=True, env={**(env or os.environ), "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(params_path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**(env or os.environ), "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -151,7 +160,9 @@ def test_row26_waiting_run_starts_when_the_other_finishes(ws: Path, capsys: pyte
 
     assert rc == 0 and other.wait(timeout=30) == 0
     assert time.monotonic() - t0 >= 1.0
-    assert f"another graft run holds the workspace lock {ws / WORKSPACE_LOCK} (pid {other.pid}" in capsys.readouterr().err
+    assert (
+        f"another graft run holds the workspace lock {ws / WORKSPACE_LOCK} (pid {other.pid}" in capsys.readouterr().err
+    )
     assert (ws / "data/manifest.parquet").is_file()
 
 
@@ -197,17 +208,29 @@ def test_row26_killed_holder_leaves_no_stale_lock(ws: Path) -> None:
 def test_row26_lock_is_reentrant_in_process_and_for_children(ws: Path) -> None:
     """Nested locks in one process and a child started by the holder do not wait; an unrelated process does."""
     path = write_params(ws, params_for(ws))
-    probe = ("import sys\nfrom graft.lock import workspace_lock\n"
-             "try:\n    cm = workspace_lock(sys.argv[1], 0); cm.__enter__(); print('got')\n"
-             "except Exception as e:\n    print('refused')\n")
+    probe = (
+        "import sys\nfrom graft.lock import workspace_lock\n"
+        "try:\n    cm = workspace_lock(sys.argv[1], 0); cm.__enter__(); print('got')\n"
+        "except Exception as e:\n    print('refused')\n"
+    )
     with workspace_lock(path, 0):
         with workspace_lock(path, 0):  # the flow inside `graft run`
             pass
-        child = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        child = subprocess.run(
+            [sys.executable, "-c", probe, str(path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
         stranger_env = {k: v for k, v in os.environ.items() if k != ENV_HELD}
-        stranger = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                                  env={**stranger_env, "PYTHONPATH": str(REPO)}, timeout=60)
+        stranger = subprocess.run(
+            [sys.executable, "-c", probe, str(path)],
+            capture_output=True,
+            text=True,
+            env={**stranger_env, "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
     assert child.stdout.strip() == "got", child.stderr
     assert stranger.stdout.strip() == "refused", stranger.stderr
     assert ENV_HELD not in os.environ
@@ -225,8 +248,9 @@ def test_row26_missing_params_file_makes_no_lock_folder(tmp_path: Path, capsys: 
     assert not missing.parent.exists()
 
 
-def test_row26_unwritable_workspace_runs_with_a_warning(ws: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_row26_unwritable_workspace_runs_with_a_warning(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """params.yaml on a read-only mount: the lock file cannot be made, the run goes ahead and says so."""
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))
@@ -241,5 +265,7 @@ def test_row26_unwritable_workspace_runs_with_a_warning(ws: Path, monkeypatch: p
 
     assert main(["ingest", "--params", str(path)]) == 0
 
-    assert f"graft: warning: cannot create the workspace lock {ws / WORKSPACE_LOCK} (Read-only file system); " \
-           "running without it" in capsys.readouterr().err
+    assert (
+        f"graft: warning: cannot create the workspace lock {ws / WORKSPACE_LOCK} (Read-only file system); "
+        "running without it" in capsys.readouterr().err
+    )

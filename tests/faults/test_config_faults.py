@@ -41,11 +41,15 @@ def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, typing.Any]:
 
 
 FIELDS = _fields(Params)
-SECTIONS = [""] + [k for k, f in FIELDS.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+SECTIONS = [""] + [
+    k for k, f in FIELDS.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+]
 _BOUNDED = {k: f for k, f in FIELDS.items() if any(isinstance(m, (at.Ge, at.Gt, at.Le, at.Lt)) for m in f.metadata)}
 _junk = st.text(min_size=1, max_size=12).map(lambda s: "x" + s)  # never parses as a number, bool or null
-_container = st.one_of(st.lists(st.integers(), min_size=1, max_size=3),
-                       st.dictionaries(st.sampled_from("abc"), st.integers(), min_size=1, max_size=2))
+_container = st.one_of(
+    st.lists(st.integers(), min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from("abc"), st.integers(), min_size=1, max_size=2),
+)
 
 
 def _nest(dotted: str, value: object) -> dict:
@@ -95,8 +99,11 @@ def bad_params(draw) -> tuple[dict, str]:
     kind = draw(st.sampled_from(["unknown", "type", "range"]))
     if kind == "unknown":
         section = draw(st.sampled_from(SECTIONS))
-        name = draw(st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True).filter(
-            lambda n: f"{section}.{n}".lstrip(".") not in FIELDS))
+        name = draw(
+            st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True).filter(
+                lambda n: f"{section}.{n}".lstrip(".") not in FIELDS
+            )
+        )
         key = f"{section}.{name}".lstrip(".")
         return _nest(key, draw(st.one_of(st.integers(), _junk, st.booleans()))), key
     if kind == "type":
@@ -136,17 +143,28 @@ def test_row18_bad_params_fail_with_one_line_naming_the_key(params_dir: Path, ca
 @pytest.mark.parametrize(
     ("featurize", "expected"),
     [
-        pytest.param({"backbone": "resnet18"}, r"resnet18 weights not found: {hub}/checkpoints/resnet18-[0-9a-f]+\.pth "
-                     r"is missing \(put resnet18-[0-9a-f]+\.pth at {hub}/checkpoints/resnet18-[0-9a-f]+\.pth or set "
-                     r"featurize\.weights", id="torchvision-hub-cache"),
-        pytest.param({"backbone": "efficientnet_lite0", "weights": "{ws}/weights/lite0.pth"},
-                     r"{ws}/weights/lite0\.pth", id="lite0-weights-path"),
-        pytest.param({"backbone": "tiny_cnn", "weights": "{ws}/nope.pt"}, r"tiny_cnn weights not found: {ws}/nope\.pt",
-                     id="explicit-weights-path"),
+        pytest.param(
+            {"backbone": "resnet18"},
+            r"resnet18 weights not found: {hub}/checkpoints/resnet18-[0-9a-f]+\.pth "
+            r"is missing \(put resnet18-[0-9a-f]+\.pth at {hub}/checkpoints/resnet18-[0-9a-f]+\.pth or set "
+            r"featurize\.weights",
+            id="torchvision-hub-cache",
+        ),
+        pytest.param(
+            {"backbone": "efficientnet_lite0", "weights": "{ws}/weights/lite0.pth"},
+            r"{ws}/weights/lite0\.pth",
+            id="lite0-weights-path",
+        ),
+        pytest.param(
+            {"backbone": "tiny_cnn", "weights": "{ws}/nope.pt"},
+            r"tiny_cnn weights not found: {ws}/nope\.pt",
+            id="explicit-weights-path",
+        ),
     ],
 )
 def test_row19_missing_pretrained_weights_name_the_file_and_where_to_put_it(
-        ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, featurize: dict, expected: str) -> None:
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, featurize: dict, expected: str
+) -> None:
     """Offline and without the weights, `graft featurize` says which file is missing and where it goes, in one line."""
     hub = ws / "torch-home" / "hub"
     monkeypatch.setenv("TORCH_HOME", str(ws / "torch-home"))
@@ -223,8 +241,13 @@ def test_row20_untrusted_init_from_and_checkpoint_are_refused_without_running_th
     marker = ws / "pwned"
     write_tree(ws / "raw", per_class=6)
     ft = {"train": {"mode": "finetune", "finetune": {"epochs": 1, "batch_size": 8}}}
-    params = params_for(ws, {**ft, "train": {**ft["train"], "init_from": str(_evil(ws / "other/model.pt", marker,
-                                                                                     {"format": MODEL_FORMAT}))}})
+    params = params_for(
+        ws,
+        {
+            **ft,
+            "train": {**ft["train"], "init_from": str(_evil(ws / "other/model.pt", marker, {"format": MODEL_FORMAT}))},
+        },
+    )
     ingest(params)
     with pytest.raises(GraftError, match="cannot load model"):
         finetune(params)

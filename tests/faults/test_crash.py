@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from graft.cache import load_feature_table
 from graft.cli import main
 from graft.model import load_model
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
@@ -66,7 +66,8 @@ def _twin_workspaces(tmp_path: Path, per_class: int) -> tuple[Path, Path]:
 
 
 def test_row13_stage_failing_midway_exits_nonzero_leaves_no_partial_file_and_reruns_clean(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """featurize meets a file changed since ingest after some parts: exit 2, one line, no features.parquet;
     once the file is restored the rerun finishes and equals a clean run."""
     ref, ws = _twin_workspaces(tmp_path, per_class=12)
@@ -120,8 +121,9 @@ def test_row14_sigkill_during_featurize_then_rerun_matches_an_uninterrupted_run(
     assert len(keys) == len(set(keys)) == 32  # every key exactly once in the cache
 
 
-FINETUNE = {"train": {"mode": "finetune", "finetune": {"epochs": 3, "strategy": "staged", "head_epochs": 1,
-                                                       "batch_size": 8}}}
+FINETUNE = {
+    "train": {"mode": "finetune", "finetune": {"epochs": 3, "strategy": "staged", "head_epochs": 1, "batch_size": 8}}
+}
 
 
 @pytest.mark.slow
@@ -186,9 +188,24 @@ def test_row14_sigkill_during_head_training_keeps_the_previous_model(tmp_path: P
 # --- every artifact write goes through graft.atomic -------------------------------------------------
 
 SOURCES = ("graft", "tasks", "flows")  # the pipeline's code (bench/ writes benchmark notes, not artifacts)
-_WRITE_ATTRS = {"to_csv", "to_parquet", "to_json", "to_pickle", "to_feather", "savefig", "write_text", "write_bytes",
-                "write_table", "save", "savez", "savez_compressed", "quantize_static", "quant_pre_process",
-                "ParquetWriter", "pwrite"}
+_WRITE_ATTRS = {
+    "to_csv",
+    "to_parquet",
+    "to_json",
+    "to_pickle",
+    "to_feather",
+    "savefig",
+    "write_text",
+    "write_bytes",
+    "write_table",
+    "save",
+    "savez",
+    "savez_compressed",
+    "quantize_static",
+    "quant_pre_process",
+    "ParquetWriter",
+    "pwrite",
+}
 _SHUTIL_WRITES = {"copy", "copy2", "copyfile", "copytree", "move"}
 _WRITE_NAMES = {"quantize_static", "quant_pre_process", "ParquetWriter", "copyfile", "copy2", "copytree"}
 # Functions that write the path they are given; every call must then pass a path from atomic_path.
@@ -208,39 +225,54 @@ def _is_write(call: ast.Call) -> bool:
             return isinstance(f.value, ast.Name) and f.value.id == "shutil"
         if f.attr == "export" and ast.unparse(f.value).endswith("onnx"):
             return True
-        if f.attr in ("dump", "safe_dump") and isinstance(f.value, ast.Name) and f.value.id in ("json", "pickle", "yaml"):
+        if (
+            f.attr in ("dump", "safe_dump")
+            and isinstance(f.value, ast.Name)
+            and f.value.id in ("json", "pickle", "yaml")
+        ):
             return len(call.args) >= 2  # dump(obj, stream): writes a file; dumps/dump(obj) returns text
         if f.attr == "open" and isinstance(f.value, ast.Name) and f.value.id == "os":
             flags = ast.unparse(call.args[1]) if len(call.args) > 1 else ""
             return any(flag in flags for flag in ("O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND"))
         if f.attr == "open":  # Path.open(mode)
             mode = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "mode"), None)
-            return isinstance(mode, ast.Constant) and isinstance(mode.value, str) and bool(set(mode.value) & set("wax+"))
+            return (
+                isinstance(mode, ast.Constant) and isinstance(mode.value, str) and bool(set(mode.value) & set("wax+"))
+            )
         return f.attr in _WRITE_ATTRS
     if isinstance(f, ast.Name):
         if f.id == "open":
-            mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
-            return isinstance(mode, ast.Constant) and isinstance(mode.value, str) and bool(set(mode.value) & set("wax+"))
+            mode = (
+                call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+            )
+            return (
+                isinstance(mode, ast.Constant) and isinstance(mode.value, str) and bool(set(mode.value) & set("wax+"))
+            )
         return f.id in _WRITE_NAMES
     return False
 
 
 def _calls_named(node: ast.AST, name: str) -> bool:
-    return isinstance(node, ast.Call) and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)
+    return isinstance(node, ast.Call) and (
+        getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name
+    )
 
 
 def _in_atomic_block(chain: list[ast.AST]) -> bool:
     """Inside ``with atomic_path(...)``, or inside a lambda/def handed to ``write_with``."""
     for i, node in enumerate(chain):
-        if isinstance(node, (ast.With, ast.AsyncWith)) and any(_calls_named(item.context_expr, "atomic_path")
-                                                                for item in node.items):
+        if isinstance(node, (ast.With, ast.AsyncWith)) and any(
+            _calls_named(item.context_expr, "atomic_path") for item in node.items
+        ):
             return True
         if isinstance(node, ast.Lambda) and i and _calls_named(chain[i - 1], "write_with"):
             return True
         if isinstance(node, ast.FunctionDef) and i:
             scope = next((n for n in reversed(chain[:i]) if isinstance(n, (ast.FunctionDef, ast.Module))), None)
-            if scope is not None and any(_calls_named(c, "write_with") and any(
-                    isinstance(a, ast.Name) and a.id == node.name for a in c.args) for c in ast.walk(scope)):
+            if scope is not None and any(
+                _calls_named(c, "write_with") and any(isinstance(a, ast.Name) and a.id == node.name for a in c.args)
+                for c in ast.walk(scope)
+            ):
                 return True
     return False
 
@@ -265,18 +297,27 @@ def _direct_writes(rel: str, source: str) -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         fn = _function_of(chain)
-        if _is_write(node) and not _in_atomic_block(chain) and (rel, fn) not in WRITES_ITS_ARGUMENT | set(ATOMIC_OTHERWISE):
+        if (
+            _is_write(node)
+            and not _in_atomic_block(chain)
+            and (rel, fn) not in WRITES_ITS_ARGUMENT | set(ATOMIC_OTHERWISE)
+        ):
             bad.append((node.lineno, node.col_offset, f"{rel}:{node.lineno}: {ast.unparse(node)[:80]}"))
         target = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-        if any(target == name for _, name in WRITES_ITS_ARGUMENT) and not _in_atomic_block(chain) \
-                and (rel, fn) not in WRITES_ITS_ARGUMENT:
+        if (
+            any(target == name for _, name in WRITES_ITS_ARGUMENT)
+            and not _in_atomic_block(chain)
+            and (rel, fn) not in WRITES_ITS_ARGUMENT
+        ):
             bad.append((node.lineno, node.col_offset, f"{rel}:{node.lineno}: {target}() outside atomic_path"))
     return [line for *_, line in sorted(bad)]
 
 
 def test_row13_every_artifact_write_goes_through_graft_atomic() -> None:
     """No file in graft/, tasks/ or flows/ writes a file except through graft.atomic (or a listed exception)."""
-    files = sorted(p for d in SOURCES for p in (REPO / d).rglob("*.py") if p.name != "atomic.py" or p.parent.name != "graft")
+    files = sorted(
+        p for d in SOURCES for p in (REPO / d).rglob("*.py") if p.name != "atomic.py" or p.parent.name != "graft"
+    )
     assert len(files) > 10
 
     bad = [b for p in files for b in _direct_writes(p.relative_to(REPO).as_posix(), p.read_text(encoding="utf-8"))]
@@ -286,7 +327,9 @@ def test_row13_every_artifact_write_goes_through_graft_atomic() -> None:
 
 def test_row13_the_write_audit_catches_direct_writes() -> None:
     """The audit itself: direct writes are flagged, the atomic forms are not."""
-    flagged = _direct_writes("x.py", """
+    flagged = _direct_writes(
+        "x.py",
+        """
 import json, shutil, torch
 def f(df, fig, tbl, p, obj):
     df.to_csv(p)
@@ -298,8 +341,11 @@ def f(df, fig, tbl, p, obj):
     shutil.copy2(p, "b")
     torch.onnx.export(obj, (obj,), p)
     export_onnx(obj, p, 1, 2, {})
-""")
-    clean = _direct_writes("x.py", """
+""",
+    )
+    clean = _direct_writes(
+        "x.py",
+        """
 def g(df, fig, p, obj):
     with atomic_path(p) as tmp:
         torch.save(obj, tmp)
@@ -311,8 +357,18 @@ def g(df, fig, p, obj):
     open(p).read()
     open(p, "rb").read()
     json.dumps(obj)
-""")
+""",
+    )
     assert [line.split(": ", 1)[1][:14] for line in flagged] == [
-        "df.to_csv(p)", "fig.savefig(p)", "torch.save(obj", "open(p, 'w')", "Path(p).write_", "json.dump(obj,",
-        "open(p, 'a')", "shutil.copy2(p", "torch.onnx.exp", "export_onnx() "], flagged
+        "df.to_csv(p)",
+        "fig.savefig(p)",
+        "torch.save(obj",
+        "open(p, 'w')",
+        "Path(p).write_",
+        "json.dump(obj,",
+        "open(p, 'a')",
+        "shutil.copy2(p",
+        "torch.onnx.exp",
+        "export_onnx() ",
+    ], flagged
     assert clean == []

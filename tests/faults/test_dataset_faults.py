@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from graft import GraftError
+from graft.cache import load_feature_table
+from graft.leakage import leakage_report
 from graft.params import SplitParams
 from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import hash_split, ingest
-from graft.leakage import leakage_report
 from graft.tasks.train_head import train
 from tests.conftest import class_image, write_tree
 from tests.faults.conftest import encode, params_for, png_bytes, reasons, run_ingest
@@ -35,13 +35,22 @@ def _empty_class(raw: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        pytest.param(_empty_class, r"class folder 'bird of prey' has no images: add images or remove the folder",
-                     id="empty-class-folder"),
-        pytest.param(lambda raw: write_tree(raw, classes=("cat",), per_class=6),
-                     r"need at least 2 classes with usable images, found 1: only 'cat'", id="one-class"),
+        pytest.param(
+            _empty_class,
+            r"class folder 'bird of prey' has no images: add images or remove the folder",
+            id="empty-class-folder",
+        ),
+        pytest.param(
+            lambda raw: write_tree(raw, classes=("cat",), per_class=6),
+            r"need at least 2 classes with usable images, found 1: only 'cat'",
+            id="one-class",
+        ),
         pytest.param(lambda raw: None, r"no usable images found under .*raw", id="no-images"),
-        pytest.param(lambda raw: (raw / "cat").mkdir() or (raw / "cat/a.txt").write_text("x"),
-                     r"class folder 'cat' has no images", id="only-non-images"),
+        pytest.param(
+            lambda raw: (raw / "cat").mkdir() or (raw / "cat/a.txt").write_text("x"),
+            r"class folder 'cat' has no images",
+            id="only-non-images",
+        ),
     ],
 )
 def test_row08_empty_class_one_class_or_no_images_is_a_clear_error(ws: Path, make, message: str) -> None:
@@ -73,8 +82,11 @@ def test_row09_unseen_class_is_a_clear_error_against_the_class_map(trained) -> N
     ingest(params)
     featurize(params)
 
-    with pytest.raises(GraftError, match=r"model classes differ from data/classes.json \(new in the data: \['bird'\]; "
-                                         r"only in the model: none\): rerun train, or fine-tune .* train\.init_from"):
+    with pytest.raises(
+        GraftError,
+        match=r"model classes differ from data/classes.json \(new in the data: \['bird'\]; "
+        r"only in the model: none\): rerun train, or fine-tune .* train\.init_from",
+    ):
         evaluate(params)
 
 
@@ -94,8 +106,16 @@ def test_row09_init_from_is_the_explicit_option_for_new_classes(trained) -> None
     ws, params = trained
     shutil.copytree(ws / "models", ws / "old-models")
     write_tree(ws / "raw", classes=("cat", "dog", "bird"), per_class=12)
-    ft = params_for(ws, {"train": {"mode": "finetune", "init_from": str(ws / "old-models"),
-                                   "finetune": {"epochs": 1, "strategy": "head", "batch_size": 16}}})
+    ft = params_for(
+        ws,
+        {
+            "train": {
+                "mode": "finetune",
+                "init_from": str(ws / "old-models"),
+                "finetune": {"epochs": 1, "strategy": "head", "batch_size": 16},
+            }
+        },
+    )
     ingest(ft)
 
     summary = finetune(ft)
@@ -118,7 +138,8 @@ def test_row10_same_image_under_two_labels_is_quarantined_and_reported(ws: Path)
     leak = pd.read_csv(ws / "data/leakage.csv", keep_default_na=False)
     assert report["exact_duplicates_across_labels"] == 1
     assert leak[["kind", "path_a", "label_a", "split_a", "path_b", "label_b", "split_b"]].values.tolist() == [
-        ["exact_cross_label", "cat/cat-003.png", "cat", "quarantined", "dog/looks-like-a-dog.png", "dog", "quarantined"]]
+        ["exact_cross_label", "cat/cat-003.png", "cat", "quarantined", "dog/looks-like-a-dog.png", "dog", "quarantined"]
+    ]
 
 
 def test_row10_keep_puts_both_labels_in_one_split_and_reports_them(ws: Path) -> None:
@@ -237,5 +258,7 @@ def test_row22_class_whose_two_images_hash_out_of_train_is_a_clear_error(ws: Pat
             if picked == 2:
                 break
 
-    with pytest.raises(GraftError, match=r"^class 'emu' has no image in the train split: add images or adjust data.split$"):
+    with pytest.raises(
+        GraftError, match=r"^class 'emu' has no image in the train split: add images or adjust data.split$"
+    ):
         ingest(params_for(ws))

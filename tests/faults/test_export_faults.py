@@ -70,7 +70,9 @@ def test_row27_odd_labels_and_paths_work_end_to_end_including_onnx_metadata(expo
     assert len(rows) == 30 and {r["label"] for r in rows} <= set(CLASSES)
     by_path = {Path(r["path"]).relative_to(root / "raw").as_posix(): r["label"] for r in rows}
     assert set(by_path) == set(manifest["path"])
-    assert sum(by_path[p] == lbl for p, lbl in zip(manifest["path"], manifest["label"])) >= 20  # it learned something
+    assert (
+        sum(by_path[p] == lbl for p, lbl in zip(manifest["path"], manifest["label"], strict=True)) >= 20
+    )  # it learned something
     recs = list(predict_files(served, list_images(root / "raw")[:3]))
     assert all(r["error"] is None and r["label"] in CLASSES for r in recs)
     capsys.readouterr()
@@ -91,8 +93,9 @@ def _perturbing(real_export_onnx):
     return export_onnx
 
 
-def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(exported, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(
+    exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A graph that drifts from torch is caught by the onnxruntime check; the published model is untouched."""
     root, _, _, _ = exported
     work = tmp_path / "w"
@@ -101,7 +104,9 @@ def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(expo
     before = Path(params.export.out).read_bytes()
     monkeypatch.setattr(graft.tasks.export, "export_onnx", _perturbing(graft.tasks.export.export_onnx))
 
-    with pytest.raises(GraftError, match=r"^ONNX export drifts from torch at batch_1: max \|dp\| = .* > export\.atol=0\.0001$"):
+    with pytest.raises(
+        GraftError, match=r"^ONNX export drifts from torch at batch_1: max \|dp\| = .* > export\.atol=0\.0001$"
+    ):
         export(params)
 
     assert Path(params.export.out).read_bytes() == before

@@ -54,9 +54,12 @@ def _onnx(tmp: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph), str(tmp))
 
 
@@ -71,7 +74,9 @@ WRITERS = {
 
 
 @pytest.mark.parametrize("kind", list(WRITERS))
-def test_row24_disk_full_while_writing_is_a_clear_error_and_keeps_the_previous_file(tmp_path: Path, dev_full, kind) -> None:
+def test_row24_disk_full_while_writing_is_a_clear_error_and_keeps_the_previous_file(
+    tmp_path: Path, dev_full, kind
+) -> None:
     """A real ENOSPC from the kernel, for every kind of artifact writer: a one-line error, the old file intact."""
     path = tmp_path / "out" / "artifact.bin"
     path.parent.mkdir()
@@ -106,11 +111,17 @@ def _enospc_on_replace(monkeypatch: pytest.MonkeyPatch, under: Path) -> None:
     monkeypatch.setattr(graft.atomic.os, "replace", replace)
 
 
-@pytest.mark.parametrize(("stage", "folder", "final"), [("ingest", "data", "manifest.parquet"),
-                                                        ("train", "models", "model.pt"),
-                                                        ("featurize", "data", "features.parquet")])
+@pytest.mark.parametrize(
+    ("stage", "folder", "final"),
+    [
+        ("ingest", "data", "manifest.parquet"),
+        ("train", "models", "model.pt"),
+        ("featurize", "data", "features.parquet"),
+    ],
+)
 def test_row24_disk_full_during_a_stage_exits_2_and_keeps_previous_outputs(
-        trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, stage: str, folder: str, final: str) -> None:
+    trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, stage: str, folder: str, final: str
+) -> None:
     """`graft <stage>` on a full disk: exit 2, one line naming the file, every earlier output byte-identical."""
     ws, params, path = trained
     before = {p: p.read_bytes() for p in ws.rglob("*") if p.is_file() and "cache" not in p.parts}
@@ -120,7 +131,9 @@ def test_row24_disk_full_during_a_stage_exits_2_and_keeps_previous_outputs(
 
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("graft: error: disk full while writing ") and err[0].endswith("the previous file is untouched")
+    assert err[0].startswith("graft: error: disk full while writing ") and err[0].endswith(
+        "the previous file is untouched"
+    )
     assert {p: p.read_bytes() for p in before} == before
     assert (ws / folder / final).read_bytes() == before[ws / folder / final]
     assert tmp_files(ws) == []
@@ -139,7 +152,9 @@ def test_row24_disk_full_outside_an_atomic_write_is_still_one_line(ws: Path, mon
     rc = main(["ingest", "--params", str(path)])
 
     err = capsys.readouterr().err.splitlines()
-    assert rc == 2 and err == [f"graft: error: disk full while writing {ws / 'data/quarantine.csv'}; the previous file is untouched"]
+    assert rc == 2 and err == [
+        f"graft: error: disk full while writing {ws / 'data/quarantine.csv'}; the previous file is untouched"
+    ]
 
 
 def test_row24_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
@@ -147,10 +162,9 @@ def test_row24_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("old")
 
-    with pytest.raises(RuntimeError):
-        with atomic_path(path) as tmp:
-            tmp.write_text("half of the new")
-            raise RuntimeError("killed midway")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("killed midway")
 
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
@@ -158,11 +172,16 @@ def test_row24_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
 # --- row 25: transient I/O errors ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("exc", "retry"), [(OSError(errno.EIO, "Input/output error"), True),
-                                            (TimeoutError("share timed out"), True),
-                                            (ConnectionResetError(), True),
-                                            (GraftError("bad params"), False),
-                                            (ValueError("bad value"), False)])
+@pytest.mark.parametrize(
+    ("exc", "retry"),
+    [
+        (OSError(errno.EIO, "Input/output error"), True),
+        (TimeoutError("share timed out"), True),
+        (ConnectionResetError(), True),
+        (GraftError("bad params"), False),
+        (ValueError("bad value"), False),
+    ],
+)
 def test_row25_transient_io_errors_are_retried_and_bad_inputs_are_not(exc: BaseException, retry: bool) -> None:
     """The stage tasks' retry condition: OS-level I/O errors retry, expected failures (GraftError) do not."""
     from prefect.states import Failed

@@ -1,4 +1,7 @@
-"""Fault row 18, the file itself: duplicate or non-string keys, oversized, non-mapping, too deep or non-UTF-8 params files."""
+"""Fault row 18, the file itself.
+
+Duplicate or non-string keys, oversized, non-mapping, too deep or non-UTF-8 params files.
+"""
 
 from __future__ import annotations
 
@@ -34,22 +37,31 @@ def _error(path: Path) -> str:
     [
         ("train:\n  lr: 0.1\n  head: mlp\n  lr: 0.2\n", "train.lr", 4, 2),
         ("seed: 1\ntrain: {lr: 0.1}\nseed: 2\n", "seed", 3, 1),
-        ("train:\n  finetune:\n    augment:\n      hflip: true\n      hflip: false\n", "train.finetune.augment.hflip", 5, 4),
+        (
+            "train:\n  finetune:\n    augment:\n      hflip: true\n      hflip: false\n",
+            "train.finetune.augment.hflip",
+            5,
+            4,
+        ),
         ("data:\n  split: {train: 0.7, val: 0.15, test: 0.15, val: 0.1}\n", "data.split.val", 2, 2),
         ("train: {}\ntrain: {lr: 0.1}\n", "train", 2, 1),
     ],
 )
-def test_duplicate_key_is_an_error_naming_the_key_and_both_lines(tmp_path: Path, text: str, key: str, line: int,
-                                                                 first: int) -> None:
+def test_duplicate_key_is_an_error_naming_the_key_and_both_lines(
+    tmp_path: Path, text: str, key: str, line: int, first: int
+) -> None:
     """A key given twice in one mapping (plain YAML keeps the last silently) names the dotted key and its lines."""
     msg = _error(_write(tmp_path, text))
     assert f": line {line}: duplicate key {key} (first at line {first})" in msg, msg
 
 
 def test_same_name_in_different_sections_and_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
-    """lr under train and under train.finetune are two keys; a `<<` merge overridden by an explicit key is valid YAML."""
-    text = ("train:\n  lr: 0.01\n  finetune:\n    <<: {lr: 0.5, epochs: 3}\n    lr: 0.004\n"
-            "    augment: {ratio: &r [0.5, 2.0]}\n")
+    """lr under train and under train.finetune are two keys; a `<<` merge overridden by an explicit key is valid
+    YAML."""
+    text = (
+        "train:\n  lr: 0.01\n  finetune:\n    <<: {lr: 0.5, epochs: 3}\n    lr: 0.004\n"
+        "    augment: {ratio: &r [0.5, 2.0]}\n"
+    )
     p = load_params(_write(tmp_path, text))
     assert (p.train.lr, p.train.finetune.lr, p.train.finetune.epochs) == (0.01, 0.004, 3)
     assert p.train.finetune.augment.ratio == (0.5, 2.0)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from graft.backbones import build_backbone
+from graft.cache import load_feature_table
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
-from graft.cache import load_feature_table
 from tests.conftest import write_tree
 from tests.faults.conftest import encode, params_for, raw_png, run_ingest
 
@@ -53,12 +53,27 @@ def _palette(transparent: bool) -> bytes:
 @pytest.mark.parametrize(
     ("data", "mode", "expected", "atol"),
     [
-        pytest.param(encode(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95), "CMYK",
-                     [[0, 255, 255]], 6, id="cmyk-jpeg-cyan"),
-        pytest.param(encode(Image.new("CMYK", (16, 16), (0, 0, 0, 255)), "JPEG", quality=95), "CMYK",
-                     [[0, 0, 0]], 6, id="cmyk-jpeg-black"),
-        pytest.param(encode(Image.fromarray(np.array([[0, 17, 128, 255]], np.uint8), "L"), "PNG"), "L",
-                     [[0, 0, 0], [17, 17, 17], [128, 128, 128], [255, 255, 255]], 0, id="grayscale"),
+        pytest.param(
+            encode(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95),
+            "CMYK",
+            [[0, 255, 255]],
+            6,
+            id="cmyk-jpeg-cyan",
+        ),
+        pytest.param(
+            encode(Image.new("CMYK", (16, 16), (0, 0, 0, 255)), "JPEG", quality=95),
+            "CMYK",
+            [[0, 0, 0]],
+            6,
+            id="cmyk-jpeg-black",
+        ),
+        pytest.param(
+            encode(Image.fromarray(np.array([[0, 17, 128, 255]], np.uint8), "L"), "PNG"),
+            "L",
+            [[0, 0, 0], [17, 17, 17], [128, 128, 128], [255, 255, 255]],
+            0,
+            id="grayscale",
+        ),
         pytest.param(_la(), "LA", [[50, 50, 50], [255, 255, 255], [127, 127, 127]], 1, id="LA-over-white"),
         pytest.param(_rgba(), "RGBA", [[255, 0, 0], [255, 255, 255], [127, 127, 127]], 1, id="RGBA-over-white"),
         pytest.param(_palette(True), "P", [[255, 0, 0], [255, 255, 255], [10, 20, 30]], 0, id="palette-transparent"),
@@ -78,10 +93,12 @@ def test_row05_colour_modes_convert_to_rgb_deterministically(data: bytes, mode: 
 def test_row05_modes_in_a_tree_are_ingested_and_featurized_as_rgb(ws: Path) -> None:
     """CMYK, LA, RGBA and palette files go through ingest and featurize like RGB ones (no quarantine)."""
     write_tree(ws / "raw", per_class=8)
-    odd = {"cat/cmyk.jpg": encode(Image.new("CMYK", (40, 32), (255, 0, 0, 0)), "JPEG"),
-           "cat/la.png": encode(Image.new("LA", (40, 32), (90, 200)), "PNG"),
-           "dog/rgba.png": encode(Image.new("RGBA", (40, 32), (10, 200, 10, 100)), "PNG"),
-           "dog/pal.png": _palette(True)}
+    odd = {
+        "cat/cmyk.jpg": encode(Image.new("CMYK", (40, 32), (255, 0, 0, 0)), "JPEG"),
+        "cat/la.png": encode(Image.new("LA", (40, 32), (90, 200)), "PNG"),
+        "dog/rgba.png": encode(Image.new("RGBA", (40, 32), (10, 200, 10, 100)), "PNG"),
+        "dog/pal.png": _palette(True),
+    }
     for rel, data in odd.items():
         (ws / "raw" / rel).write_bytes(data)
 
@@ -133,8 +150,10 @@ def _marked_jpeg(orientation: int) -> tuple[bytes, Image.Image]:
     return data, stored.convert("RGB")
 
 
-@pytest.mark.parametrize(("orientation", "turn"), [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270),
-                                                   (8, Image.Transpose.ROTATE_90)])
+@pytest.mark.parametrize(
+    ("orientation", "turn"),
+    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
+)
 def test_row07_exif_orientation_rotated_upright(orientation: int, turn: Image.Transpose) -> None:
     """The decoded pixels are exactly the stored pixels turned as the EXIF tag says; the mark moves with them."""
     data, stored = _marked_jpeg(orientation)
