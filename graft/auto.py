@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,4 +216,4 @@ def backbone_features(fp: Any, manifest: Any, root: str) -> tuple[dict[str, np.n
     table = read_features(plan.cache, plan.dim, plan.shas)
     matrix = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, plan.dim)
     meta = {"graft.backbone": plan.name, "graft.description": json.dumps(plan.description, sort_keys=True)}
-    return dict(zip(table["sha256"].to_pylist(), matrix)), meta
+    return dict(zip(table["sha256"].to_pylist(), matrix, strict=True)), meta

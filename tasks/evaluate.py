@@ -19,11 +19,11 @@ from sklearn.preprocessing import StandardScaler
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_text
 from graft.cache import load_feature_table, select_columns, tap_columns
+from graft.compare import compare, comparison_sentence
 from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
 from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
-from graft.compare import compare, comparison_sentence
 from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
 from graft.plots import plot_confusion
@@ -121,7 +121,8 @@ def report_markdown(metrics: dict, info: dict | None = None) -> str:
     return (
         f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
         f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
-        f"{_which_model(info or {})}## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n"
+        f"{_which_model(info or {})}## Per class (model)\n\n"
+        f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n"
     )
 
 
@@ -151,10 +152,8 @@ def _which_model(w: dict) -> str:
             mb = "" if pd.isna(r.get("onnx_bytes")) else f"{r['onnx_bytes'] / 1e6:.2f}"
             ms = "" if pd.isna(r.get("latency_ms_batch_1")) else f"{r['latency_ms_batch_1']:.2f}"
             name = f"**{r['candidate']}**" if r.get("chosen") else r["candidate"]
-            lines.append(
-                f"| {name} | {score} | {se} | {_cell(r['scored_on'] if isinstance(r.get('scored_on'), str) else '')} | {r['train_seconds']} | "
-                f"{mb} | {ms} | {_cell(r['note'] if isinstance(r.get('note'), str) else '')} |"
-            )
+            scored_on, note = (_cell(v) if isinstance(v, str) else "" for v in (r.get("scored_on"), r.get("note")))
+            lines.append(f"| {name} | {score} | {se} | {scored_on} | {r['train_seconds']} | {mb} | {ms} | {note} |")
     return ("## Model selection\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 

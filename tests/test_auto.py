@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from graft.atomic import write_json, write_parquet
-from graft.auto import fit_features, finetune_size
+from graft.auto import finetune_size, fit_features
 from graft.backbones import describe_backbone, fingerprint_of
 from graft.cache import feature_table, tap_columns
 from graft.model import head_from_payload, load_model
