@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from graft import GraftError
 from graft.atomic import write_json
@@ -39,6 +38,7 @@ from graft.auto import (
 )
 from graft.backbones import build_backbone, local_backbones
 from graft.cache import load_feature_table, select_columns, tap_columns
+from graft.compare import score as metric_score
 from graft.dataset import read_classes, read_manifest, split_items
 from graft.model import Classifier, backbone_entry, head_config, initial_model, make_head, run_key, save_model
 from graft.params import Params
@@ -113,7 +113,7 @@ def finetune_candidate(
     checkpoint.unlink(missing_ok=True)
     model.load_state_dict(state)
     pred = predict_proba(model, val_items[0], bb.preprocess, workers=ft.workers).argmax(1)
-    score = float(f1_score(val_items[1], pred, average="macro", labels=range(len(classes)), zero_division=0))
+    score = metric_score(val_items[1], pred, "macro_f1")  # over the classes present, like the feature candidates' folds
     best_epoch = int(min(history, key=lambda h: h["val_loss"])["epoch"])
     settings = {"image_size": size, "best_epoch": best_epoch, "strategy": ft.strategy, "ema": ft.ema, "init": ft.init}
     best = Candidate("finetune", score, bootstrap_se(val_items[1], pred), 0.0, settings)
