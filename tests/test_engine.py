@@ -176,6 +176,17 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
     assert meta["graft.fingerprint"] == fingerprint_of(desc)
 
 
+@pytest.mark.parametrize(
+    ("threads", "streams", "cores", "plan"),
+    [
+        (0, 0, 2, (2, 1)),  # default on 2 cores: two single-threaded sessions
+        (0, 1, 2, (1, 2)),  # one session using both cores
+        (4, 2, 2, (2, 2)),
+        (2, 8, 2, (2, 1)),  # never more streams than threads
+        (0, 0, 1, (1, 1)),
+        (0, 0, 16, (4, 4)),  # many cores: at most 4 sessions, threads split inside them
+    ],
+)
 def test_plan_threads(
     threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
