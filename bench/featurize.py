@@ -200,8 +200,9 @@ def mark(ok: bool) -> str:
 
 def run(args: argparse.Namespace, base: Path) -> None:
     from graft.backbones import build_backbone
-    from graft.engine import cpu_cores, make_engine
+    from graft.engine import make_engine
     from graft.images import load_batch
+    from graft.onnxengine import cpu_cores
     from graft.tasks.featurize import featurize
     from graft.tasks.ingest import ingest
 
@@ -273,7 +274,7 @@ def run(args: argparse.Namespace, base: Path) -> None:
     )
     single = None
     if engine.name == "onnxruntime" and engine.streams > 1:
-        from graft.engine import OrtEngine
+        from graft.onnxengine import OrtEngine
 
         single = roofline(OrtEngine(cache / "backbone.onnx", 1, engine.streams * engine.threads), pre, n_roof)
         print(f"    (one session x {engine.streams * engine.threads} threads instead: {single:.1f} img/s)")

@@ -107,7 +107,7 @@ def main() -> int:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from graft.cache import compare_caches
+    from graft.cacheparts import compare_caches
     from graft.tasks.featurize import featurize
     from graft.tasks.ingest import ingest
 

@@ -1,4 +1,4 @@
-"""The feature cache: its on-disk format, reading and writing, and the plan of what a run must compute.
+"""The feature cache: its on-disk format, reading, and the plan of what a run must compute.
 
 Layout (shared by all runs and all checkouts that point at the same ``featurize.cache_dir``)::
 
@@ -7,17 +7,15 @@ Layout (shared by all runs and all checkouts that point at the same ``featurize.
     <cache_dir>/<backbone>-<fingerprint>/part-*.parquet   sha256: string, feature: float32[d]
 
 Rows are keyed by the image's content hash, so a renamed file costs nothing and a changed
-preprocessing is a new fingerprint (a new folder). Parts are written atomically; racing writers may
-both write a key, and readers keep its first row. Both featurize runners (local and Dask) and every
-reader of features go through this module.
+preprocessing is a new fingerprint (a new folder). Parts are written atomically
+(:mod:`graft.cacheparts`); racing writers may both write a key, and readers keep its first row. Both
+featurize runners (local and Dask) and every reader of features go through these two modules.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graft import GraftError
-from graft.atomic import write_json, write_parquet, write_with
+from graft.atomic import write_json, write_with
 from graft.images import Preprocess
 
 if TYPE_CHECKING:
@@ -138,56 +136,6 @@ def write_features(cache: Path, dim: int, shas: Iterable[str], out: str | Path, 
 
     write_with(out, write)
     return rows
-
-
-def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: int) -> pa.Table:
-    """Rows (sha256, float32[dim]) in the cache schema; a batch of the wrong shape is a GraftError."""
-    matrix = np.asarray(np.concatenate(feats) if isinstance(feats, list) else feats, np.float32)
-    if matrix.shape != (len(shas), dim):
-        raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
-    values = pa.array(matrix.ravel())
-    return pa.table(
-        {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(values, dim)},
-        schema=feature_schema(dim),
-    )
-
-
-def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
-    """True when ``part`` exists and its rows are exactly ``keys`` (a finished earlier attempt)."""
-    if not part.is_file():
-        return False
-    try:
-        found = pq.read_table(part, columns=["sha256"]).column(0).to_pylist()
-    except Exception:  # noqa: BLE001 - unreadable: recompute and replace it
-        return False
-    return sorted(found) == sorted(keys)
-
-
-class PartWriter:
-    """Buffer feature rows and write them to the cache as atomic Parquet parts of about ``part_rows`` rows."""
-
-    def __init__(self, cache: Path, dim: int, part_rows: int):
-        self.cache, self.dim, self.part_rows = cache, dim, part_rows
-        self.shas: list[str] = []
-        self.feats: list[np.ndarray] = []
-        self.written = 0
-
-    def add(self, shas: list[str], feats: np.ndarray) -> None:
-        if feats.shape != (len(shas), self.dim):
-            raise GraftError(f"engine returned features of shape {feats.shape}, expected ({len(shas)}, {self.dim})")
-        self.shas.extend(shas)
-        self.feats.append(np.asarray(feats, np.float32))
-        if len(self.shas) >= self.part_rows:
-            self.flush()
-
-    def flush(self, path: Path | None = None) -> None:
-        """Write the buffered rows as one part (a fresh unique name unless ``path`` is given)."""
-        if not self.shas:
-            return
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
-        write_parquet(path or self.cache / name, feature_table(self.shas, self.feats, self.dim))
-        self.written += len(self.shas)
-        self.shas, self.feats = [], []
 
 
 def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -304,31 +252,3 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     have = cached_keys(plan.cache, plan.dim, among=unique["sha256"])  # bounded by the manifest, not the shared cache
     plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"], strict=True) if sha not in have]
     return plan
-
-
-def compare_caches(a: str | Path, b: str | Path) -> dict:
-    """Keys, repeated rows and the largest absolute feature difference between two cache folders
-    (checks that two runners, or two runs, filled a cache alike)."""
-
-    def rows(cache: str | Path) -> tuple[dict[str, np.ndarray], int]:
-        out: dict[str, np.ndarray] = {}
-        repeats = 0
-        for p in sorted(Path(cache).glob("part-*.parquet")):
-            t = pq.read_table(p)
-            feats = t["feature"].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-            for k, v in zip(t["sha256"].to_pylist(), feats, strict=True):
-                repeats += k in out
-                out[k] = v
-        return out, repeats
-
-    (ra, dup_a), (rb, dup_b) = rows(a), rows(b)
-    same = ra.keys() == rb.keys()
-    diff = max((float(np.abs(ra[k] - rb[k]).max()) for k in ra), default=0.0) if same else float("inf")
-    return {
-        "rows_a": len(ra),
-        "rows_b": len(rb),
-        "repeated_a": dup_a,
-        "repeated_b": dup_b,
-        "same_keys": same,
-        "max_abs_diff": diff,
-    }

@@ -1,4 +1,5 @@
-"""Choosing among candidate models on small data: stratified CV, the one-standard-error rule, sklearn heads.
+"""Choosing among candidate models on small data: stratified CV, the one-standard-error rule, sklearn heads
+(turned into graft heads by :mod:`graft.heads`).
 
 ``train.mode: auto`` scores candidates by cross-validated macro-F1 and keeps the *simplest* one whose
 score is within one standard error of the best (Hastie, Tibshirani & Friedman, ESL 7.10): on a few
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
@@ -32,6 +32,10 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.compare import bootstrap_scores
+
+# Converting a fitted pipeline into a graft head lives in graft.heads; tasks/auto.py still imports it from here.
+from graft.heads import head_spec as head_spec
+from graft.heads import to_torch_head as to_torch_head
 
 # Inverse L2 strength for standardised features: 1e-3 is close to a nearest-centroid rule, 10 nearly unpenalised.
 LINEAR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -231,59 +235,6 @@ def cv_grid(
             )
         )
     return rows
-
-
-def head_spec(pipeline: Pipeline) -> dict:
-    """The ``graft.model.head_config`` dict that builds a :class:`graft.model.Head` for ``pipeline``."""
-    scaler, clf = _parts(pipeline)
-    if isinstance(clf, LogisticRegression):
-        return {"kind": "logreg", "dim": int(scaler.mean_.size), "hidden": 0, "dropout": 0.0}
-    return {"kind": "mlp", "dim": int(scaler.mean_.size), "hidden": int(clf.coefs_[0].shape[1]), "dropout": 0.0}
-
-
-def to_torch_head(pipeline: Pipeline, n_classes: int) -> dict[str, torch.Tensor]:
-    """A fitted :func:`fit_linear` / :func:`fit_mlp` pipeline as the state dict of graft's ``Head``.
-
-    Logit ``k`` belongs to ``pipeline.classes_[k]``; for the head to index classes like graft does,
-    train on integer labels 0..n_classes-1. A binary model has one output ``z``; it becomes the two
-    logits ``[0, z]``, whose softmax equals ``predict_proba``.
-    """
-    scaler, clf = _parts(pipeline)
-    classes = np.asarray(clf.classes_)
-    if classes.size != n_classes:
-        raise GraftError(
-            f"the fitted model knows {classes.size} classes but the head needs {n_classes}: "
-            "every class must have training samples"
-        )
-    if classes.dtype.kind in "iu" and not np.array_equal(classes, np.arange(n_classes)):
-        raise GraftError(f"integer labels must be 0..{n_classes - 1}, got {classes.tolist()}: encode labels first")
-    if isinstance(clf, LogisticRegression):
-        layers = [(clf.coef_, clf.intercept_)]
-        prefixes = ["net.0"]
-    else:
-        layers = [(clf.coefs_[0].T, clf.intercepts_[0]), (clf.coefs_[1].T, clf.intercepts_[1])]
-        prefixes = ["net.0", "net.3"]  # Sequential(Linear, ReLU, Dropout, Linear)
-    w, b = layers[-1]
-    if n_classes == 2 and w.shape[0] == 1:  # sigmoid output -> logits [0, z]
-        layers[-1] = (np.vstack([np.zeros_like(w), w]), np.concatenate([np.zeros_like(b), b]))
-    state = {"mean": scaler.mean_, "std": scaler.scale_}
-    for prefix, (w, b) in zip(prefixes, layers, strict=True):
-        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
-    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
-
-
-def _parts(pipeline: Pipeline) -> tuple[StandardScaler, LogisticRegression | MLPClassifier]:
-    steps = [s for _, s in pipeline.steps]
-    if (
-        len(steps) != 2
-        or not isinstance(steps[0], StandardScaler)
-        or not isinstance(steps[1], (LogisticRegression, MLPClassifier))
-        or not hasattr(steps[1], "classes_")
-    ):
-        raise GraftError(
-            "expected a fitted StandardScaler + LogisticRegression/MLPClassifier pipeline (from fit_linear or fit_mlp)"
-        )
-    return steps[0], steps[1]
 
 
 LEADERBOARD_COLUMNS = [

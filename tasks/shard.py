@@ -39,7 +39,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from graft import GraftError
-from graft.cache import CachePlan, PartWriter, holds_exactly, plan_cache, preprocess_of, write_features
+from graft.cache import CachePlan, plan_cache, preprocess_of, write_features
+from graft.cacheparts import PartWriter, holds_exactly
 from graft.images import Preprocess
 from graft.params import FeaturizeParams, Params
 from graft.sources import decoded_batches, resolve_url

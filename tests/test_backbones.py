@@ -1,4 +1,5 @@
-"""Tests for graft.backbones and graft.taps: Lite0 weights, key mapping, cache keys, taps, ONNX, missing weights."""
+"""Tests for graft.backbones (with registry, weights, bodies, taps): Lite0 weights, key mapping, cache keys,
+taps, ONNX, missing weights."""
 
 from __future__ import annotations
 
@@ -15,17 +16,15 @@ from graft import GraftError
 from graft.backbones import (
     REGISTRY,
     FeatureExtractor,
-    _load_state_dict,
-    _TinyCNN,
     build_backbone,
     describe_backbone,
-    embedded_lite0_path,
     fingerprint_of,
     local_backbones,
-    map_lite0_keys,
     weights_present,
 )
+from graft.bodies import _load_state_dict, _TinyCNN, map_lite0_keys
 from graft.images import Preprocess, preprocess
+from graft.weights import embedded_lite0_path
 from tests.conftest import make_params
 
 LITE0_TENSORS = 247  # parameters + buffers of timm's efficientnet_lite0, num_batches_tracked excluded

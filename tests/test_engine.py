@@ -1,4 +1,4 @@
-"""Tests for graft.engine: onnxruntime and torch give the same features under one cache key."""
+"""Tests for graft.engine and graft.onnxengine: onnxruntime and torch give the same features under one cache key."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import graft.backbones
-import graft.engine
+import graft.onnxengine
 import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone, describe_backbone, fingerprint_of
 from graft.cache import feature_schema, load_feature_table
-from graft.engine import ONNX_FILE, TorchEngine, ort_engine, plan_threads, resolve_engine
+from graft.engine import TorchEngine, resolve_engine
+from graft.onnxengine import ONNX_FILE, ort_engine, plan_threads
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from tests.conftest import class_image, make_params, write_tree
@@ -53,13 +54,13 @@ def _params(ws: Path, engine: str, cache: str = "cache", **extra):
 def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Record every backbone ONNX export (the real one still runs)."""
     calls: list[Path] = []
-    real = graft.engine.export_backbone
+    real = graft.onnxengine.export_backbone
 
     def counted(model, path, size, metadata):
         calls.append(Path(path))
         return real(model, path, size, metadata)
 
-    monkeypatch.setattr(graft.engine, "export_backbone", counted)
+    monkeypatch.setattr(graft.onnxengine, "export_backbone", counted)
     return calls
 
 
@@ -106,7 +107,7 @@ def test_backbone_onnx_exported_once_and_reused(setup: Path, exports: list[Path]
 def test_drifting_export_is_refused(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export that does not match torch fails with one line and leaves no backbone.onnx behind."""
     ws = setup
-    monkeypatch.setattr(graft.engine, "ONNX_TOL", -1.0)  # the real comparison, a tolerance nothing meets
+    monkeypatch.setattr(graft.onnxengine, "ONNX_TOL", -1.0)  # the real comparison, a tolerance nothing meets
     with pytest.raises(GraftError) as info:
         featurize(_params(ws, "onnxruntime"))
     assert "drifts from torch" in str(info.value) and len(str(info.value).splitlines()) == 1
@@ -190,7 +191,7 @@ def test_plan_threads(
     threads: int, streams: int, cores: int, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(streams, threads per stream) from featurize.threads and featurize.streams."""
-    monkeypatch.setattr(graft.engine, "cpu_cores", lambda: cores)
+    monkeypatch.setattr(graft.onnxengine, "cpu_cores", lambda: cores)
     assert plan_threads(threads, streams) == plan
 
 

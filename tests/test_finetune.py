@@ -10,11 +10,11 @@ import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.layerwise import layer_groups, lr_factor, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, head_config, initial_model, load_model, make_head
 from graft.params import FinetuneParams, Params, parse_params
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
-from graft.tune import layer_groups, lr_factor, param_groups, set_trainable, train_mode, trainable_groups
 from tests.conftest import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}

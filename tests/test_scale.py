@@ -26,7 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fsspec.implementations.local import LocalFileSystem
 
 from graft import GraftError
-from graft.cache import compare_caches
+from graft.cacheparts import compare_caches
 from graft.sources import resolve_url
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest

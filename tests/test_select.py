@@ -8,6 +8,7 @@ import torch
 from scipy.stats import sem
 
 from graft import GraftError
+from graft.heads import head_spec, to_torch_head
 from graft.model import Head, make_head
 from graft.select import (
     LINEAR_C_GRID,
@@ -17,10 +18,8 @@ from graft.select import (
     cv_splits,
     fit_linear,
     fit_mlp,
-    head_spec,
     one_se_choice,
     se_of_mean,
-    to_torch_head,
 )
 
 

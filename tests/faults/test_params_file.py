@@ -13,7 +13,8 @@ import pytest
 
 from graft import GraftError
 from graft.cli import main
-from graft.params import MAX_PARAMS_BYTES, Params, load_params
+from graft.params import Params, load_params
+from graft.yamlload import MAX_PARAMS_BYTES
 
 
 def _write(tmp_path: Path, text: str | bytes) -> Path:
