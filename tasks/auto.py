@@ -28,33 +28,26 @@ from graft.auto import (
     FEATURE_CANDIDATES,
     Result,
     backbone_features,
-    data_image_size,
-    finetune_seconds,
     fit_features,
     holdout,
     onnx_cost,
-    probe_features,
     score_features,
 )
 from graft.backbones import build_backbone, local_backbones
 from graft.cache import load_feature_table, select_columns, tap_columns
-from graft.compare import score as metric_score
-from graft.dataset import read_classes, read_manifest, split_items
-from graft.model import Classifier, backbone_entry, head_config, initial_model, make_head, run_key, save_model
+from graft.dataset import read_classes, read_manifest
+from graft.lpft import finetune_candidate, refit_finetune
+from graft.model import Classifier, backbone_entry, head_config, make_head, save_model
 from graft.params import Params
 from graft.plots import write_curves
 from graft.select import (
-    Candidate,
-    bootstrap_se,
     cv_splits,
-    fit_linear,
     head_spec,
     one_se_choice,
     to_torch_head,
     write_leaderboard,
 )
 from graft.tasks import stage_task
-from graft.tune import fit, predict_proba
 
 
 def _rows(manifest: pd.DataFrame, splits: tuple[str, ...]) -> pd.DataFrame:
@@ -69,124 +62,6 @@ def _matrix(rows: pd.DataFrame, feats: dict[str, np.ndarray], classes: list[str]
 
 def _remaining(deadline: float) -> float:
     return deadline - time.perf_counter()
-
-
-def finetune_candidate(
-    params: Params, manifest: pd.DataFrame, classes: list[str], deadline: float, probe_c: float
-) -> Result:
-    """LP-FT: fit a linear probe at the data's input size, start the classifier from it, fine-tune with EMA.
-
-    Scored on the val split; skipped (with the reason) when its estimated time does not fit the budget.
-    """
-    ft = params.train.finetune
-    size = data_image_size(params, manifest)
-    train_items, val_items = (split_items(manifest, params.data.root, classes, s) for s in ("train", "val"))
-    if not len(val_items[0]):
-        return Result("finetune", note="skipped: fine-tuning is scored on the val split, which is empty")
-    t0 = time.perf_counter()
-    model, bb, note = initial_model(params, classes, size)
-    x_tr, s_per_img = probe_features(model.features, train_items[0], bb.preprocess, workers=ft.workers)
-    need = finetune_seconds(s_per_img, len(train_items[0]), len(val_items[0]), ft.epochs) * 2  # search + refit
-    if need > _remaining(deadline):
-        return Result(
-            "finetune",
-            note=f"skipped: needs about {need / 60:.1f} min at {size} px, "
-            f"{max(_remaining(deadline), 0) / 60:.1f} min of train.budget_minutes left",
-        )
-    if ft.init == "probe" and note["head"] != "loaded":
-        _probe_head(model, x_tr, train_items[1], len(classes), probe_c)
-    ftp = ft.model_copy(update={"image_size": size, "head_epochs": 0 if ft.init == "probe" else ft.head_epochs})
-    key = run_key(params, manifest, bb.fingerprint) + "-search"
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-finetune.pt"
-    state, history = fit(
-        model,
-        train_items,
-        val_items,
-        bb.preprocess,
-        ftp,
-        len(classes),
-        params.seed,
-        checkpoint,
-        key,
-        params.train.class_weights,
-    )
-    checkpoint.unlink(missing_ok=True)
-    model.load_state_dict(state)
-    pred = predict_proba(model, val_items[0], bb.preprocess, workers=ft.workers).argmax(1)
-    score = metric_score(val_items[1], pred, "macro_f1")  # over the classes present, like the feature candidates' folds
-    best_epoch = int(min(history, key=lambda h: h["val_loss"])["epoch"])
-    settings = {"image_size": size, "best_epoch": best_epoch, "strategy": ft.strategy, "ema": ft.ema, "init": ft.init}
-    best = Candidate("finetune", score, bootstrap_se(val_items[1], pred), 0.0, settings)
-    return Result(
-        "finetune",
-        ("last",),
-        "finetune",
-        best,
-        [],
-        time.perf_counter() - t0,
-        f"val split (n={len(val_items[0])})",
-        extra={"history": history, "probe_c": probe_c, "state": state, "head": _head_config(model)},
-    )
-
-
-def _head_config(model: Classifier) -> dict:
-    first = model.head.net[0]
-    hidden = first.out_features if len(model.head.net) > 1 else 0
-    return head_config("mlp" if hidden else "logreg", first.in_features, hidden, 0.0)
-
-
-def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> None:
-    """Replace the model's new head by a logistic-regression probe fitted on its frozen features (LP)."""
-    pipe = fit_linear(x, y, c)
-    head = make_head(head_spec(pipe), n_classes)
-    head.load_state_dict(to_torch_head(pipe, n_classes))
-    model.head = head
-
-
-def refit_finetune(
-    params: Params, manifest: pd.DataFrame, classes: list[str], result: Result, splits: tuple[str, ...]
-) -> dict:
-    """The fine-tuned winner retrained on ``splits`` for the epochs the search chose (no early stopping);
-    on the train split alone that is the search's own model."""
-    ft, s = params.train.finetune, result.chosen.settings
-    if splits == ("train",):
-        return {"state_dict": result.extra["state"], "head": result.extra["head"], "fit": "train"}
-    rows = _rows(manifest, splits)
-    paths = [str(Path(params.data.root) / p) for p in rows["path"]]
-    y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    model, bb, note = initial_model(params, classes, s["image_size"])
-    if ft.init == "probe" and note["head"] != "loaded":
-        _probe_head(
-            model,
-            probe_features(model.features, paths, bb.preprocess, workers=ft.workers)[0],
-            y,
-            len(classes),
-            result.extra["probe_c"],
-        )
-    ftp = ft.model_copy(
-        update={
-            "image_size": s["image_size"],
-            "epochs": s["best_epoch"],
-            "patience": 10**6,
-            "head_epochs": 0 if ft.init == "probe" else ft.head_epochs,
-        }
-    )
-    key = run_key(params, manifest, bb.fingerprint) + "-" + "+".join(splits)
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-refit.pt"
-    state, _ = fit(
-        model,
-        (paths, y),
-        ([], np.zeros(0, np.int64)),
-        bb.preprocess,
-        ftp,
-        len(classes),
-        params.seed,
-        checkpoint,
-        key,
-        params.train.class_weights,
-    )
-    checkpoint.unlink(missing_ok=True)
-    return {"state_dict": state, "head": _head_config(model), "fit": "+".join(splits)}
 
 
 def refit_features(

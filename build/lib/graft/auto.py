@@ -17,15 +17,24 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from graft.images import Preprocess
-from graft.select import (LINEAR_C_GRID, MLP_ALPHA_GRID, Candidate, bootstrap_se, cv_grid, fit_linear, fit_mlp,
-                          one_se_choice)
+from graft.select import (
+    LINEAR_C_GRID,
+    MLP_ALPHA_GRID,
+    Candidate,
+    bootstrap_se,
+    cv_grid,
+    fit_linear,
+    fit_mlp,
+    one_se_choice,
+)
 
 # name -> (the feature taps it reads, in extractor order; the head kind)
 FEATURE_CANDIDATES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -57,14 +66,27 @@ class Result:
     def ran(self) -> bool:
         return self.best is not None
 
+    @property
+    def chosen(self) -> Candidate:
+        """The best setting of a candidate that ran."""
+        if self.best is None:
+            raise ValueError(f"{self.name} did not run: {self.note}")
+        return self.best
+
 
 def holdout(n_train: int, n_total: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The val split as one "fold": rows ``[0, n_train)`` fit, the rest score."""
     return [(np.arange(n_train), np.arange(n_train, n_total))]
 
 
-def score_features(name: str, x: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]],
-                   scored_on: str, seed: int = 0) -> Result:
+def score_features(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    scored_on: str,
+    seed: int = 0,
+) -> Result:
     """Score one feature candidate over its regularisation grid; keep the setting the 1-SE rule picks.
 
     With a single split (the val set) the SE of the score is a bootstrap over the val images.
@@ -77,8 +99,15 @@ def score_features(name: str, x: np.ndarray, y: np.ndarray, splits: Sequence[tup
     if len(splits) == 1:  # one val score: its SE comes from resampling the val images
         tr, va = splits[0]
         pred = fit_features(kind, x[tr], y[tr], best.settings, seed).predict(x[va])
-        best = Candidate(best.name, best.score, bootstrap_se(y[va], pred), best.cost, best.settings,
-                         best.fold_scores, best.fit_seconds)
+        best = Candidate(
+            best.name,
+            best.score,
+            bootstrap_se(y[va], pred),
+            best.cost,
+            best.settings,
+            best.fold_scores,
+            best.fit_seconds,
+        )
     return Result(name, taps, kind, best, rows, time.perf_counter() - t0, scored_on)
 
 
@@ -123,8 +152,15 @@ def onnx_cost(model: torch.nn.Module, size: int, runs: int = 10) -> tuple[int, f
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.rand(1, 3, size, size),), buf, input_names=["image"],
-                          output_names=["probabilities"], opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model.eval(),
+            (torch.rand(1, 3, size, size),),
+            buf,
+            input_names=["image"],
+            output_names=["probabilities"],
+            opset_version=17,
+            dynamo=False,
+        )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
@@ -138,8 +174,9 @@ def onnx_cost(model: torch.nn.Module, size: int, runs: int = 10) -> tuple[int, f
     return len(buf.getvalue()), round(float(np.median(times)) * 1e3, 3)
 
 
-def probe_features(model: torch.nn.Module, paths: list[str], pp: Preprocess, batch_size: int = 64,
-                   workers: int = 2) -> tuple[np.ndarray, float]:
+def probe_features(
+    model: torch.nn.Module, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
+) -> tuple[np.ndarray, float]:
     """Pooled features of ``paths`` at ``pp`` (for the linear probe LP-FT starts from), and seconds per image."""
     from graft.tune import image_batches
 
@@ -165,9 +202,18 @@ def backbone_features(fp: Any, manifest: Any, root: str) -> tuple[dict[str, np.n
     plan = plan_cache(fp, manifest)
     if plan.todo:
         engine = make_engine(fp, plan.cache, plan.description, plan.backbone)
-        compute_features(engine, plan.preprocess, plan.dim, [(s, str(Path(root) / p)) for s, p in plan.todo],
-                         plan.cache, fp.batch_size, fp.workers, fp.part_rows, desc=f"featurize {plan.name}")
+        compute_features(
+            engine,
+            plan.preprocess,
+            plan.dim,
+            [(s, str(Path(root) / p)) for s, p in plan.todo],
+            plan.cache,
+            fp.batch_size,
+            fp.workers,
+            fp.part_rows,
+            desc=f"featurize {plan.name}",
+        )
     table = read_features(plan.cache, plan.dim, plan.shas)
     matrix = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, plan.dim)
     meta = {"graft.backbone": plan.name, "graft.description": json.dumps(plan.description, sort_keys=True)}
-    return dict(zip(table["sha256"].to_pylist(), matrix)), meta
+    return dict(zip(table["sha256"].to_pylist(), matrix, strict=True)), meta

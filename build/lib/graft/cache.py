@@ -1,4 +1,4 @@
-"""The feature cache: its on-disk format, reading and writing, and the plan of what a run must compute.
+"""The feature cache: its on-disk format, reading, and the plan of what a run must compute.
 
 Layout (shared by all runs and all checkouts that point at the same ``featurize.cache_dir``)::
 
@@ -7,20 +7,19 @@ Layout (shared by all runs and all checkouts that point at the same ``featurize.
     <cache_dir>/<backbone>-<fingerprint>/part-*.parquet   sha256: string, feature: float32[d]
 
 Rows are keyed by the image's content hash, so a renamed file costs nothing and a changed
-preprocessing is a new fingerprint (a new folder). Parts are written atomically; racing writers may
-both write a key, and readers keep its first row. Both featurize runners (local and Dask) and every
-reader of features go through this module.
+preprocessing is a new fingerprint (a new folder). Parts are written atomically
+(:mod:`graft.cacheparts`); racing writers may both write a key, and readers keep its first row. Both
+featurize runners (local and Dask) and every reader of features go through these two modules.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import time
-import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graft import GraftError
-from graft.atomic import write_json, write_parquet, write_with
+from graft.atomic import write_json, write_with
 from graft.images import Preprocess
 
 if TYPE_CHECKING:
@@ -61,8 +60,10 @@ def parts(cache: Path, dim: int) -> list[Path]:
             raise GraftError(f"feature cache part {p} is unreadable ({exc}); delete it and rerun") from None
         if not schema.remove_metadata().equals(expected):
             got = schema.field("feature").type if "feature" in schema.names else schema
-            raise GraftError(f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
-                             "delete it and rerun")
+            raise GraftError(
+                f"feature cache part {p} has schema {got}, expected {expected.field('feature').type}; "
+                "delete it and rerun"
+            )
     return found
 
 
@@ -105,7 +106,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
         if not pc.any(hits).as_py():
             continue  # nothing of ours in this part: skip reading its features
         keep = []
-        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist()):
+        for i, key in zip(np.flatnonzero(hits.to_numpy()), pc.filter(keys, hits).to_pylist(), strict=True):
             if key not in seen:  # racing runs may both have written a key: keep its first row
                 seen.add(key)
                 keep.append(i)
@@ -137,54 +138,6 @@ def write_features(cache: Path, dim: int, shas: Iterable[str], out: str | Path, 
     return rows
 
 
-def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: int) -> pa.Table:
-    """Rows (sha256, float32[dim]) in the cache schema; a batch of the wrong shape is a GraftError."""
-    matrix = np.asarray(np.concatenate(feats) if isinstance(feats, list) else feats, np.float32)
-    if matrix.shape != (len(shas), dim):
-        raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
-    values = pa.array(matrix.ravel())
-    return pa.table({"sha256": pa.array(shas, pa.string()),
-                     "feature": pa.FixedSizeListArray.from_arrays(values, dim)}, schema=feature_schema(dim))
-
-
-def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
-    """True when ``part`` exists and its rows are exactly ``keys`` (a finished earlier attempt)."""
-    if not part.is_file():
-        return False
-    try:
-        found = pq.read_table(part, columns=["sha256"]).column(0).to_pylist()
-    except Exception:  # noqa: BLE001 - unreadable: recompute and replace it
-        return False
-    return sorted(found) == sorted(keys)
-
-
-class PartWriter:
-    """Buffer feature rows and write them to the cache as atomic Parquet parts of about ``part_rows`` rows."""
-
-    def __init__(self, cache: Path, dim: int, part_rows: int):
-        self.cache, self.dim, self.part_rows = cache, dim, part_rows
-        self.shas: list[str] = []
-        self.feats: list[np.ndarray] = []
-        self.written = 0
-
-    def add(self, shas: list[str], feats: np.ndarray) -> None:
-        if feats.shape != (len(shas), self.dim):
-            raise GraftError(f"engine returned features of shape {feats.shape}, expected ({len(shas)}, {self.dim})")
-        self.shas.extend(shas)
-        self.feats.append(np.asarray(feats, np.float32))
-        if len(self.shas) >= self.part_rows:
-            self.flush()
-
-    def flush(self, path: Path | None = None) -> None:
-        """Write the buffered rows as one part (a fresh unique name unless ``path`` is given)."""
-        if not self.shas:
-            return
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
-        write_parquet(path or self.cache / name, feature_table(self.shas, self.feats, self.dim))
-        self.written += len(self.shas)
-        self.shas, self.feats = [], []
-
-
 def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a features.parquet into {sha256: vector} plus its backbone metadata."""
     if not Path(path).is_file():
@@ -193,7 +146,7 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"graft.")}
     dim = table.schema.field("feature").type.list_size
     feats = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return dict(zip(table["sha256"].to_pylist(), feats)), meta
+    return dict(zip(table["sha256"].to_pylist(), feats, strict=True)), meta
 
 
 def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -212,7 +165,9 @@ def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.n
         return np.array([], np.int64)  # marker: every column
     missing = [t for t in wanted if t not in slices]
     if missing:
-        raise GraftError(f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize")
+        raise GraftError(
+            f"the feature table holds no {missing[0]!r} features (featurize.taps): add it and rerun featurize"
+        )
     return np.concatenate([np.arange(slices[t].start, slices[t].stop) for t in wanted])
 
 
@@ -260,9 +215,12 @@ class CachePlan:
 
     @property
     def table_metadata(self) -> dict[bytes, bytes]:
-        """The feature table's metadata: which backbone, and its description (so readers can find each tap's columns)."""
-        return {b"graft.backbone": self.name.encode(), b"graft.fingerprint": self.fingerprint.encode(),
-                b"graft.description": json.dumps(self.description, sort_keys=True).encode()}
+        """The feature table's metadata: which backbone, and its description (where each tap's columns are)."""
+        return {
+            b"graft.backbone": self.name.encode(),
+            b"graft.fingerprint": self.fingerprint.encode(),
+            b"graft.description": json.dumps(self.description, sort_keys=True).encode(),
+        }
 
 
 def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone | None = None) -> CachePlan:
@@ -281,8 +239,10 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     def bb() -> Backbone:
         built = backbone or build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if cheap and built.describe() != cheap:
-            raise GraftError(f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
-                             "timm or the weights differ between machines): use one version everywhere")
+            raise GraftError(
+                f"{fp.backbone}: the described and the built backbone disagree (a graft bug, or graft, "
+                "timm or the weights differ between machines): use one version everywhere"
+            )
         return built
 
     description = cheap or bb().describe()
@@ -290,27 +250,5 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
     plan.cache = cache_dir_for(fp.cache_dir, plan.name, plan.fingerprint)
     open_cache(plan.cache, description)
     have = cached_keys(plan.cache, plan.dim, among=unique["sha256"])  # bounded by the manifest, not the shared cache
-    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"]) if sha not in have]
+    plan.todo = [(sha, path) for sha, path in zip(unique["sha256"], unique["path"], strict=True) if sha not in have]
     return plan
-
-
-def compare_caches(a: str | Path, b: str | Path) -> dict:
-    """Keys, repeated rows and the largest absolute feature difference between two cache folders
-    (checks that two runners, or two runs, filled a cache alike)."""
-
-    def rows(cache: str | Path) -> tuple[dict[str, np.ndarray], int]:
-        out: dict[str, np.ndarray] = {}
-        repeats = 0
-        for p in sorted(Path(cache).glob("part-*.parquet")):
-            t = pq.read_table(p)
-            feats = t["feature"].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-            for k, v in zip(t["sha256"].to_pylist(), feats):
-                repeats += k in out
-                out[k] = v
-        return out, repeats
-
-    (ra, dup_a), (rb, dup_b) = rows(a), rows(b)
-    same = ra.keys() == rb.keys()
-    diff = max((float(np.abs(ra[k] - rb[k]).max()) for k in ra), default=0.0) if same else float("inf")
-    return {"rows_a": len(ra), "rows_b": len(rb), "repeated_a": dup_a, "repeated_b": dup_b,
-            "same_keys": same, "max_abs_diff": diff}

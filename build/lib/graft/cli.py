@@ -35,8 +35,11 @@ def metrics_table(path: str | Path = "metrics/metrics.json") -> str:
     rows = [(m["model_name"], m["model"]), (f"baseline: raw pixels {m['baseline_size']}px + logreg", m["baseline"])]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'model':<{width}}  accuracy  macro_f1  bal_acc     ece     n"]
-    lines += [f"{name:<{width}}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['balanced_accuracy']:>7.4f}  {r['ece']:>6.4f}  {r['n']:>4}"
-              for name, r in rows]
+    lines += [
+        f"{name:<{width}}  {r['accuracy']:>8.4f}  {r['macro_f1']:>8.4f}  {r['balanced_accuracy']:>7.4f}  "
+        f"{r['ece']:>6.4f}  {r['n']:>4}"
+        for name, r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -51,8 +54,9 @@ def _predict(args: argparse.Namespace) -> None:
         raise GraftError(f"no image files under {args.target}")
     records = list(predict_files(model, paths, args.batch_size, args.top_k))
     if args.out:
-        from graft.atomic import write_text
         import io
+
+        from graft.atomic import write_text
 
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["path", "label", "probability", "error"], extrasaction="ignore")
@@ -76,7 +80,9 @@ def _predict_dask(args: argparse.Namespace) -> None:
     if args.workers < 1 or args.shard_size < 1:
         raise GraftError("--workers and --shard-size must be at least 1")
     dask = DaskParams(address=args.address, n_workers=args.workers, threads_per_worker=1)
-    print(json.dumps({"predict": predict_dask(args.target, args.model, args.out, dask, args.shard_size, args.batch_size)}))
+    print(
+        json.dumps({"predict": predict_dask(args.target, args.model, args.out, dask, args.shard_size, args.batch_size)})
+    )
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -99,16 +105,22 @@ def _gate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Transfer learning for image classification.")
     sub = p.add_subparsers(dest="command", required=True)
-    wait_help = ("seconds to wait when another graft run holds this workspace's lock "
-                 "(default: $GRAFT_LOCK_WAIT, else 0 = refuse at once)")
+    wait_help = (
+        "seconds to wait when another graft run holds this workspace's lock "
+        "(default: $GRAFT_LOCK_WAIT, else 0 = refuse at once)"
+    )
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         s.add_argument("--params", default="params.yaml")
         s.add_argument("--wait", type=float, default=None, metavar="SECONDS", help=wait_help)
         if name == "train":
             g = s.add_mutually_exclusive_group()
-            g.add_argument("--resume", action="store_true", default=None,
-                           help="finetune: continue from the last checkpoint (default: resume when one matches)")
+            g.add_argument(
+                "--resume",
+                action="store_true",
+                default=None,
+                help="finetune: continue from the last checkpoint (default: resume when one matches)",
+            )
             g.add_argument("--fresh", dest="resume", action="store_false", help="finetune: ignore any checkpoint")
     s = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     s.add_argument("--params", default="params.yaml")
@@ -189,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"graft: error: disk full{where}: free space and rerun; finished outputs are intact", file=sys.stderr)
         else:
-            print(f"graft: error: I/O error{where}: {exc.strerror or exc}; rerun when the storage is back", file=sys.stderr)
+            print(
+                f"graft: error: I/O error{where}: {exc.strerror or exc}; rerun when the storage is back",
+                file=sys.stderr,
+            )
         return 2
     except KeyboardInterrupt:
         print("graft: interrupted", file=sys.stderr)

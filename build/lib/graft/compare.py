@@ -33,8 +33,10 @@ def _check(y: np.ndarray, *preds: np.ndarray, metric: str = "accuracy") -> tuple
     if arrays[0].size == 0:
         raise GraftError("cannot compare models on an empty test set: the test split has no images")
     if any(a.size != arrays[0].size for a in arrays):
-        raise GraftError(f"labels and predictions differ in length ({', '.join(str(a.size) for a in arrays)}): "
-                         "score both models on the same test images")
+        raise GraftError(
+            f"labels and predictions differ in length ({', '.join(str(a.size) for a in arrays)}): "
+            "score both models on the same test images"
+        )
     return arrays
 
 
@@ -73,17 +75,20 @@ def _weighted_scores(w: np.ndarray, y: np.ndarray, pred: np.ndarray, metric: str
     return np.nanmean(f1, axis=1)
 
 
-def bootstrap_scores(y: np.ndarray, pred: np.ndarray, metric: str = "macro_f1", n_boot: int = 2000,
-                     seed: int = 0) -> np.ndarray:
+def bootstrap_scores(
+    y: np.ndarray, pred: np.ndarray, metric: str = "macro_f1", n_boot: int = 2000, seed: int = 0
+) -> np.ndarray:
     """The metric of one model on ``n_boot`` bootstrap resamples of the test set (for a standard error)."""
     y, pred = _check(y, pred, metric=metric)
     labels = np.unique(np.concatenate([y, pred]))
-    return np.concatenate([_weighted_scores(w, y, pred, metric, labels)
-                           for w in _replicate_weights(y.size, n_boot, seed)])
+    return np.concatenate(
+        [_weighted_scores(w, y, pred, metric, labels) for w in _replicate_weights(y.size, n_boot, seed)]
+    )
 
 
-def paired_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "accuracy",
-                     n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_bootstrap(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "accuracy", n_boot: int = 2000, seed: int = 0
+) -> dict:
     """Paired bootstrap of ``metric(a) - metric(b)`` on the same test images.
 
     Args:
@@ -102,13 +107,24 @@ def paired_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metr
     if n_boot < 1:
         raise GraftError(f"n_boot must be at least 1 (got {n_boot})")
     labels = np.unique(np.concatenate([y, pred_a, pred_b]))  # one class set for both models and every replicate
-    diffs = np.concatenate([
-        _weighted_scores(w, y, pred_a, metric, labels) - _weighted_scores(w, y, pred_b, metric, labels)
-        for w in _replicate_weights(y.size, n_boot, seed)])
+    diffs = np.concatenate(
+        [
+            _weighted_scores(w, y, pred_a, metric, labels) - _weighted_scores(w, y, pred_b, metric, labels)
+            for w in _replicate_weights(y.size, n_boot, seed)
+        ]
+    )
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     sa, sb = score(y, pred_a, metric, labels), score(y, pred_b, metric, labels)
-    return {"metric": metric, "n": int(y.size), "n_boot": int(n_boot), "score_a": sa, "score_b": sb,
-            "diff": sa - sb, "lo": float(lo), "hi": float(hi)}
+    return {
+        "metric": metric,
+        "n": int(y.size),
+        "n_boot": int(n_boot),
+        "score_a": sa,
+        "score_b": sb,
+        "diff": sa - sb,
+        "lo": float(lo),
+        "hi": float(hi),
+    }
 
 
 def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:
@@ -133,8 +149,9 @@ def verdict(lo: float, hi: float) -> str:
     return "ties"
 
 
-def compare(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "macro_f1",
-            n_boot: int = 2000, seed: int = 0) -> dict:
+def compare(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "macro_f1", n_boot: int = 2000, seed: int = 0
+) -> dict:
     """:func:`paired_bootstrap` plus ``verdict`` and the :func:`mcnemar` fields ``b``, ``c``, ``p``."""
     result = paired_bootstrap(y, pred_a, pred_b, metric, n_boot, seed)
     result["verdict"] = verdict(result["lo"], result["hi"])
@@ -155,12 +172,16 @@ def comparison_sentence(name_a: str, name_b: str, result: dict) -> str:
         result: a :func:`paired_bootstrap` or :func:`compare` dict; McNemar's ``p`` is quoted when present.
     """
     v = verdict(result["lo"], result["hi"])
-    head = {"wins": f"{name_a} wins against {name_b}",
-            "loses": f"{name_a} loses against {name_b}",
-            "ties": f"{name_a} is tied with {name_b} (the interval includes 0)"}[v]
+    head = {
+        "wins": f"{name_a} wins against {name_b}",
+        "loses": f"{name_a} loses against {name_b}",
+        "ties": f"{name_a} is tied with {name_b} (the interval includes 0)",
+    }[v]
     metric = _METRIC_LABEL.get(result["metric"], result["metric"])
-    text = (f"{head}: {metric} {_pt(result['diff'])} pt (95% CI {_pt(result['lo'])} to {_pt(result['hi'])}, "
-            f"paired bootstrap, n={result['n']})")
+    text = (
+        f"{head}: {metric} {_pt(result['diff'])} pt (95% CI {_pt(result['lo'])} to {_pt(result['hi'])}, "
+        f"paired bootstrap, n={result['n']})"
+    )
     if "p" in result:
         p = result["p"]
         text += f"; McNemar p{'<0.001' if p < 0.001 else f'={p:.3f}'}"

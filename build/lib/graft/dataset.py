@@ -38,7 +38,9 @@ def read_classes(out_dir: str | Path) -> list[str]:
     return list(json.loads(path.read_text())["classes"])
 
 
-def split_arrays(manifest: pd.DataFrame, feats: dict[str, np.ndarray], classes: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+def split_arrays(
+    manifest: pd.DataFrame, feats: dict[str, np.ndarray], classes: list[str], split: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix and class indices of one split, in manifest order."""
     rows = manifest[manifest["split"] == split]
     index = {c: i for i, c in enumerate(classes)}
@@ -47,7 +49,9 @@ def split_arrays(manifest: pd.DataFrame, feats: dict[str, np.ndarray], classes: 
     return np.stack([feats[s] for s in rows["sha256"]]), rows["label"].map(index).to_numpy(np.int64)
 
 
-def split_items(manifest: pd.DataFrame, root: str | Path, classes: list[str], split: str) -> tuple[list[str], np.ndarray]:
+def split_items(
+    manifest: pd.DataFrame, root: str | Path, classes: list[str], split: str
+) -> tuple[list[str], np.ndarray]:
     """Image paths and class indices of one split, in manifest order."""
     rows = manifest[manifest["split"] == split]
     index = {c: i for i, c in enumerate(classes)}
@@ -56,7 +60,7 @@ def split_items(manifest: pd.DataFrame, root: str | Path, classes: list[str], sp
 
 def data_hash(manifest: pd.DataFrame) -> str:
     """A hash of what the model was trained and tested on: (sha256, label, split) rows, sorted."""
-    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))
+    rows = sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True))
     return hashlib.sha256("\n".join("\t".join(r) for r in rows).encode()).hexdigest()
 
 
@@ -75,7 +79,8 @@ class Candidate:
 
 def _walk(top: Path) -> tuple[list[Path], list[Path]]:
     """Image files under ``top`` (hidden entries skipped, symlinked folders not followed) and ignored files."""
-    images, ignored = [], []
+    images: list[Path] = []
+    ignored: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -90,8 +95,11 @@ def _subdirs(p: Path, root: Path) -> list[Path]:
     """Visible sub-folders. A symlinked folder counts only if it points outside the data root
     (a link back into the tree would list images twice or loop); links inside it are not followed."""
     inside = root.resolve()
-    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
-                  and not (d.is_symlink() and d.resolve().is_relative_to(inside)))
+    return sorted(
+        d
+        for d in p.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and not (d.is_symlink() and d.resolve().is_relative_to(inside))
+    )
 
 
 def discover_folders(root: Path) -> tuple[list[Candidate], list[dict], int]:
@@ -126,7 +134,11 @@ def discover_manifest(root: Path, manifest: Path) -> tuple[list[Candidate], list
     if not manifest.is_file():
         raise GraftError(f"manifest {manifest} not found (data.manifest)")
     try:
-        df = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        df = (
+            pd.read_parquet(manifest)
+            if manifest.suffix.lower() == ".parquet"
+            else pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        )
     except Exception as exc:  # noqa: BLE001 - any parse failure gets one clear line
         raise GraftError(f"cannot read manifest {manifest}: {str(exc).splitlines()[0]}") from None
     missing = {"path", "label"} - set(df.columns)
@@ -147,5 +159,3 @@ def discover_manifest(root: Path, manifest: Path) -> tuple[list[Candidate], list
         else:
             cands.append(Candidate(full, full.relative_to(base).as_posix(), label, split))
     return cands, quarantine
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,12 @@ def write_digits(out: str | Path, per_class: int | None = None) -> dict[str, int
 
     digits = load_digits()
     counts: dict[str, int] = {}
-    for i, (img, target) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, target) in enumerate(zip(digits.images, digits.target, strict=True)):
         label = str(int(target))
         if per_class is not None and counts.get(label, 0) >= per_class:
             continue
         pixels = (255 - np.clip(img * 16, 0, 255)).astype(np.uint8)  # 0..16 ink -> dark on white
-        path = Path(out) / label / f"digit-{i:04d}.png"
-        write_with(path, lambda tmp: Image.fromarray(pixels, mode="L").save(tmp, format="PNG"))
+        image = Image.fromarray(pixels, mode="L")
+        write_with(Path(out) / label / f"digit-{i:04d}.png", partial(image.save, format="PNG"))
         counts[label] = counts.get(label, 0) + 1
     return counts

@@ -1,4 +1,5 @@
-"""Feature-transfer heads: fit a logistic-regression or MLP :class:`~graft.model.Head` on cached features."""
+"""Feature-transfer heads: fit a logistic-regression or MLP :class:`~graft.model.Head` on cached features,
+or turn a fitted scikit-learn pipeline (:mod:`graft.select`) into one."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import copy
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from graft import GraftError
 from graft.model import Head
 from graft.params import TrainParams
 
@@ -19,8 +25,15 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-             tp: TrainParams, seed: int = 0) -> tuple[Head, list[dict]]:
+def fit_head(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    tp: TrainParams,
+    seed: int = 0,
+) -> tuple[Head, list[dict]]:
     """Fit a head with AdamW and early stopping on validation loss; return it and the per-epoch history."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,8 +66,15 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.nd
             val_loss = float(nn.functional.cross_entropy(logits, monitor_y))
             val_acc = float((logits.argmax(1) == monitor_y).float().mean())
             train_acc = float((head(xt).argmax(1) == yt).float().mean())
-        history.append({"epoch": epoch, "train_loss": total / len(yt), "train_accuracy": train_acc,
-                        "val_loss": val_loss, "val_accuracy": val_acc})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(yt),
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+            }
+        )
         if val_loss < best_loss - 1e-6:
             best, best_loss, since = copy.deepcopy(head.state_dict()), val_loss, 0
         else:
@@ -63,3 +83,56 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.nd
                 break
     head.load_state_dict(best)
     return head.eval(), history
+
+
+def head_spec(pipeline: Pipeline) -> dict:
+    """The ``graft.model.head_config`` dict that builds a :class:`graft.model.Head` for ``pipeline``."""
+    scaler, clf = _parts(pipeline)
+    if isinstance(clf, LogisticRegression):
+        return {"kind": "logreg", "dim": int(scaler.mean_.size), "hidden": 0, "dropout": 0.0}
+    return {"kind": "mlp", "dim": int(scaler.mean_.size), "hidden": int(clf.coefs_[0].shape[1]), "dropout": 0.0}
+
+
+def to_torch_head(pipeline: Pipeline, n_classes: int) -> dict[str, torch.Tensor]:
+    """A fitted :func:`fit_linear` / :func:`fit_mlp` pipeline as the state dict of graft's ``Head``.
+
+    Logit ``k`` belongs to ``pipeline.classes_[k]``; for the head to index classes like graft does,
+    train on integer labels 0..n_classes-1. A binary model has one output ``z``; it becomes the two
+    logits ``[0, z]``, whose softmax equals ``predict_proba``.
+    """
+    scaler, clf = _parts(pipeline)
+    classes = np.asarray(clf.classes_)
+    if classes.size != n_classes:
+        raise GraftError(
+            f"the fitted model knows {classes.size} classes but the head needs {n_classes}: "
+            "every class must have training samples"
+        )
+    if classes.dtype.kind in "iu" and not np.array_equal(classes, np.arange(n_classes)):
+        raise GraftError(f"integer labels must be 0..{n_classes - 1}, got {classes.tolist()}: encode labels first")
+    if isinstance(clf, LogisticRegression):
+        layers = [(clf.coef_, clf.intercept_)]
+        prefixes = ["net.0"]
+    else:
+        layers = [(clf.coefs_[0].T, clf.intercepts_[0]), (clf.coefs_[1].T, clf.intercepts_[1])]
+        prefixes = ["net.0", "net.3"]  # Sequential(Linear, ReLU, Dropout, Linear)
+    w, b = layers[-1]
+    if n_classes == 2 and w.shape[0] == 1:  # sigmoid output -> logits [0, z]
+        layers[-1] = (np.vstack([np.zeros_like(w), w]), np.concatenate([np.zeros_like(b), b]))
+    state = {"mean": scaler.mean_, "std": scaler.scale_}
+    for prefix, (w, b) in zip(prefixes, layers, strict=True):
+        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
+    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+
+
+def _parts(pipeline: Pipeline) -> tuple[StandardScaler, LogisticRegression | MLPClassifier]:
+    steps = [s for _, s in pipeline.steps]
+    if (
+        len(steps) != 2
+        or not isinstance(steps[0], StandardScaler)
+        or not isinstance(steps[1], (LogisticRegression, MLPClassifier))
+        or not hasattr(steps[1], "classes_")
+    ):
+        raise GraftError(
+            "expected a fitted StandardScaler + LogisticRegression/MLPClassifier pipeline (from fit_linear or fit_mlp)"
+        )
+    return steps[0], steps[1]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -71,8 +72,11 @@ class Preprocess:
         triples: dict[str, tuple[float, float, float]] = {}
         for key in ("mean", "std"):
             v = d[key]
-            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+            ok = (
+                isinstance(v, (list, tuple))
+                and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+            )
             if not ok or (key == "std" and min(v) <= 0):
                 rule = "3 positive numbers" if key == "std" else "3 finite numbers (R, G, B)"
                 raise GraftError(f"preprocess {key}: expected {rule}, got {v!r}")
@@ -87,16 +91,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB deterministically (alpha over white, 16-bit scaled)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.int64)
-        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        top: float = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
         img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -104,7 +106,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def load_rgb(
+    source: bytes | str | os.PathLike[str], min_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Fully decode an image to upright 8-bit RGB.
 
     Args:
@@ -118,40 +122,44 @@ def load_rgb(source: bytes | str | os.PathLike[str], min_side: int | None = None
     Raises:
         BadImage: with a short reason for the quarantine record.
     """
+    with _open(source) as fh:
+        try:
+            try:
+                img = Image.open(fh, formats=_FORMATS)
+            except Image.UnidentifiedImageError:
+                raise BadImage("not a recognised image format") from None
+            except Image.DecompressionBombError:  # raised only while MAX_IMAGE_PIXELS is set
+                raise BadImage(f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels") from None
+            except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
+                raise BadImage(f"cannot decode: {exc}") from None
+            width, height = img.size
+            if width == 0 or height == 0:
+                raise BadImage("image has zero width or height")
+            # Checked here rather than through Pillow's warning: warning filters are process-global (threads).
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
+            try:
+                orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
+                if orientation in _ORIENTATION_SWAPS:
+                    width, height = height, width
+                if min_side and img.format == "JPEG":
+                    img.draft(img.mode, (min_side, min_side))
+                img.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise BadImage(f"cannot decode: {exc}") from None
+            return _to_rgb(ImageOps.exif_transpose(img)), (width, height)
+        except OSError as exc:
+            raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _open(source: bytes | str | os.PathLike[str]) -> BinaryIO:
+    """The encoded bytes as a file, or the file at ``source`` open for reading."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
     try:
-        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        return open(source, "rb")
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
-    try:
-        try:
-            img = Image.open(fh, formats=_FORMATS)
-        except Image.UnidentifiedImageError:
-            raise BadImage("not a recognised image format") from None
-        except Image.DecompressionBombError:
-            raise BadImage(f"decompression bomb: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
-        except (SyntaxError, ValueError, EOFError) as exc:  # e.g. a PPM header with a garbled size
-            raise BadImage(f"cannot decode: {exc}") from None
-        width, height = img.size
-        if width == 0 or height == 0:
-            raise BadImage("image has zero width or height")
-        # Checked here rather than through Pillow's warning: warning filters are process-global (threads).
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
-        try:
-            orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
-            if orientation in _ORIENTATION_SWAPS:
-                width, height = height, width
-            if min_side and img.format == "JPEG":
-                img.draft(img.mode, (min_side, min_side))
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise BadImage(f"cannot decode: {exc}") from None
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img), (width, height)
-    except OSError as exc:
-        raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
-    finally:
-        fh.close()
 
 
 def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:

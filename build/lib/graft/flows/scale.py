@@ -16,8 +16,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -28,8 +29,15 @@ from graft import GraftError
 from graft.lock import cache_lock, workspace_lock
 from graft.params import DaskParams, Params, load_params
 from graft.predict import list_targets, write_predictions
-from graft.tasks.shard import (PredictJob, featurize_shard, finish_featurize, make_shards, plan_featurize, predict_shard,
-                               probe)
+from graft.tasks.shard import (
+    PredictJob,
+    featurize_shard,
+    finish_featurize,
+    make_shards,
+    plan_featurize,
+    predict_shard,
+    probe,
+)
 
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
 
@@ -38,11 +46,15 @@ def task_runner(dp: DaskParams) -> DaskTaskRunner:
     """Prefect's Dask runner for the params: the given scheduler, or a LocalCluster of worker processes."""
     if dp.address:
         return DaskTaskRunner(address=dp.address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-        "n_workers": dp.n_workers, "threads_per_worker": dp.threads_per_worker,
-        "processes": True,  # one engine per process, no GIL sharing between workers
-        "dashboard_address": ":0",  # a free port: several clusters may run on one shared machine
-    })
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": dp.n_workers,
+            "threads_per_worker": dp.threads_per_worker,
+            "processes": True,  # one engine per process, no GIL sharing between workers
+            "dashboard_address": ":0",  # a free port: several clusters may run on one shared machine
+        },
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -71,8 +83,10 @@ def connect_workers(kind: str) -> dict[str, int]:
     try:
         client.run(probe, kind)  # also takes the torch / onnxruntime import off the timed path
     except Exception as exc:  # noqa: BLE001 - any failure here means a worker cannot run graft
-        raise GraftError(f"a Dask worker cannot run graft {kind} shards ({_first_line(exc)}): install graft, "
-                         f"the same version, on every worker") from None
+        raise GraftError(
+            f"a Dask worker cannot run graft {kind} shards ({_first_line(exc)}): install graft, "
+            f"the same version, on every worker"
+        ) from None
     return dict(client.nthreads())
 
 
@@ -88,8 +102,10 @@ def gather(futures: Sequence[Any]) -> list[Any]:
     if len(errors) == 1 and isinstance(errors[0], GraftError):
         raise errors[0]
     if errors:
-        raise GraftError(f"{len(errors)} of {len(futures)} shards failed after retries; the finished ones are "
-                         f"kept, rerun to resume; first: {_first_line(errors[0])}")
+        raise GraftError(
+            f"{len(errors)} of {len(futures)} shards failed after retries; the finished ones are "
+            f"kept, rerun to resume; first: {_first_line(errors[0])}"
+        )
     return results
 
 
@@ -105,8 +121,13 @@ def featurize_dask_flow(params: Params) -> dict:
     plan = plan_featurize(params)  # the caller holds the cache lock (graft.stages.run_stage, featurize_cluster)
     if plan.shards:
         workers = connect_workers("featurize")
-        log.info("%d images in %d shards on %d Dask workers (%d threads)", sum(len(s.items) for s in plan.shards),
-                 len(plan.shards), len(workers), sum(workers.values()))
+        log.info(
+            "%d images in %d shards on %d Dask workers (%d threads)",
+            sum(len(s.items) for s in plan.shards),
+            len(plan.shards),
+            len(workers),
+            sum(workers.values()),
+        )
         shard = featurize_shard.with_options(retries=fp.dask.retries)
         t0 = time.perf_counter()
         results = gather([shard.submit(plan.job, s) for s in plan.shards])
@@ -114,11 +135,22 @@ def featurize_dask_flow(params: Params) -> dict:
     finish_featurize(plan, fp.out)
     computed = sum(r["computed"] for r in results)
     engines = sorted({r["engine"] for r in results if r["engine"]})
-    return {"backbone": plan.cache.name, "fingerprint": plan.cache.fingerprint, "engine": ",".join(engines) or None, "runner": "dask",
-            "images": len(plan.cache.shas), "computed": computed, "from_cache": len(plan.cache.shas) - computed,
-            "shards": len(plan.shards), "workers": len(workers), "retried_shards": sum(r["attempt"] > 1 for r in results),
-            "seconds": round(seconds, 2), "img_per_s": round(computed / seconds, 1) if computed else None,
-            "stage_seconds": round(time.perf_counter() - t_start, 2), "cache": plan.job.cache}
+    return {
+        "backbone": plan.cache.name,
+        "fingerprint": plan.cache.fingerprint,
+        "engine": ",".join(engines) or None,
+        "runner": "dask",
+        "images": len(plan.cache.shas),
+        "computed": computed,
+        "from_cache": len(plan.cache.shas) - computed,
+        "shards": len(plan.shards),
+        "workers": len(workers),
+        "retried_shards": sum(r["attempt"] > 1 for r in results),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(computed / seconds, 1) if computed else None,
+        "stage_seconds": round(time.perf_counter() - t_start, 2),
+        "cache": plan.job.cache,
+    }
 
 
 def featurize_dask(params: Params) -> dict:
@@ -127,8 +159,9 @@ def featurize_dask(params: Params) -> dict:
 
 
 @flow(name="graft-predict-dask", log_prints=True)
-def predict_dask_flow(target: str, model: str, out: str, shard_size: int = 512, batch_size: int = 32,
-                      retries: int = 2) -> dict:
+def predict_dask_flow(
+    target: str, model: str, out: str, shard_size: int = 512, batch_size: int = 32, retries: int = 2
+) -> dict:
     """Classify every image under ``target`` with one Prefect task per shard; write one Parquet of predictions."""
     t0 = time.perf_counter()
     if "://" not in target:
@@ -145,22 +178,34 @@ def predict_dask_flow(target: str, model: str, out: str, shard_size: int = 512, 
     records = [r for shard_records in gather([task.submit(job, s) for s in shards]) for r in shard_records]
     write_predictions(records, out)
     bad = sum(r["error"] is not None for r in records)
-    return {"images": len(records), "predicted": len(records) - bad, "unreadable": bad, "shards": len(shards),
-            "workers": len(workers), "seconds": round(time.perf_counter() - t0, 2), "out": str(out)}
+    return {
+        "images": len(records),
+        "predicted": len(records) - bad,
+        "unreadable": bad,
+        "shards": len(shards),
+        "workers": len(workers),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "out": str(out),
+    }
 
 
-def predict_dask(target: str, model: str, out: str, dask: DaskParams = DaskParams(), shard_size: int = 512,
-                 batch_size: int = 32) -> dict:
+def predict_dask(
+    target: str, model: str, out: str, dask: DaskParams | None = None, shard_size: int = 512, batch_size: int = 32
+) -> dict:
     """``graft predict --dask``: :func:`predict_dask_flow` on the given Dask cluster (a LocalCluster by default)."""
     if not str(out).endswith(".parquet"):
         raise GraftError(f"--out {out}: predictions over a cluster are written as Parquet; name it *.parquet")
-    return predict_dask_flow.with_options(task_runner=task_runner(dask))(target, model, out, shard_size, batch_size,
-                                                                         dask.retries)
+    dask = dask or DaskParams()
+    return predict_dask_flow.with_options(task_runner=task_runner(dask))(
+        target, model, out, shard_size, batch_size, dask.retries
+    )
 
 
 @flow(name="graft-featurize-cluster", log_prints=True)
-def featurize_cluster(params_path: str = "params.yaml", address: Optional[str] = None) -> dict:
-    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``), whatever ``featurize.runner`` says.
+def featurize_cluster(params_path: str = "params.yaml", address: str | None = None) -> dict:
+    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``).
+
+    Runs on Dask whatever ``featurize.runner`` says.
 
     Holds the workspace lock, as every stage command does; the Dask work runs as a subflow with the
     ``DaskTaskRunner`` built from params (a deployment's own task runner is not configurable per run).

@@ -6,7 +6,8 @@ module under ``graft/``, so each ``dvc.yaml`` stage can list exactly the code it
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from graft.sources import is_transient
 

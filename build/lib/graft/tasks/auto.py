@@ -21,22 +21,34 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from graft import GraftError
 from graft.atomic import write_json
-from graft.auto import (FEATURE_CANDIDATES, Result, backbone_features, data_image_size, finetune_seconds, fit_features,
-                        holdout, onnx_cost, probe_features, score_features)
+from graft.auto import (
+    FEATURE_CANDIDATES,
+    Result,
+    backbone_features,
+    fit_features,
+    holdout,
+    onnx_cost,
+    score_features,
+)
 from graft.backbones import build_backbone, local_backbones
 from graft.cache import load_feature_table, select_columns, tap_columns
-from graft.dataset import read_classes, read_manifest, split_items
-from graft.model import Classifier, backbone_entry, head_config, initial_model, make_head, run_key, save_model
+from graft.dataset import read_classes, read_manifest
+from graft.lpft import finetune_candidate, refit_finetune
+from graft.model import Classifier, backbone_entry, head_config, make_head, save_model
 from graft.params import Params
 from graft.plots import write_curves
-from graft.select import (Candidate, bootstrap_se, cv_splits, fit_linear, head_spec, one_se_choice, to_torch_head,
-                          write_leaderboard)
+from graft.select import (
+    cv_splits,
+    head_spec,
+    one_se_choice,
+    to_torch_head,
+    write_leaderboard,
+)
 from graft.tasks import stage_task
-from graft.tune import fit, predict_proba
+
 
 def _rows(manifest: pd.DataFrame, splits: tuple[str, ...]) -> pd.DataFrame:
     """Manifest rows of ``splits``, in that split order (train first: the val "fold" is the tail)."""
@@ -52,77 +64,20 @@ def _remaining(deadline: float) -> float:
     return deadline - time.perf_counter()
 
 
-def finetune_candidate(params: Params, manifest: pd.DataFrame, classes: list[str], deadline: float,
-                       probe_c: float) -> Result:
-    """LP-FT: fit a linear probe at the data's input size, start the classifier from it, fine-tune with EMA.
-
-    Scored on the val split; skipped (with the reason) when its estimated time does not fit the budget.
-    """
-    ft = params.train.finetune
-    size = data_image_size(params, manifest)
-    train_items, val_items = (split_items(manifest, params.data.root, classes, s) for s in ("train", "val"))
-    if not len(val_items[0]):
-        return Result("finetune", note="skipped: fine-tuning is scored on the val split, which is empty")
-    t0 = time.perf_counter()
-    model, bb, note = initial_model(params, classes, size)
-    x_tr, s_per_img = probe_features(model.features, train_items[0], bb.preprocess, workers=ft.workers)
-    need = finetune_seconds(s_per_img, len(train_items[0]), len(val_items[0]), ft.epochs) * 2  # search + refit
-    if need > _remaining(deadline):
-        return Result("finetune", note=f"skipped: needs about {need / 60:.1f} min at {size} px, "
-                                       f"{max(_remaining(deadline), 0) / 60:.1f} min of train.budget_minutes left")
-    if ft.init == "probe" and note["head"] != "loaded":
-        _probe_head(model, x_tr, train_items[1], len(classes), probe_c)
-    ftp = ft.model_copy(update={"image_size": size, "head_epochs": 0 if ft.init == "probe" else ft.head_epochs})
-    key = run_key(params, manifest, bb.fingerprint) + "-search"
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-finetune.pt"
-    state, history = fit(model, train_items, val_items, bb.preprocess, ftp, len(classes), params.seed, checkpoint, key,
-                         params.train.class_weights)
-    checkpoint.unlink(missing_ok=True)
-    model.load_state_dict(state)
-    pred = predict_proba(model, val_items[0], bb.preprocess, workers=ft.workers).argmax(1)
-    score = float(f1_score(val_items[1], pred, average="macro", labels=range(len(classes)), zero_division=0))
-    best_epoch = int(min(history, key=lambda h: h["val_loss"])["epoch"])
-    settings = {"image_size": size, "best_epoch": best_epoch, "strategy": ft.strategy, "ema": ft.ema, "init": ft.init}
-    best = Candidate("finetune", score, bootstrap_se(val_items[1], pred), 0.0, settings)
-    return Result("finetune", ("last",), "finetune", best, [], time.perf_counter() - t0,
-                  f"val split (n={len(val_items[0])})", extra={"history": history, "probe_c": probe_c})
-
-
-def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> None:
-    """Replace the model's new head by a logistic-regression probe fitted on its frozen features (LP)."""
-    pipe = fit_linear(x, y, c)
-    head = make_head(head_spec(pipe), n_classes)
-    head.load_state_dict(to_torch_head(pipe, n_classes))
-    model.head = head
-
-
-def refit_finetune(params: Params, manifest: pd.DataFrame, classes: list[str], result: Result,
-                   splits: tuple[str, ...]) -> dict:
-    """The fine-tuned winner retrained on ``splits`` for the epochs the search chose (no early stopping)."""
-    ft, s = params.train.finetune, result.best.settings  # type: ignore[union-attr]
-    rows = _rows(manifest, splits)
-    paths = [str(Path(params.data.root) / p) for p in rows["path"]]
-    y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    model, bb, note = initial_model(params, classes, s["image_size"])
-    if ft.init == "probe" and note["head"] != "loaded":
-        _probe_head(model, probe_features(model.features, paths, bb.preprocess, workers=ft.workers)[0], y,
-                    len(classes), result.extra["probe_c"])
-    ftp = ft.model_copy(update={"image_size": s["image_size"], "epochs": s["best_epoch"], "patience": 10**6,
-                                "head_epochs": 0 if ft.init == "probe" else ft.head_epochs})
-    key = run_key(params, manifest, bb.fingerprint) + "-" + "+".join(splits)
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-refit.pt"
-    state, _ = fit(model, (paths, y), ([], np.zeros(0, np.int64)), bb.preprocess, ftp, len(classes), params.seed,
-                   checkpoint, key, params.train.class_weights)
-    checkpoint.unlink(missing_ok=True)
-    return {"state_dict": state, "head": head_config("logreg", bb.feature_dim, 0, 0.0), "fit": "+".join(splits)}
-
-
-def refit_features(params: Params, manifest: pd.DataFrame, feats: dict[str, np.ndarray], meta: dict[str, str],
-                   classes: list[str], result: Result, splits: tuple[str, ...]) -> dict:
+def refit_features(
+    params: Params,
+    manifest: pd.DataFrame,
+    feats: dict[str, np.ndarray],
+    meta: dict[str, str],
+    classes: list[str],
+    result: Result,
+    splits: tuple[str, ...],
+) -> dict:
     """A feature winner refit on ``splits`` with its chosen regularisation, as a graft head."""
     x, y = _matrix(_rows(manifest, splits), feats, classes)
-    pipe = fit_features(result.kind, select_columns(x, tap_columns(meta, result.taps)), y, result.best.settings,  # type: ignore[union-attr]
-                        params.seed)
+    pipe = fit_features(
+        result.kind, select_columns(x, tap_columns(meta, result.taps)), y, result.chosen.settings, params.seed
+    )
     return {"state_dict": to_torch_head(pipe, len(classes)), "head": head_spec(pipe), "fit": "+".join(splits)}
 
 
@@ -143,7 +98,7 @@ def auto(params: Params) -> dict:
         splits, scored_on = holdout(n_train, len(rows)), f"val split (n={len(rows) - n_train})"
     results: list[Result] = []
     for name in tp.candidates:
-        if _remaining(deadline) <= 0:
+        if _remaining(deadline) <= 0 and any(r.ran for r in results):  # the cheapest one always runs
             results.append(Result(name, note="skipped: train.budget_minutes used up by cheaper candidates"))
         elif name in FEATURE_CANDIDATES:
             try:
@@ -152,12 +107,15 @@ def auto(params: Params) -> dict:
                 results.append(Result(name, note=f"skipped: {exc}"))
                 continue
             results.append(score_features(name, x, y, splits, scored_on, params.seed))
-            print(f"auto: {name:<11} macro-F1 {results[-1].best.score:.4f} ± {results[-1].best.se:.4f} "  # type: ignore[union-attr]
-                  f"({results[-1].seconds:.1f} s)")
+            print(
+                f"auto: {name:<11} macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f} "
+                f"({results[-1].seconds:.1f} s)"
+            )
         elif name == "finetune":
             probe = next((r for r in results if r.name == "logreg" and r.ran), None)
-            results.append(finetune_candidate(params, manifest, classes, deadline,
-                                              probe.best.settings["C"] if probe and probe.best else 1.0))
+            results.append(
+                finetune_candidate(params, manifest, classes, deadline, probe.chosen.settings["C"] if probe else 1.0)
+            )
         elif name == "other_backbones":
             results += other_backbones(params, manifest, classes, rows, splits, scored_on, deadline)
     ran = [r for r in results if r.ran]
@@ -165,25 +123,46 @@ def auto(params: Params) -> dict:
         raise GraftError("auto: no candidate could run (see train.candidates and train.budget_minutes)")
     # cost: the candidate's place in train.candidates, cheapest first (a deterministic order, unlike wall time)
     order = {n: i for i, n in enumerate(tp.candidates)}
-    chosen = one_se_choice([replace(r.best, name=r.name, cost=order[r.extra.get("group", r.name)])  # type: ignore[type-var]
-                            for r in ran])
+    chosen = one_se_choice([replace(r.chosen, name=r.name, cost=order[r.extra.get("group", r.name)]) for r in ran])
     winner = next(r for r in ran if r.name == chosen.name)
     payload = _payload(params, manifest, feats, meta, classes, winner)
     save_model(Path(tp.model_dir) / "model.pt", payload)
     write_leaderboard(params.evaluate.metrics_dir, leaderboard(params, results, winner, classes))
-    history = winner.extra.get("history") or [{"epoch": 1, "train_loss": float("nan"), "val_loss": float("nan"),
-                                               "train_accuracy": float("nan"), "val_accuracy": winner.best.score}]  # type: ignore[union-attr]
+    history = winner.extra.get("history") or [
+        {
+            "epoch": 1,
+            "train_loss": float("nan"),
+            "val_loss": float("nan"),
+            "train_accuracy": float("nan"),
+            "val_accuracy": winner.chosen.score,
+        }
+    ]
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
-    summary = {"mode": "auto", "chosen": winner.name, "val_macro_f1": round(winner.best.score, 4),  # type: ignore[union-attr]
-               "val_macro_f1_se": round(winner.best.se, 4), "scored_on": winner.scored_on,  # type: ignore[union-attr]
-               "refit": tp.refit, "candidates": len(results), "ran": len(ran),
-               "seconds": round(time.perf_counter() - t_start, 1), "budget_minutes": tp.budget_minutes}
+    summary = {
+        "mode": "auto",
+        "chosen": winner.name,
+        "val_macro_f1": round(winner.chosen.score, 4),
+        "val_macro_f1_se": round(winner.chosen.se, 4),
+        "scored_on": winner.scored_on,
+        "refit": tp.refit,
+        "candidates": len(results),
+        "ran": len(ran),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "budget_minutes": tp.budget_minutes,
+    }
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     return summary
 
 
-def other_backbones(params: Params, manifest: pd.DataFrame, classes: list[str], rows: pd.DataFrame,
-                    splits: list, scored_on: str, deadline: float) -> list[Result]:
+def other_backbones(
+    params: Params,
+    manifest: pd.DataFrame,
+    classes: list[str],
+    rows: pd.DataFrame,
+    splits: list,
+    scored_on: str,
+    deadline: float,
+) -> list[Result]:
     """A logistic-regression probe on each other backbone whose weights are on this machine."""
     others = [b for b in local_backbones() if b != params.featurize.backbone]
     if not others:
@@ -193,8 +172,9 @@ def other_backbones(params: Params, manifest: pd.DataFrame, classes: list[str], 
         if _remaining(deadline) <= 0:
             out.append(Result(f"{name} logreg", note="skipped: train.budget_minutes used up"))
             continue
-        fp = params.featurize.model_copy(update={"backbone": name, "weights": None, "image_size": None,
-                                                 "taps": ("last",)})
+        fp = params.featurize.model_copy(
+            update={"backbone": name, "weights": None, "image_size": None, "taps": ("last",)}
+        )
         t0 = time.perf_counter()
         feats, meta = backbone_features(fp, manifest, params.data.root)
         x, y = _matrix(rows, feats, classes)
@@ -205,25 +185,40 @@ def other_backbones(params: Params, manifest: pd.DataFrame, classes: list[str], 
     return out
 
 
-def _payload(params: Params, manifest: pd.DataFrame, feats: dict[str, np.ndarray], meta: dict[str, str],
-             classes: list[str], winner: Result) -> dict:
+def _payload(
+    params: Params,
+    manifest: pd.DataFrame,
+    feats: dict[str, np.ndarray],
+    meta: dict[str, str],
+    classes: list[str],
+    winner: Result,
+) -> dict:
     """The model file of the winner, refit as ``train.refit`` says."""
     fit_on = {"none": ("train",), "trainval": ("train", "val"), "all": ("train", "val")}[params.train.refit]
     if winner.kind == "finetune":
+
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_finetune(params, manifest, classes, winner, splits)
-        size = winner.best.settings["image_size"]  # type: ignore[union-attr]
+
+        size = winner.chosen.settings["image_size"]
     else:
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
 
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_features(params, manifest, own_feats, own_meta, classes, winner, splits)
+
         size = None
     model = refit(fit_on)
     fp = winner.extra.get("featurize", params.featurize)
-    payload = {"kind": "finetune" if winner.kind == "finetune" else "head", "classes": classes,
-               "backbone": backbone_entry(fp, winner.taps, size), "candidate": winner.name,
-               "settings": winner.best.settings, **model, "history": winner.extra.get("history", [])}  # type: ignore[union-attr]
+    payload = {
+        "kind": "finetune" if winner.kind == "finetune" else "head",
+        "classes": classes,
+        "backbone": backbone_entry(fp, winner.taps, size),
+        "candidate": winner.name,
+        "settings": winner.chosen.settings,
+        **model,
+        "history": winner.extra.get("history", []),
+    }
     if params.train.refit == "all":  # the exported model also learns from the test images (metrics: the one above)
         payload["final"] = refit(("train", "val", "test"))
     return payload
@@ -233,15 +228,25 @@ def leaderboard(params: Params, results: list[Result], winner: Result, classes: 
     """One row per candidate: held-out score ± SE, seconds, settings, and the exported graph's size and speed."""
     rows = []
     for r in results:
-        row = {"candidate": r.name, "chosen": r is winner, "note": r.note, "scored_on": r.scored_on,
-               "train_seconds": round(r.seconds, 2)}
-        if r.ran and r.best:
-            row.update(score=round(r.best.score, 4), se=round(r.best.se, 4), settings=json.dumps(r.best.settings))
-            size = r.best.settings.get("image_size")
+        row = {
+            "candidate": r.name,
+            "chosen": r is winner,
+            "note": r.note,
+            "scored_on": r.scored_on,
+            "train_seconds": round(r.seconds, 2),
+        }
+        if r.ran:
+            best = r.chosen
+            row.update(score=round(best.score, 4), se=round(best.se, 4), settings=json.dumps(best.settings))
+            size = best.settings.get("image_size")
             fp = r.extra.get("featurize", params.featurize)
             bb = build_backbone(fp.backbone, fp.weights, size, r.taps, fp.raw_size)
-            head = make_head(head_config("mlp" if r.kind == "mlp" else "logreg", bb.feature_dim,
-                                         int(r.best.settings.get("hidden", 0)), 0.0), len(classes))
+            head = make_head(
+                head_config(
+                    "mlp" if r.kind == "mlp" else "logreg", bb.feature_dim, int(best.settings.get("hidden", 0)), 0.0
+                ),
+                len(classes),
+            )
             row["onnx_bytes"], row["latency_ms_batch_1"] = onnx_cost(Classifier(bb.model, head), bb.preprocess.crop)
         rows.append(row)
     return rows

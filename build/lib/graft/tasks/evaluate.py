@@ -19,11 +19,11 @@ from sklearn.preprocessing import StandardScaler
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_text
 from graft.cache import load_feature_table, select_columns, tap_columns
+from graft.compare import compare, comparison_sentence
 from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
 from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
-from graft.compare import compare, comparison_sentence
 from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
 from graft.plots import plot_confusion
@@ -39,7 +39,9 @@ def pixel_matrix(paths: list[Path], size: int) -> np.ndarray:
     return out
 
 
-def raw_pixel_baseline(manifest: pd.DataFrame, root: Path, classes: list[str], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def raw_pixel_baseline(
+    manifest: pd.DataFrame, root: Path, classes: list[str], size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit logistic regression on train-split raw pixels; return test labels and probabilities."""
     index = {c: i for i, c in enumerate(classes)}
     tr, te = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
@@ -56,9 +58,11 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
     name = model_name(payload)
     if payload["classes"] != classes:
         new, gone = sorted(set(classes) - set(payload["classes"])), sorted(set(payload["classes"]) - set(classes))
-        raise GraftError(f"model classes differ from data/classes.json (new in the data: {new or 'none'}; "
-                         f"only in the model: {gone or 'none'}): rerun train, or fine-tune from the old model "
-                         "with train.init_from to keep what it learned")
+        raise GraftError(
+            f"model classes differ from data/classes.json (new in the data: {new or 'none'}; "
+            f"only in the model: {gone or 'none'}): rerun train, or fine-tune from the old model "
+            "with train.init_from to keep what it learned"
+        )
     index = {c: i for i, c in enumerate(classes)}
     y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
     feats, meta = load_feature_table(params.featurize.out) if Path(params.featurize.out).is_file() else ({}, {})
@@ -77,9 +81,12 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
 def _model_info(params: Params) -> dict:
     """Which candidate auto chose, with what settings, fitted on what; the leaderboard rows."""
     payload = load_model(Path(params.train.model_dir) / "model.pt")
-    info = {"candidate": payload.get("candidate"), "settings": json.dumps(payload.get("settings", {})),
-            "fit": payload.get("fit", "train (early stopping on val)").replace("+", " + "),
-            "final_fit": payload["final"]["fit"].replace("+", " + ") if payload.get("final") else None}
+    info = {
+        "candidate": payload.get("candidate"),
+        "settings": json.dumps(payload.get("settings", {})),
+        "fit": payload.get("fit", "train (early stopping on val)").replace("+", " + "),
+        "final_fit": payload["final"]["fit"].replace("+", " + ") if payload.get("final") else None,
+    }
     board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"
     if payload.get("candidate") and board.is_file():
         info["leaderboard"] = pd.read_csv(board).to_dict("records")
@@ -95,40 +102,58 @@ def report_markdown(metrics: dict, info: dict | None = None) -> str:
     m, b = metrics["model"], metrics["baseline"]
     rows = "\n".join(
         f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['balanced_accuracy']:.4f} | {r['ece']:.4f} |"
-        for name, r in ((metrics["model_name"], m), (f"baseline: raw pixels {metrics['baseline_size']}x{metrics['baseline_size']} + logreg", b)))
+        for name, r in (
+            (metrics["model_name"], m),
+            (f"baseline: raw pixels {metrics['baseline_size']}x{metrics['baseline_size']} + logreg", b),
+        )
+    )
     verdict = metrics["vs_baseline"]["sentence"]
     if metrics["vs_baseline"]["verdict"] != "wins":
-        verdict += ("\n\n**Transfer does not beat the raw-pixel baseline here as configured.** With "
-                    "`train.mode: auto` graft tries the pixel model itself and ships it when it is as good.")
-    per_class = "\n".join(f"| {_cell(c)} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-                          for c, v in m["per_class"].items())
+        verdict += (
+            "\n\n**Transfer does not beat the raw-pixel baseline here as configured.** With "
+            "`train.mode: auto` graft tries the pixel model itself and ships it when it is as good."
+        )
+    per_class = "\n".join(
+        f"| {_cell(c)} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+        for c, v in m["per_class"].items()
+    )
     counts = ", ".join(f"{k}: {v}" for k, v in metrics["counts"].items())
-    return (f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
-            f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
-            f"{_which_model(info or {})}## Per class (model)\n\n| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n")
+    return (
+        f"# graft evaluation\n\nTest split ({m['n']} images). Images per split: {counts}.\n\n"
+        f"| model | accuracy | macro-F1 | balanced acc. | ECE |\n|---|---|---|---|---|\n{rows}\n\n{verdict}\n\n"
+        f"{_which_model(info or {})}## Per class (model)\n\n"
+        f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n"
+    )
 
 
 def _which_model(w: dict) -> str:
     """What the metrics describe (auto's choice, what it was fitted on) and auto's leaderboard, if any."""
     lines = []
     if w.get("candidate"):
-        lines.append(f"`train.mode: auto` chose **{_cell(w['candidate'])}** ({_cell(w.get('settings', ''))}); "
-                     f"the metrics above describe it refit on {w.get('fit', 'train')}.")
+        lines.append(
+            f"`train.mode: auto` chose **{_cell(w['candidate'])}** ({_cell(w.get('settings', ''))}); "
+            f"the metrics above describe it refit on {w.get('fit', 'train')}."
+        )
     if w.get("final_fit"):
-        lines.append(f"The exported model was refit once more on {w['final_fit']} (`train.refit: all`) after these "
-                     "test metrics were recorded: no test score exists for it by construction.")
+        lines.append(
+            f"The exported model was refit once more on {w['final_fit']} (`train.refit: all`) after these "
+            "test metrics were recorded: no test score exists for it by construction."
+        )
     board = w.get("leaderboard") or []
     if board:
-        lines += ["", "| candidate | held-out macro-F1 | ± SE | scored on | train s | ONNX MB | batch-1 ms | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| candidate | held-out macro-F1 | ± SE | scored on | train s | ONNX MB | batch-1 ms | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in board:
             score = "" if pd.isna(r.get("score")) else f"{r['score']:.4f}"
             se = "" if pd.isna(r.get("se")) else f"{r['se']:.4f}"
             mb = "" if pd.isna(r.get("onnx_bytes")) else f"{r['onnx_bytes'] / 1e6:.2f}"
             ms = "" if pd.isna(r.get("latency_ms_batch_1")) else f"{r['latency_ms_batch_1']:.2f}"
             name = f"**{r['candidate']}**" if r.get("chosen") else r["candidate"]
-            lines.append(f"| {name} | {score} | {se} | {_cell(r['scored_on'] if isinstance(r.get('scored_on'), str) else '')} | {r['train_seconds']} | "
-                         f"{mb} | {ms} | {_cell(r['note'] if isinstance(r.get('note'), str) else '')} |")
+            scored_on, note = (_cell(v) if isinstance(v, str) else "" for v in (r.get("scored_on"), r.get("note")))
+            lines.append(f"| {name} | {score} | {se} | {scored_on} | {r['train_seconds']} | {mb} | {ms} | {note} |")
     return ("## Model selection\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
@@ -174,9 +199,17 @@ def evaluate(params: Params) -> dict:
     metrics["leakage"] = {k: v for k, v in leakage.items() if k not in ("top", "exact")}
     write_json(mdir / "metrics.json", metrics)
     pred = proba.argmax(1)
-    write_csv(mdir / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}))
+    write_csv(
+        mdir / "confusion.csv",
+        pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}),
+    )
     plot_confusion(pdir / "confusion.png", y, pred, classes)
-    write_text(ep.report, report_markdown(metrics, _model_info(params)) + "\n" + leakage_markdown(leakage, (out / "leakage.csv").as_posix()))
+    write_text(
+        ep.report,
+        report_markdown(metrics, _model_info(params))
+        + "\n"
+        + leakage_markdown(leakage, (out / "leakage.csv").as_posix()),
+    )
     return metrics
 
 

@@ -5,11 +5,9 @@ Graph contract: input ``image`` float32 [N, 3, H, W], RGB in [0, 1] after resize
 (``metadata_props``) carries the class names, the preprocessing, the backbone fingerprint and a
 hash of the training data, all as JSON or plain strings.
 
-With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx``): onnxruntime
-static quantization, QDQ format, per-channel int8 weights and uint8 activations whose ranges are
-calibrated on train-split images preprocessed exactly like ``graft predict``. It carries the same
-metadata, so ``graft predict --model models/model.int8.onnx`` works unchanged. Both models' test
-accuracy and batch-1 / batch-32 latency go to ``<metrics_dir>/export.json``.
+With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx``, see
+:mod:`graft.quantize`). Both models' test accuracy and batch-1 / batch-32 latency go to
+``<metrics_dir>/export.json``.
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -35,11 +32,13 @@ from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
 from graft.model import classifier_from_payload, load_model, model_name
 from graft.params import Params
+from graft.quantize import CalibrationReader, calibration_paths, int8_path, quantization_metadata, quantize_int8
 from graft.tasks import stage_task
 
 
-def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str,
-                  model_name: str = "") -> dict[str, str]:
+def onnx_metadata(
+    classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str, model_name: str = ""
+) -> dict[str, str]:
     """The graph's ``metadata_props``: the input contract uses the one preprocessing schema
     (:meth:`Preprocess.as_dict`: resize of the shorter side, centre crop, mean/std, interpolation)."""
     return {
@@ -47,11 +46,17 @@ def onnx_metadata(classes: list[str], pp: Preprocess, backbone: str, fingerprint
         "graft.kind": kind,
         "graft.model": model_name or f"{backbone} {kind}",
         "graft.classes": json.dumps(classes, ensure_ascii=False),
-        "graft.input": json.dumps({
-            "name": "image", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
-            **pp.as_dict(),
-            "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
-        }),
+        "graft.input": json.dumps(
+            {
+                "name": "image",
+                "layout": "NCHW",
+                "dtype": "float32",
+                "range": [0.0, 1.0],
+                "channel_order": "RGB",
+                **pp.as_dict(),
+                "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
+            }
+        ),
         "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),
         "graft.backbone": backbone,
         "graft.fingerprint": fingerprint,
@@ -66,9 +71,16 @@ def export_onnx(model: nn.Module, path: Path, size: int, opset: int, metadata: d
     dummy = torch.rand(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
@@ -102,81 +114,6 @@ def check_images(manifest: pd.DataFrame, root: Path, pp: Preprocess, n: int) -> 
     return load_batch(paths, pp)
 
 
-# --- int8: static quantization calibrated on train-split images
-
-
-def int8_path(out: str | Path) -> Path:
-    """Where the int8 model of ``out`` goes: ``models/model.onnx`` -> ``models/model.int8.onnx``."""
-    p = Path(out)
-    return p.with_name(f"{p.stem}.int8{p.suffix or '.onnx'}")
-
-
-def calibration_paths(manifest: pd.DataFrame, root: Path, n: int) -> list[Path]:
-    """Up to ``n`` distinct train-split images, classes interleaved, in a stable (content-hash) order."""
-    train = manifest[manifest["split"] == "train"].drop_duplicates("sha256").sort_values("sha256")
-    if train.empty:
-        raise GraftError("export.quantize needs train-split images to calibrate on; the manifest has none")
-    order = train.assign(_rank=train.groupby("label").cumcount()).sort_values(["_rank", "label"], kind="stable")
-    return [root / p for p in order["path"].head(n)]
-
-
-class CalibrationReader:
-    """onnxruntime ``CalibrationDataReader``: decodes the calibration images lazily, a few at a time."""
-
-    def __init__(self, paths: list[Path], pp: Preprocess, batch_size: int = 8):
-        self._batches = iter([paths[i : i + batch_size] for i in range(0, len(paths), batch_size)])
-        self.pp = pp
-
-    def get_next(self) -> dict | None:
-        chunk = next(self._batches, None)
-        if chunk is None:
-            return None
-        try:
-            return {"image": load_batch(chunk, self.pp)}
-        except BadImage as exc:
-            raise GraftError(f"cannot decode a calibration image ({exc}); rerun ingest") from None
-
-
-QUANTIZED_OPS = ["Conv", "Add", "Clip", "Relu"]  # the backbone's body; the head and softmax stay float
-
-
-def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str]) -> None:
-    """Write the int8 QDQ model of ``src`` to ``dst`` with ``metadata`` (graft's keys) copied in.
-
-    QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
-    (measured on the 2-core EPYC: QOperator and int8 activations were slower). The head and, in a
-    deep net, the first and last convolutions stay float: on the digits demo that keeps the test
-    accuracy within a point of fp32 (quantizing everything cost ~3 points) for ~8 % of Lite0's MACs. MinMax
-    calibration keeps only per-tensor min/max per batch, so its memory stays small.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as scratch:
-        pre = Path(scratch) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))
-        convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
-        float_convs = convs[:1] + convs[-1:] if len(convs) > 4 else []  # in a shallow net the ends are the work
-        try:
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS,
-                            nodes_to_exclude=float_convs)
-        except GraftError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean "cannot quantize this graph"
-            raise GraftError(f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             f"set export.quantize: null") from None
-    proto = onnx.load(str(dst))
-    del proto.metadata_props[:]
-    for k, v in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(dst))
-
-
 # --- what export.json records: test accuracy and latency of each published model
 
 
@@ -188,8 +125,9 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def eval_batches(manifest: pd.DataFrame, root: Path, classes: list[str], pp: Preprocess,
-                 batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_batches(
+    manifest: pd.DataFrame, root: Path, classes: list[str], pp: Preprocess, batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, label indices) over the distinct test-split images, decoded like ``graft predict``."""
     test = manifest[manifest["split"] == "test"].drop_duplicates("sha256")
     index = {c: i for i, c in enumerate(classes)}
@@ -214,9 +152,14 @@ def onnx_accuracy(models: dict[str, Path], batches: Iterator[tuple[np.ndarray, n
         for k, pred in preds.items():
             correct[k] += int((pred == y).sum())
             agree[k] += int((pred == preds[first]).sum())
-    return {k: {"test_accuracy": round(correct[k] / n, 4) if n else None,
-                f"argmax_agreement_with_{first}": round(agree[k] / n, 4) if n else None, "test_images": n}
-            for k in models}
+    return {
+        k: {
+            "test_accuracy": round(correct[k] / n, 4) if n else None,
+            f"argmax_agreement_with_{first}": round(agree[k] / n, 4) if n else None,
+            "test_images": n,
+        }
+        for k in models
+    }
 
 
 LATENCY_RUNS = {1: 20, 32: 7}  # timed runs per batch size, after two warm-up runs each
@@ -244,18 +187,28 @@ def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.
     report: dict = {}
     for k, path in models.items():
         ms = {f"batch_{b}": lat[b][k] for b in LATENCY_RUNS}
-        report[k] = {"path": str(path), "bytes": path.stat().st_size, **acc[k], "latency_ms": ms,
-                     "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1)}
+        report[k] = {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            **acc[k],
+            "latency_ms": ms,
+            "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1),
+        }
     if "int8" in report:
         f, q = report["fp32"], report["int8"]
         for b in LATENCY_RUNS:
             report[f"int8_speedup_batch_{b}"] = round(f["latency_ms"][f"batch_{b}"] / q["latency_ms"][f"batch_{b}"], 2)
         if f["test_accuracy"] is not None:
             report["int8_accuracy_drop"] = round(f["test_accuracy"] - q["test_accuracy"], 4)
-    report["latency_setup"] = {"runs": {f"batch_{b}": r for b, r in LATENCY_RUNS.items()}, "statistic": "median",
-                               "order": "models interleaved run by run", "threads": "onnxruntime default",
-                               "cpu_cores": os.cpu_count(), "machine": platform.machine(),
-                               "processor": platform.processor() or None}
+    report["latency_setup"] = {
+        "runs": {f"batch_{b}": r for b, r in LATENCY_RUNS.items()},
+        "statistic": "median",
+        "order": "models interleaved run by run",
+        "threads": "onnxruntime default",
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
     return report
 
 
@@ -293,8 +246,15 @@ def export(params: Params) -> dict:
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
-    meta = onnx_metadata(payload["classes"], bb.preprocess, bb.name, bb.fingerprint, data_hash(manifest), payload["kind"],
-                         model_name(payload))
+    meta = onnx_metadata(
+        payload["classes"],
+        bb.preprocess,
+        bb.name,
+        bb.fingerprint,
+        data_hash(manifest),
+        payload["kind"],
+        model_name(payload),
+    )
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
     q_path = int8_path(xp.out)
     with atomic_path(xp.out) as tmp:
@@ -302,12 +262,8 @@ def export(params: Params) -> dict:
         drift = check_against_torch(tmp, model, images, xp.atol)
         if xp.quantize == "int8":
             reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
-            q_meta = {**meta, "graft.quantization": json.dumps({
-                "dtype": "int8", "method": "onnxruntime static QDQ", "weights": "int8 per-channel",
-                "activations": "uint8 MinMax", "float": "head; first and last Conv of deep nets",
-                "calibration_images": xp.calibration_images})}
             with atomic_path(q_path) as q_tmp:
-                quantize_int8(tmp, q_tmp, reader, q_meta)
+                quantize_int8(tmp, q_tmp, reader, {**meta, **quantization_metadata(xp.calibration_images)})
     if xp.quantize is None:
         q_path.unlink(missing_ok=True)  # an int8 model of an older fp32 one must not linger beside it
     models = {"fp32": Path(xp.out), **({"int8": q_path} if xp.quantize else {})}
@@ -317,9 +273,12 @@ def export(params: Params) -> dict:
     write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
     summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
     if xp.quantize:
-        summary.update(int8=str(q_path), int8_bytes=q_path.stat().st_size,
-                       int8_speedup_batch_32=report["int8_speedup_batch_32"],
-                       int8_accuracy_drop=report.get("int8_accuracy_drop"))
+        summary.update(
+            int8=str(q_path),
+            int8_bytes=q_path.stat().st_size,
+            int8_speedup_batch_32=report["int8_speedup_batch_32"],
+            int8_accuracy_drop=report.get("int8_accuracy_drop"),
+        )
     return summary
 
 

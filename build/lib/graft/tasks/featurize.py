@@ -50,14 +50,31 @@ def featurize(params: Params, backbone: Backbone | None = None) -> dict:
         engine = make_engine(fp, plan.cache, plan.description, plan.backbone)
         engine_name = engine.name
         t0 = time.perf_counter()
-        computed = compute_features(engine, plan.preprocess, plan.dim, todo, plan.cache, fp.batch_size,
-                                    fp.workers, fp.part_rows, desc=f"featurize {plan.name}")
+        computed = compute_features(
+            engine,
+            plan.preprocess,
+            plan.dim,
+            todo,
+            plan.cache,
+            fp.batch_size,
+            fp.workers,
+            fp.part_rows,
+            desc=f"featurize {plan.name}",
+        )
         seconds = time.perf_counter() - t0
     write_features(plan.cache, plan.dim, plan.shas, fp.out, plan.table_metadata)
-    return {"backbone": plan.name, "fingerprint": plan.fingerprint, "engine": engine_name, "images": len(plan.shas),
-            "computed": computed, "from_cache": len(plan.shas) - computed, "seconds": round(seconds, 2),
-            "img_per_s": round(computed / seconds, 1) if computed else None,
-            "stage_seconds": round(time.perf_counter() - t_start, 2), "cache": str(plan.cache)}
+    return {
+        "backbone": plan.name,
+        "fingerprint": plan.fingerprint,
+        "engine": engine_name,
+        "images": len(plan.shas),
+        "computed": computed,
+        "from_cache": len(plan.shas) - computed,
+        "seconds": round(seconds, 2),
+        "img_per_s": round(computed / seconds, 1) if computed else None,
+        "stage_seconds": round(time.perf_counter() - t_start, 2),
+        "cache": str(plan.cache),
+    }
 
 
 featurize_task = stage_task(featurize, "featurize")

@@ -14,22 +14,21 @@ the starting model (pretrained, or ``train.init_from``), keys the run for resumi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from graft import GraftError
 from graft.atomic import write_json
-from graft.dataset import read_classes, read_manifest, split_items
 from graft.auto import data_image_size
+from graft.dataset import read_classes, read_manifest, split_items
 from graft.model import head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
 from graft.select import write_leaderboard
 from graft.tasks import stage_task
 from graft.tune import fit, read_checkpoint
-
 
 # --- the model to start from
 
@@ -56,13 +55,28 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     elif resume and (read_checkpoint(checkpoint) or {}).get("key") != key:
         raise GraftError(f"--resume: no checkpoint of this configuration at {checkpoint}")
     fp = fp.model_copy(update={"image_size": bb.preprocess.crop})  # the size it runs at (and its run key)
-    best, history = fit(model, train_items, val_items, bb.preprocess, fp, len(classes), params.seed,
-                        checkpoint, key, tp.class_weights, on_epoch_end)
+    best, history = fit(
+        model,
+        train_items,
+        val_items,
+        bb.preprocess,
+        fp,
+        len(classes),
+        params.seed,
+        checkpoint,
+        key,
+        tp.class_weights,
+        on_epoch_end,
+    )
     payload = {
         "kind": "finetune",
         "classes": classes,
-        "backbone": {"name": bb.name, "weights": params.featurize.weights, "image_size": fp.image_size,
-                     "fingerprint": bb.fingerprint},
+        "backbone": {
+            "name": bb.name,
+            "weights": params.featurize.weights,
+            "image_size": fp.image_size,
+            "fingerprint": bb.fingerprint,
+        },
         "head": head_config("logreg", bb.feature_dim, tp.hidden, tp.dropout),
         "state_dict": best,
         "history": history,
@@ -71,14 +85,31 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     save_model(Path(tp.model_dir) / "model.pt", payload)
     checkpoint.unlink(missing_ok=True)  # the run is complete: the next one starts fresh
     best_row = min(history, key=lambda h: h["val_loss"])
-    summary = {"mode": "finetune", "strategy": fp.strategy, "epochs": len(history), "best_epoch": best_row["epoch"],
-               "val_loss": round(best_row["val_loss"], 4), "val_accuracy": round(best_row["val_accuracy"], 4),
-               "image_size": bb.preprocess.crop, "train_images": len(train_items[0]), **note}
+    summary = {
+        "mode": "finetune",
+        "strategy": fp.strategy,
+        "epochs": len(history),
+        "best_epoch": best_row["epoch"],
+        "val_loss": round(best_row["val_loss"], 4),
+        "val_accuracy": round(best_row["val_accuracy"], 4),
+        "image_size": bb.preprocess.crop,
+        "train_images": len(train_items[0]),
+        **note,
+    }
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
-    write_leaderboard(params.evaluate.metrics_dir, [{  # one candidate: the one train.mode names
-        "candidate": "finetune", "chosen": True, "scored_on": f"val split (n={len(val_items[0])})",
-        "note": "train.mode: finetune (no selection)", "settings": json.dumps({"strategy": fp.strategy, "image_size": bb.preprocess.crop})}])
+    write_leaderboard(
+        params.evaluate.metrics_dir,
+        [
+            {  # one candidate: the one train.mode names
+                "candidate": "finetune",
+                "chosen": True,
+                "scored_on": f"val split (n={len(val_items[0])})",
+                "note": "train.mode: finetune (no selection)",
+                "settings": json.dumps({"strategy": fp.strategy, "image_size": bb.preprocess.crop}),
+            }
+        ],
+    )
     return summary
 
 

@@ -39,8 +39,14 @@ def inspect_file(c: Candidate) -> dict:
         _, (width, height) = load_rgb(data, min_side=_VALIDATE_SIDE)
     except BadImage as exc:
         return {"path": c.rel, "reason": str(exc)}
-    return {"path": c.rel, "sha256": hashlib.sha256(data).hexdigest(), "label": c.label,
-            "split": c.split, "width": width, "height": height}
+    return {
+        "path": c.rel,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "label": c.label,
+        "split": c.split,
+        "width": width,
+        "height": height,
+    }
 
 
 def hash_split(sha256: str, fractions: SplitParams) -> str:
@@ -80,7 +86,10 @@ def check_classes(rows: pd.DataFrame, min_per_class: int) -> list[str]:
         raise GraftError(f"need at least 2 classes with usable images, found {len(counts)}{only}")
     small = counts[counts < min_per_class]
     if len(small):
-        raise GraftError(f"class {small.index[0]!r} has {small.iloc[0]} usable image(s), fewer than ingest.min_images_per_class={min_per_class}")
+        raise GraftError(
+            f"class {small.index[0]!r} has {small.iloc[0]} usable image(s), "
+            f"fewer than ingest.min_images_per_class={min_per_class}"
+        )
     no_train = sorted(set(counts.index) - set(rows.loc[rows["split"] == "train", "label"]))
     if no_train:
         raise GraftError(f"class {no_train[0]!r} has no image in the train split: add images or adjust data.split")
@@ -97,8 +106,10 @@ def ingest(params: Params) -> dict:
         cands, quarantine, ignored = discover_folders(root)
     if not cands:
         write_csv(out / "quarantine.csv", pd.DataFrame(quarantine, columns=["path", "reason"]))
-        raise GraftError(f"no usable images found under {root} (expected <class>/<image> folders, train/val/test "
-                         f"folders, or data.manifest); {len(quarantine)} file(s) refused, see {out / 'quarantine.csv'}")
+        raise GraftError(
+            f"no usable images found under {root} (expected <class>/<image> folders, train/val/test "
+            f"folders, or data.manifest); {len(quarantine)} file(s) refused, see {out / 'quarantine.csv'}"
+        )
     n_total = len(cands) + len(quarantine)  # every file seen, including those refused before decoding
     with ThreadPoolExecutor(params.ingest.workers) as pool:
         results = list(pool.map(inspect_file, cands))
@@ -109,16 +120,19 @@ def ingest(params: Params) -> dict:
     conflicts = label_conflicts(rows)
     if len(conflicts) and params.ingest.label_conflicts == "quarantine":
         labels = conflicts.groupby("sha256")["label"].agg(lambda s: ", ".join(sorted(set(s))))
-        quarantine += [{"path": r.path, "reason": f"same image under labels [{labels[r.sha256]}]"}
-                       for r in conflicts.itertuples()]
+        quarantine += [
+            {"path": r.path, "reason": f"same image under labels [{labels[r.sha256]}]"} for r in conflicts.itertuples()
+        ]
         rows = rows.drop(conflicts.index)
     q = pd.DataFrame(quarantine, columns=["path", "reason"]).sort_values("path", kind="stable")
     write_csv(out / "quarantine.csv", q)
 
     n_bad = len(q)
     if n_total and n_bad / n_total > params.ingest.max_bad_fraction:
-        raise GraftError(f"{n_bad} of {n_total} files are unusable ({n_bad / n_total:.0%} > ingest.max_bad_fraction="
-                         f"{params.ingest.max_bad_fraction:g}); reasons in {out / 'quarantine.csv'}")
+        raise GraftError(
+            f"{n_bad} of {n_total} files are unusable ({n_bad / n_total:.0%} > ingest.max_bad_fraction="
+            f"{params.ingest.max_bad_fraction:g}); reasons in {out / 'quarantine.csv'}"
+        )
     rows, moved = assign_splits(rows, params.data.split)
     classes = check_classes(rows, params.ingest.min_images_per_class)
     rows = rows.sort_values("path", kind="stable").reset_index(drop=True)

@@ -54,11 +54,11 @@ def diff_manifests(old: pd.DataFrame | None, new: pd.DataFrame) -> DataDiff:
     """Compare two manifests by content: (sha256, label) pairs, classes and paths."""
     if old is None or old.empty:
         return DataDiff(added=int(new["sha256"].nunique()), new_classes=sorted(new["label"].unique()))
-    old_pairs = set(zip(old["sha256"], old["label"]))
-    new_pairs = set(zip(new["sha256"], new["label"]))
+    old_pairs = set(zip(old["sha256"], old["label"], strict=True))
+    new_pairs = set(zip(new["sha256"], new["label"], strict=True))
     old_sha, new_sha = set(old["sha256"]), set(new["sha256"])
     relabelled = {s for s, _ in new_pairs - old_pairs if s in old_sha}
-    moved = set(zip(new["sha256"], new["path"])) - set(zip(old["sha256"], old["path"]))
+    moved = set(zip(new["sha256"], new["path"], strict=True)) - set(zip(old["sha256"], old["path"], strict=True))
     return DataDiff(
         added=len(new_sha - old_sha),
         removed=len(old_sha - new_sha),
@@ -72,10 +72,14 @@ def diff_manifests(old: pd.DataFrame | None, new: pd.DataFrame) -> DataDiff:
 def check_class_change(diff: DataDiff, rp: RetrainParams) -> None:
     """A new or vanished class changes the model's contract: only with ``retrain.allow_class_change``."""
     if (diff.new_classes or diff.removed_classes) and not rp.allow_class_change:
-        parts = [f"new class(es) {diff.new_classes}" if diff.new_classes else "",
-                 f"removed class(es) {diff.removed_classes}" if diff.removed_classes else ""]
-        raise GraftError(f"{' and '.join(p for p in parts if p)} against the champion's class map; "
-                         "set retrain.allow_class_change: true to accept them")
+        parts = [
+            f"new class(es) {diff.new_classes}" if diff.new_classes else "",
+            f"removed class(es) {diff.removed_classes}" if diff.removed_classes else "",
+        ]
+        raise GraftError(
+            f"{' and '.join(p for p in parts if p)} against the champion's class map; "
+            "set retrain.allow_class_change: true to accept them"
+        )
 
 
 # --- the champion
@@ -96,8 +100,9 @@ def load_champion(rp: RetrainParams) -> dict | None:
     return meta
 
 
-def promote(rp: RetrainParams, model_dir: Path, onnx_path: Path, manifest: pd.DataFrame, classes: list[str],
-            meta: dict) -> Path:
+def promote(
+    rp: RetrainParams, model_dir: Path, onnx_path: Path, manifest: pd.DataFrame, classes: list[str], meta: dict
+) -> Path:
     """Copy the challenger into a new version folder, then atomically point ``champion`` at it."""
     versions = Path(rp.models_dir) / "versions"
     ns = time.time_ns()  # names sort in promotion order, even within one second
@@ -139,9 +144,14 @@ def gate_test_set(new: pd.DataFrame, champion_manifest: pd.DataFrame | None) -> 
     test = new[new["split"] == "test"]
     if champion_manifest is None:
         return test
-    known = set(zip(champion_manifest.loc[champion_manifest["split"] == "test", "sha256"],
-                    champion_manifest.loc[champion_manifest["split"] == "test", "label"]))
-    return test[[pair in known for pair in zip(test["sha256"], test["label"])]]
+    known = set(
+        zip(
+            champion_manifest.loc[champion_manifest["split"] == "test", "sha256"],
+            champion_manifest.loc[champion_manifest["split"] == "test", "label"],
+            strict=True,
+        )
+    )
+    return test[[pair in known for pair in zip(test["sha256"], test["label"], strict=True)]]
 
 
 def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[str]) -> dict:
@@ -149,8 +159,8 @@ def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[
 
     A model that lacks a class (an older champion) simply never predicts it.
     """
-    from graft.predict import OnnxClassifier, predict_proba
     from graft.metrics import classification_metrics
+    from graft.predict import OnnxClassifier, predict_proba
 
     model = OnnxClassifier(onnx_path)
     index = {c: i for i, c in enumerate(classes)}
@@ -168,25 +178,42 @@ def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str
     recall drops by more than a bound (classes with test support only)."""
     delta = challenger["macro_f1"] - champion["macro_f1"]
     if delta < -rp.max_macro_f1_drop:
-        return False, f"macro-F1 {challenger['macro_f1']:.4f} < champion {champion['macro_f1']:.4f} - {rp.max_macro_f1_drop:g}"
+        return (
+            False,
+            f"macro-F1 {challenger['macro_f1']:.4f} < champion {champion['macro_f1']:.4f} - {rp.max_macro_f1_drop:g}",
+        )
     for c, stats in champion["per_class"].items():
         new = challenger["per_class"].get(c)
         if stats["support"] and new is not None and stats["recall"] - new["recall"] > rp.max_class_recall_drop:
-            return False, (f"recall of class {c!r} drops {stats['recall']:.3f} -> {new['recall']:.3f} "
-                           f"(more than {rp.max_class_recall_drop:g})")
+            return False, (
+                f"recall of class {c!r} drops {stats['recall']:.3f} -> {new['recall']:.3f} "
+                f"(more than {rp.max_class_recall_drop:g})"
+            )
     return True, f"macro-F1 {challenger['macro_f1']:.4f} vs champion {champion['macro_f1']:.4f} (delta {delta:+.4f})"
 
 
 # --- history and report
 
 
-HISTORY_SCHEMA = pa.schema([
-    ("time", pa.string()), ("decision", pa.string()), ("reason", pa.string()), ("kind", pa.string()),
-    ("challenger_macro_f1", pa.float64()), ("champion_macro_f1", pa.float64()),
-    ("challenger_accuracy", pa.float64()), ("champion_accuracy", pa.float64()), ("gate_test_images", pa.int64()),
-    ("added", pa.int64()), ("removed", pa.int64()), ("relabelled", pa.int64()), ("features_computed", pa.int64()),
-    ("data_sha256", pa.string()), ("champion", pa.string()),
-])
+HISTORY_SCHEMA = pa.schema(
+    [
+        ("time", pa.string()),
+        ("decision", pa.string()),
+        ("reason", pa.string()),
+        ("kind", pa.string()),
+        ("challenger_macro_f1", pa.float64()),
+        ("champion_macro_f1", pa.float64()),
+        ("challenger_accuracy", pa.float64()),
+        ("champion_accuracy", pa.float64()),
+        ("gate_test_images", pa.int64()),
+        ("added", pa.int64()),
+        ("removed", pa.int64()),
+        ("relabelled", pa.int64()),
+        ("features_computed", pa.int64()),
+        ("data_sha256", pa.string()),
+        ("champion", pa.string()),
+    ]
+)
 
 
 def append_history(path: Path, row: dict) -> pd.DataFrame:
@@ -199,12 +226,22 @@ def append_history(path: Path, row: dict) -> pd.DataFrame:
 
 def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None) -> str:
     """The decision and the two models' metrics side by side."""
-    lines = [f"# graft retrain: **{row['decision']}**", "", row["reason"], "",
-             f"Data: +{diff.added} added, -{diff.removed} removed, {diff.relabelled} relabelled, {diff.moved} moved; "
-             f"new classes {diff.new_classes or 'none'}; features computed: {row.get('features_computed', 0)}.", ""]
+    lines = [
+        f"# graft retrain: **{row['decision']}**",
+        "",
+        row["reason"],
+        "",
+        f"Data: +{diff.added} added, -{diff.removed} removed, {diff.relabelled} relabelled, {diff.moved} moved; "
+        f"new classes {diff.new_classes or 'none'}; features computed: {row.get('features_computed', 0)}.",
+        "",
+    ]
     if challenger:
-        lines += [f"Gate test set: {row['gate_test_images']} trusted test images.", "",
-                  "| model | accuracy | macro-F1 | balanced acc. |", "|---|---|---|---|"]
+        lines += [
+            f"Gate test set: {row['gate_test_images']} trusted test images.",
+            "",
+            "| model | accuracy | macro-F1 | balanced acc. |",
+            "|---|---|---|---|",
+        ]
         for name, m in (("challenger", challenger), ("champion", champion)):
             if m:
                 lines.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['balanced_accuracy']:.4f} |")
@@ -214,12 +251,19 @@ def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, cham
 def challenger_params(params: Params, name: str) -> Params:
     """Params whose train/evaluate/export outputs land in ``<models_dir>/<name>/``, not the workspace's."""
     base = Path(params.retrain.models_dir) / name
-    return params.model_copy(update={
-        "train": params.train.model_copy(update={"model_dir": str(base)}),
-        "evaluate": params.evaluate.model_copy(update={"metrics_dir": str(base / "metrics"), "plots_dir": str(base / "plots"),
-                                                       "report": str(base / "report.md")}),
-        "export": params.export.model_copy(update={"out": str(base / "model.onnx")}),
-    })
+    return params.model_copy(
+        update={
+            "train": params.train.model_copy(update={"model_dir": str(base)}),
+            "evaluate": params.evaluate.model_copy(
+                update={
+                    "metrics_dir": str(base / "metrics"),
+                    "plots_dir": str(base / "plots"),
+                    "report": str(base / "report.md"),
+                }
+            ),
+            "export": params.export.model_copy(update={"out": str(base / "model.onnx")}),
+        }
+    )
 
 
 onnx_metrics_task = stage_task(onnx_metrics, "gate-metrics")

@@ -28,9 +28,10 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 from prefect import task
@@ -38,7 +39,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from graft import GraftError
-from graft.cache import CachePlan, PartWriter, holds_exactly, plan_cache, preprocess_of, write_features
+from graft.cache import CachePlan, plan_cache, preprocess_of, write_features
+from graft.cacheparts import PartWriter, holds_exactly
 from graft.images import Preprocess
 from graft.params import FeaturizeParams, Params
 from graft.sources import decoded_batches, resolve_url
@@ -176,8 +178,10 @@ def _build_engine(job: FeaturizeJob) -> Any:
     def backbone() -> Any:
         bb = build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if bb.describe() != job.description:
-            raise GraftError(f"worker {_worker_name()} builds {fp.backbone} with another fingerprint than the driver "
-                             f"(graft, timm or weights differ): install the same versions on every worker")
+            raise GraftError(
+                f"worker {_worker_name()} builds {fp.backbone} with another fingerprint than the driver "
+                f"(graft, timm or weights differ): install the same versions on every worker"
+            )
         return bb
 
     return make_engine(fp, Path(job.cache), job.description, backbone)
@@ -208,9 +212,15 @@ def run_featurize_shard(job: FeaturizeJob, shard: Shard) -> dict:
     return {**base, "computed": rows.written, "seconds": round(time.perf_counter() - t0, 3), "engine": engine.name}
 
 
-featurize_shard = task(run_featurize_shard, name="featurize-shard", task_run_name="featurize-shard-{shard.id}",
-                       retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-                       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)  # the Parquet cache is the cache
+featurize_shard = task(
+    run_featurize_shard,
+    name="featurize-shard",
+    task_run_name="featurize-shard-{shard.id}",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)  # the Parquet cache is the cache
 
 
 @dataclass
@@ -264,8 +274,9 @@ def worker_classifier(model: str) -> Any:
     from graft.predict import OnnxClassifier
 
     st = os.stat(model)  # a re-exported model at the same path is a new key
-    return _MODELS.get(("predict", model, st.st_size, st.st_mtime_ns), "predict",
-                       lambda: OnnxClassifier(model, threads=1))  # one core per shard, as featurize
+    return _MODELS.get(
+        ("predict", model, st.st_size, st.st_mtime_ns), "predict", lambda: OnnxClassifier(model, threads=1)
+    )  # one core per shard, as featurize
 
 
 def run_predict_shard(job: PredictJob, shard: Shard) -> list[dict]:
@@ -275,6 +286,12 @@ def run_predict_shard(job: PredictJob, shard: Shard) -> list[dict]:
     return list(predict_files(worker_classifier(job.model), [u for _, u in shard.items], job.batch_size))
 
 
-predict_shard = task(run_predict_shard, name="predict-shard", task_run_name="predict-shard-{shard.id}",
-                     retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-                     retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+predict_shard = task(
+    run_predict_shard,
+    name="predict-shard",
+    task_run_name="predict-shard-{shard.id}",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)

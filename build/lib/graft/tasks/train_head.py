@@ -49,14 +49,30 @@ def train(params: Params) -> dict:
         "history": history,
     }
     save_model(Path(tp.model_dir) / "model.pt", payload)
-    summary = {"mode": "head", "head": tp.head, "epochs": len(history), "best_epoch": best["epoch"],
-               "val_loss": round(best["val_loss"], 4), "val_accuracy": round(best["val_accuracy"], 4),
-               "train_images": int(len(y_tr)), "val_images": int(len(y_val))}
+    summary = {
+        "mode": "head",
+        "head": tp.head,
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "val_loss": round(best["val_loss"], 4),
+        "val_accuracy": round(best["val_accuracy"], 4),
+        "train_images": int(len(y_tr)),
+        "val_images": int(len(y_val)),
+    }
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
     write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
-    write_leaderboard(params.evaluate.metrics_dir, [{  # one candidate: the one train.mode names
-        "candidate": f"{tp.head} head", "chosen": True, "scored_on": f"val split (n={len(y_val)})",
-        "note": "train.mode: head (no selection)", "settings": json.dumps({"lr": tp.lr, "weight_decay": tp.weight_decay})}])
+    write_leaderboard(
+        params.evaluate.metrics_dir,
+        [
+            {  # one candidate: the one train.mode names
+                "candidate": f"{tp.head} head",
+                "chosen": True,
+                "scored_on": f"val split (n={len(y_val)})",
+                "note": "train.mode: head (no selection)",
+                "settings": json.dumps({"lr": tp.lr, "weight_decay": tp.weight_decay}),
+            }
+        ],
+    )
     return summary
 
 
