@@ -19,7 +19,8 @@ import torch
 from graft.atomic import write_json, write_parquet
 from graft.auto import finetune_size, fit_features
 from graft.backbones import describe_backbone, fingerprint_of
-from graft.cache import feature_table, tap_columns
+from graft.cache import tap_columns
+from graft.cacheparts import feature_table
 from graft.model import head_from_payload, load_model
 from graft.select import to_torch_head
 from graft.tasks.auto import auto

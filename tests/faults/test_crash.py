@@ -209,7 +209,7 @@ _WRITE_ATTRS = {
 _SHUTIL_WRITES = {"copy", "copy2", "copyfile", "copytree", "move"}
 _WRITE_NAMES = {"quantize_static", "quant_pre_process", "ParquetWriter", "copyfile", "copy2", "copytree"}
 # Functions that write the path they are given; every call must then pass a path from atomic_path.
-WRITES_ITS_ARGUMENT = {("tasks/export.py", "export_onnx"), ("graft/quantize.py", "quantize_int8")}
+WRITES_ITS_ARGUMENT = {("graft/onnxexport.py", "export_onnx"), ("graft/quantize.py", "quantize_int8")}
 # Writes that are atomic another way, with the reason.
 ATOMIC_OTHERWISE = {
     ("graft/auto.py", "onnx_cost"): "exports into an in-memory buffer (io.BytesIO) to measure it: no file",
