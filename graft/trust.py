@@ -106,7 +106,7 @@ def leave_one_class_out(
     from graft.auto import fit_features
     from graft.select import cv_splits, to_torch_head
 
-    rows: dict[str, list[float]] = {f"auroc_{s}": [] for s in SCORES} | {"rejected_at_threshold": []}
+    rows: dict[str, list[float]] = {f"auroc_{s}": [] for s in (*SCORES, "distance")} | {"rejected_at_threshold": []}
     classes = np.unique(y)
     if len(classes) < 3:
         return {"classes": int(len(classes)), "note": "needs at least 3 classes"}
@@ -122,9 +122,21 @@ def leave_one_class_out(
         for s in SCORES:
             score = in_distribution_score(z, t, s)
             rows[f"auroc_{s}"].append(auroc(score[inside], score[~inside]) or float("nan"))
+        d = distance_score(x[keep], labels, x_test)  # measured beside the logit scores (not in the graph)
+        rows["auroc_distance"].append(auroc(d[inside], d[~inside]) or float("nan"))
         shipped = in_distribution_score(z[~inside], t, kind_score)
         rows["rejected_at_threshold"].append(float((shipped < cal["unknown"]["threshold"]).mean()))
     return {k: round(float(np.nanmean(v)), 4) for k, v in rows.items()} | {"classes": int(len(classes))}
+
+
+def distance_score(x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Minus the mean squared distance to the nearest class mean, in features standardised on the training
+    images (a diagonal Mahalanobis distance): higher = closer to some training class."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    means = np.stack([((x_train[y_train == c] - mean) / std).mean(0) for c in np.unique(y_train)])
+    z = (x - mean) / std
+    d2 = (z**2).sum(1)[:, None] - 2 * z @ means.T + (means**2).sum(1)[None, :]
+    return -d2.min(1) / x.shape[1]
 
 
 def oof_logits(kind: str, x: np.ndarray, y: np.ndarray, settings: dict, splits: list) -> tuple[np.ndarray, np.ndarray]:

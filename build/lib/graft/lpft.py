@@ -20,7 +20,7 @@ from graft.dataset import split_items
 from graft.model import Classifier, head_config, initial_model, make_head, run_key
 from graft.params import Params
 from graft.select import Candidate, bootstrap_se, fit_linear, head_spec, to_torch_head
-from graft.tune import fit, predict_proba
+from graft.tune import fit, predict_logits
 
 
 def _remaining(deadline: float) -> float:
@@ -73,7 +73,8 @@ def finetune_candidate(
     )
     checkpoint.unlink(missing_ok=True)
     model.load_state_dict(state)
-    pred = predict_proba(model, val_items[0], bb.preprocess, workers=ft.workers).argmax(1)
+    val_logits = predict_logits(model, val_items[0], bb.preprocess, workers=ft.workers)
+    pred = val_logits.argmax(1)
     score = metric_score(val_items[1], pred, "macro_f1")  # over the classes present, like the feature candidates' folds
     best_epoch = int(min(history, key=lambda h: h["val_loss"])["epoch"])
     settings = {"image_size": size, "best_epoch": best_epoch, "strategy": ft.strategy, "ema": ft.ema, "init": ft.init}
@@ -86,7 +87,13 @@ def finetune_candidate(
         [],
         time.perf_counter() - t0,
         f"val split (n={len(val_items[0])})",
-        extra={"history": history, "probe_c": probe_c, "state": state, "head": _head_config(model)},
+        extra={
+            "history": history,
+            "probe_c": probe_c,
+            "state": state,
+            "head": _head_config(model),
+            "heldout_logits": (val_logits, val_items[1]),
+        },
     )
 
 

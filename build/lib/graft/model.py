@@ -44,17 +44,38 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Images in [0, 1] -> class probabilities: features, head, softmax."""
+    """Images in [0, 1] -> class probabilities: features, head, softmax of the logits over ``temperature``.
+
+    ``temperature`` is a plain float (1 until calibrated), not a buffer: state dicts stay as they were.
+    """
 
     def __init__(self, features: FeatureExtractor, head: Head):
         super().__init__()
         self.features, self.head = features, head
+        self.temperature = 1.0
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(image), dim=1)
+        return torch.softmax(self.logits(image) / self.temperature, dim=1)
+
+
+class Serving(nn.Module):
+    """The exported graph: calibrated probabilities and the in-distribution score, the energy
+    ``T * logsumexp(logits / T)`` or the max softmax probability; below the threshold in the metadata the
+    answer is "unknown"."""
+
+    def __init__(self, model: Classifier, score: str = "energy"):
+        super().__init__()
+        self.model, self.score = model, score
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.logits(image) / self.model.temperature
+        proba = torch.softmax(z, dim=1)
+        if self.score == "msp":
+            return proba, proba.max(dim=1).values
+        return proba, self.model.temperature * torch.logsumexp(z, dim=1)
 
 
 def head_config(kind: str, dim: int, hidden: int, dropout: float) -> dict:
@@ -162,6 +183,7 @@ def classifier_from_payload(
         part = trained(payload, final)
         model = Classifier(bb.model, make_head(part["head"], len(payload["classes"])))
         model.load_state_dict(part["state_dict"])
+    model.temperature = float(payload.get("calibration", {}).get("temperature", 1.0))
     return model.eval(), bb
 
 

@@ -204,6 +204,14 @@ class ExportParams(_Strict):
     )  # train-split images that calibrate the int8 activation ranges (~10 s for Lite0)
 
 
+class PredictParams(_Strict):
+    # share of in-distribution images that pass the unknown threshold (fitted on held-out data at train time)
+    accept_rate: float = Field(0.95, gt=0, lt=1)
+    # the in-distribution score in the exported graph: energy (T * logsumexp of the logits) or the max
+    # softmax probability; evaluate measures both by leave-one-class-out AUROC (metrics.json "unknown")
+    unknown_score: Literal["energy", "msp"] = "energy"
+
+
 class RetrainParams(_Strict):
     models_dir: str = "models"  # champion link, version folders and challengers live here
     history: str = "models/history.parquet"  # one row per retrain decision
@@ -224,6 +232,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    predict: PredictParams = PredictParams()
     retrain: RetrainParams = RetrainParams()
 
 

@@ -50,3 +50,23 @@ def write_curves(history: list[dict], metrics_dir: str | Path, plots_dir: str | 
     fig.tight_layout()
     write_with(Path(plots_dir) / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def plot_reliability(path: Path, table: pd.DataFrame, calibration: dict) -> None:
+    """Reliability diagram of the shipped (calibrated) probabilities: accuracy against confidence per bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
+    ax.plot(table["confidence"], table["accuracy"], marker="o", label="test split")
+    ax.set(
+        xlabel="confidence (top class)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"T={calibration['temperature']:.2f}: ECE {calibration['ece_before']:.3f} "
+        f"-> {calibration['ece_after']:.3f}",
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

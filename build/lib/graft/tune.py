@@ -97,16 +97,25 @@ def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict_logits(
+    model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
+) -> np.ndarray:
+    """Logits for image files with the eval transform (used for val and test)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = [
+        model.logits(to_device(x, device)).float().cpu().numpy()
+        for _, x in image_batches(paths, pp, batch_size, workers)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, model.head.net[-1].out_features), np.float32)
+
+
 def predict_proba(
     model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
 ) -> np.ndarray:
-    """Class probabilities for image files with the eval transform (used for val and test)."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for _, x in image_batches(paths, pp, batch_size, workers):
-        out.append(torch.softmax(model.logits(to_device(x, device)).float(), 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.net[-1].out_features), np.float32)
+    """Class probabilities (softmax of the logits over the model's temperature) for image files."""
+    z = torch.from_numpy(predict_logits(model, paths, pp, batch_size, workers)) / model.temperature
+    return torch.softmax(z, 1).numpy()
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict | None:
@@ -248,7 +257,7 @@ def make_ema(model: Classifier, decay: float | None) -> Any:
     return ModelEmaV3(model, decay=decay, use_warmup=True)
 
 
-def classifier_proba(payload: dict, paths: list[str]) -> np.ndarray:
-    """Probabilities of a saved model (either kind) on image files, with the eval transform."""
+def classifier_logits(payload: dict, paths: list[str]) -> np.ndarray:
+    """Logits of a saved model (either kind) on image files, with the eval transform."""
     model, bb = classifier_from_payload(payload)
-    return predict_proba(model, paths, bb.preprocess)
+    return predict_logits(model, paths, bb.preprocess)

@@ -48,6 +48,7 @@ from graft.select import (
     write_leaderboard,
 )
 from graft.tasks import stage_task
+from graft.trust import calibrate, oof_logits
 
 
 def _rows(manifest: pd.DataFrame, splits: tuple[str, ...]) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def auto(params: Params) -> dict:
     order = {n: i for i, n in enumerate(tp.candidates)}
     chosen = one_se_choice([replace(r.chosen, name=r.name, cost=order[r.extra.get("group", r.name)]) for r in ran])
     winner = next(r for r in ran if r.name == chosen.name)
-    payload = _payload(params, manifest, feats, meta, classes, winner)
+    payload = _payload(params, manifest, feats, meta, classes, winner, splits)
     save_model(Path(tp.model_dir) / "model.pt", payload)
     write_leaderboard(params.evaluate.metrics_dir, leaderboard(params, results, winner, classes))
     history = winner.extra.get("history") or [
@@ -192,10 +193,13 @@ def _payload(
     meta: dict[str, str],
     classes: list[str],
     winner: Result,
+    splits: list,
 ) -> dict:
-    """The model file of the winner, refit as ``train.refit`` says."""
+    """The model file of the winner, refit as ``train.refit`` says, with its calibration (temperature and
+    unknown threshold) fitted on the winner's held-out logits: out-of-fold for feature candidates."""
     fit_on = {"none": ("train",), "trainval": ("train", "val"), "all": ("train", "val")}[params.train.refit]
     if winner.kind == "finetune":
+        logits, y_held = winner.extra["heldout_logits"]
 
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_finetune(params, manifest, classes, winner, splits)
@@ -203,6 +207,10 @@ def _payload(
         size = winner.chosen.settings["image_size"]
     else:
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
+        x, y = _matrix(_rows(manifest, ("train", "val")), own_feats, classes)
+        x = select_columns(x, tap_columns(own_meta, winner.taps))
+        logits, covered = oof_logits(winner.kind, x, y, winner.chosen.settings, splits)
+        y_held = y[covered]
 
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_features(params, manifest, own_feats, own_meta, classes, winner, splits)
@@ -218,6 +226,7 @@ def _payload(
         "settings": winner.chosen.settings,
         **model,
         "history": winner.extra.get("history", []),
+        "calibration": calibrate(logits, y_held, params.predict.accept_rate, params.predict.unknown_score),
     }
     if params.train.refit == "all":  # the exported model also learns from the test images (metrics: the one above)
         payload["final"] = refit(("train", "val", "test"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -26,8 +27,9 @@ from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
 from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
-from graft.plots import plot_confusion
+from graft.plots import plot_confusion, plot_reliability
 from graft.tasks import stage_task
+from graft.trust import reliability_table, trust_metrics, unknown_report
 
 
 def pixel_matrix(paths: list[Path], size: int) -> np.ndarray:
@@ -52,8 +54,11 @@ def raw_pixel_baseline(
     return te["label"].map(index).to_numpy(), proba
 
 
-def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
-    """Test labels, the trained model's probabilities on the cached test features, and its name."""
+def model_test_logits(
+    params: Params, manifest: pd.DataFrame, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray, str, dict]:
+    """Test labels, the trained model's logits (on cached features, or images through the whole model), its
+    name and its model file."""
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     name = model_name(payload)
     if payload["classes"] != classes:
@@ -67,15 +72,15 @@ def model_test_proba(params: Params, manifest: pd.DataFrame, classes: list[str])
     y = manifest.loc[manifest["split"] == "test", "label"].map(index).to_numpy(np.int64)
     feats, meta = load_feature_table(params.featurize.out) if Path(params.featurize.out).is_file() else ({}, {})
     if payload["kind"] == "finetune" or payload["backbone"]["name"] != meta.get("graft.backbone"):
-        from graft.tune import classifier_proba  # images through the whole model: no cached features of it
+        from graft.tune import classifier_logits  # images through the whole model: no cached features of it
 
         paths, _ = split_items(manifest, params.data.root, classes, "test")
-        return y, classifier_proba(payload, paths), name
+        return y, classifier_logits(payload, paths), name, payload
     x, _ = split_arrays(manifest, feats, classes, "test")
     x = select_columns(x, tap_columns(meta, payload["backbone"].get("taps", ["last"])))
     with torch.no_grad():
-        proba = torch.softmax(head_from_payload(payload)(torch.from_numpy(x).float()), 1).numpy()
-    return y, proba, name
+        logits = head_from_payload(payload)(torch.from_numpy(x).float()).numpy()
+    return y, logits, name, payload
 
 
 def _model_info(params: Params) -> dict:
@@ -157,6 +162,10 @@ def _which_model(w: dict) -> str:
     return ("## Model selection\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
+def _all_features(path: str) -> tuple[dict, dict]:
+    return load_feature_table(path) if Path(path).is_file() else ({}, {})
+
+
 def _read_quarantine(out: Path) -> pd.DataFrame | None:
     path = out / "quarantine.csv"
     return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
@@ -179,7 +188,9 @@ def evaluate(params: Params) -> dict:
     classes = read_classes(out)
     if not (manifest["split"] == "test").any():
         raise GraftError("the test split is empty: add images or raise data.split.test")
-    y, proba, model_name = model_test_proba(params, manifest, classes)
+    y, logits, model_name, payload = model_test_logits(params, manifest, classes)
+    calibration = payload.get("calibration") or {}
+    proba = softmax(logits / float(calibration.get("temperature", 1.0)), axis=1)  # what the exported graph gives
     yb, proba_b = raw_pixel_baseline(manifest, Path(params.data.root), classes, ep.baseline_size, params.seed)
     model_metrics = classification_metrics(y, proba, classes, ep.ece_bins)
     baseline = classification_metrics(yb, proba_b, classes, ep.ece_bins)
@@ -193,6 +204,8 @@ def evaluate(params: Params) -> dict:
         "baseline": baseline,
         "baseline_size": ep.baseline_size,
         "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
+        "calibration": trust_metrics(logits, y, calibration, ep.ece_bins),
+        "unknown": unknown_report(params, payload, manifest, classes, *_all_features(params.featurize.out)),
     }
     mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
     leakage = leakage_report(params, manifest, _read_quarantine(out), _features_if_any(params.featurize.out))
@@ -204,6 +217,9 @@ def evaluate(params: Params) -> dict:
         pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}),
     )
     plot_confusion(pdir / "confusion.png", y, pred, classes)
+    reliability = pd.DataFrame(reliability_table(y, proba, ep.ece_bins))
+    write_csv(mdir / "reliability.csv", reliability)
+    plot_reliability(pdir / "reliability.png", reliability, metrics["calibration"])
     write_text(
         ep.report,
         report_markdown(metrics, _model_info(params))

@@ -12,98 +12,24 @@ With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx`
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-import graft
 from graft import GraftError
 from graft.atomic import atomic_path, write_json
 from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
-from graft.model import classifier_from_payload, load_model, model_name
+from graft.model import Serving, classifier_from_payload, load_model, model_name
+from graft.onnxexport import check_against_torch, export_onnx, onnx_metadata
 from graft.params import Params
 from graft.quantize import CalibrationReader, calibration_paths, int8_path, quantization_metadata, quantize_int8
 from graft.tasks import stage_task
-
-
-def onnx_metadata(
-    classes: list[str], pp: Preprocess, backbone: str, fingerprint: str, data_sha: str, kind: str, model_name: str = ""
-) -> dict[str, str]:
-    """The graph's ``metadata_props``: the input contract uses the one preprocessing schema
-    (:meth:`Preprocess.as_dict`: resize of the shorter side, centre crop, mean/std, interpolation)."""
-    return {
-        "graft.version": graft.__version__,
-        "graft.kind": kind,
-        "graft.model": model_name or f"{backbone} {kind}",
-        "graft.classes": json.dumps(classes, ensure_ascii=False),
-        "graft.input": json.dumps(
-            {
-                "name": "image",
-                "layout": "NCHW",
-                "dtype": "float32",
-                "range": [0.0, 1.0],
-                "channel_order": "RGB",
-                **pp.as_dict(),
-                "normalization": "inside the graph: pass [0, 1] pixels, do not subtract mean/std",
-            }
-        ),
-        "graft.output": json.dumps({"name": "probabilities", "shape": ["batch", len(classes)]}),
-        "graft.backbone": backbone,
-        "graft.fingerprint": fingerprint,
-        "graft.data_sha256": data_sha,
-    }
-
-
-def export_onnx(model: nn.Module, path: Path, size: int, opset: int, metadata: dict[str, str]) -> None:
-    """Trace ``model`` to ONNX at ``path`` with a dynamic batch axis, add metadata, run the checker."""
-    import onnx
-
-    dummy = torch.rand(2, 3, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    proto = onnx.load(str(path))
-    for k, v in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-
-
-def check_against_torch(path: Path, model: nn.Module, images: np.ndarray, atol: float) -> dict:
-    """Compare onnxruntime and torch probabilities at batch 1 and batch N; raise if they drift."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    report = {}
-    for name, batch in (("batch_1", images[:1]), (f"batch_{len(images)}", images)):
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(batch)).numpy()
-        got = sess.run(["probabilities"], {"image": batch})[0]
-        diff = float(np.abs(got - ref).max())
-        report[name] = diff
-        if not diff <= atol:
-            raise GraftError(f"ONNX export drifts from torch at {name}: max |dp| = {diff:.2e} > export.atol={atol:g}")
-    return report
 
 
 def check_images(manifest: pd.DataFrame, root: Path, pp: Preprocess, n: int) -> np.ndarray:
@@ -246,6 +172,8 @@ def export(params: Params) -> dict:
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
+    unknown = (payload.get("calibration") or {}).get("unknown") or {}
+    serving = Serving(model, unknown.get("score", "energy"))  # calibrated probabilities + in-distribution score
     meta = onnx_metadata(
         payload["classes"],
         bb.preprocess,
@@ -254,12 +182,13 @@ def export(params: Params) -> dict:
         data_hash(manifest),
         payload["kind"],
         model_name(payload),
+        payload.get("calibration"),
     )
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
     q_path = int8_path(xp.out)
     with atomic_path(xp.out) as tmp:
-        export_onnx(model, tmp, bb.preprocess.crop, xp.opset, meta)
-        drift = check_against_torch(tmp, model, images, xp.atol)
+        export_onnx(serving, tmp, bb.preprocess.crop, xp.opset, meta)
+        drift = check_against_torch(tmp, serving, images, xp.atol)
         if xp.quantize == "int8":
             reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
             with atomic_path(q_path) as q_tmp:

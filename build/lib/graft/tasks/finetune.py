@@ -28,7 +28,8 @@ from graft.params import Params
 from graft.plots import write_curves
 from graft.select import write_leaderboard
 from graft.tasks import stage_task
-from graft.tune import fit, read_checkpoint
+from graft.trust import calibrate
+from graft.tune import fit, predict_logits, read_checkpoint
 
 # --- the model to start from
 
@@ -81,6 +82,7 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         "state_dict": best,
         "history": history,
         "init": note,
+        "calibration": _calibration(model, best, val_items if len(val_items[0]) else train_items, bb, params),
     }
     save_model(Path(tp.model_dir) / "model.pt", payload)
     checkpoint.unlink(missing_ok=True)  # the run is complete: the next one starts fresh
@@ -111,6 +113,13 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         ],
     )
     return summary
+
+
+def _calibration(model: torch.nn.Module, state: dict, items: tuple, bb: object, params: Params) -> dict:
+    """Temperature and unknown threshold from the best weights' logits on held-out images (val)."""
+    model.load_state_dict(state)
+    logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)  # type: ignore[attr-defined]
+    return calibrate(logits, items[1], params.predict.accept_rate, params.predict.unknown_score)
 
 
 finetune_task = stage_task(finetune, "finetune")

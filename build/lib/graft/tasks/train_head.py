@@ -21,6 +21,7 @@ from graft.params import Params
 from graft.plots import write_curves
 from graft.select import write_leaderboard
 from graft.tasks import stage_task
+from graft.trust import calibrate
 
 
 def train(params: Params) -> dict:
@@ -47,6 +48,11 @@ def train(params: Params) -> dict:
         "head": head_config(tp.head, x_tr.shape[1], tp.hidden, tp.dropout),
         "state_dict": head.state_dict(),
         "history": history,
+        "calibration": calibrate(
+            *_heldout_logits(head, (x_val, y_val) if len(y_val) else (x_tr, y_tr)),
+            params.predict.accept_rate,
+            params.predict.unknown_score,
+        ),
     }
     save_model(Path(tp.model_dir) / "model.pt", payload)
     summary = {
@@ -74,6 +80,12 @@ def train(params: Params) -> dict:
         ],
     )
     return summary
+
+
+def _heldout_logits(head: torch.nn.Module, data: tuple) -> tuple:
+    """The head's logits on held-out features (val; train when there is no val split), and the labels."""
+    with torch.no_grad():
+        return head(torch.from_numpy(data[0]).float()).numpy(), data[1]
 
 
 train_task = stage_task(train, "train")

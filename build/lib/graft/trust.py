@@ -1,0 +1,250 @@
+"""Probabilities a user can trust: temperature scaling, an in-distribution score and its threshold.
+
+Both are fitted on held-out predictions of the trained model (out-of-fold logits for auto's feature
+candidates, the val split otherwise) and travel inside the model file and the exported graph, so every
+consumer, ``graft predict`` or a plain onnxruntime session, gets calibrated probabilities and the score.
+
+The score is the energy score (Liu et al. 2020), ``T * logsumexp(logits / T)``: higher means more like
+the training classes. It needs nothing but the logits, so it works for every kind of model graft ships
+(the raw-pixel model included); evaluate measures it against the max-softmax probability by
+leave-one-class-out AUROC, and the report shows both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, logsumexp, softmax
+from sklearn.metrics import roc_auc_score
+
+from graft.params import Params
+
+SCORES = ("energy", "msp")  # the in-distribution scores evaluate compares; the graph ships "energy"
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits / T)."""
+    return float(-log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the NLL of held-out logits (Guo et al. 2017); 1 without data."""
+    if len(y) < 2:
+        return 1.0
+    res = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(res.x))
+
+
+def in_distribution_score(logits: np.ndarray, temperature: float = 1.0, kind: str = "energy") -> np.ndarray:
+    """Higher = more like the training data: the energy score, or the max softmax probability."""
+    z = np.asarray(logits, np.float64) / temperature
+    if kind == "msp":
+        return softmax(z, axis=1).max(axis=1)
+    return temperature * logsumexp(z, axis=1)
+
+
+def threshold_for(scores: np.ndarray, accept_rate: float) -> float:
+    """The score below which an image is answered "unknown": ``accept_rate`` of in-distribution images pass."""
+    return float(np.quantile(scores, 1.0 - accept_rate)) if len(scores) else float("-inf")
+
+
+def calibrate(logits: np.ndarray, y: np.ndarray, accept_rate: float, kind: str = "energy") -> dict:
+    """Temperature and unknown threshold from held-out logits of in-distribution images, for the model file."""
+    t = fit_temperature(logits, y)
+    scores = in_distribution_score(logits, t, kind)
+    return {
+        "temperature": t,
+        "n": int(len(y)),
+        "nll_before": nll(logits, y) if len(y) else None,
+        "nll_after": nll(logits, y, t) if len(y) else None,
+        "unknown": {"score": kind, "threshold": threshold_for(scores, accept_rate), "accept_rate": accept_rate},
+    }
+
+
+def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float | None:
+    """How well the score ranks in-distribution above out-of-distribution images (0.5 = chance)."""
+    if not len(id_scores) or not len(ood_scores):
+        return None
+    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
+
+
+def reliability_table(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per confidence bin: mean confidence, accuracy and count (the reliability diagram's data)."""
+    conf, correct = proba.max(1), proba.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    return [
+        {
+            "bin": b,
+            "confidence": float(conf[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+            "count": int((which == b).sum()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
+def leave_one_class_out(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    kind: str,
+    settings: dict,
+    accept_rate: float,
+    kind_score: str = "energy",
+) -> dict:
+    """For each class k: fit the model's head without class k (same kind and settings, on train+val features),
+    calibrate it on its own out-of-fold logits, and score how well the test images of class k are rejected:
+    AUROC of each score (test images of the other classes vs class k) and the rejection rate at the threshold."""
+    from graft.auto import fit_features
+    from graft.select import cv_splits, to_torch_head
+
+    rows: dict[str, list[float]] = {f"auroc_{s}": [] for s in SCORES} | {"rejected_at_threshold": []}
+    classes = np.unique(y)
+    if len(classes) < 3:
+        return {"classes": int(len(classes)), "note": "needs at least 3 classes"}
+    for k in classes:
+        keep = y != k
+        labels = np.searchsorted(np.setdiff1d(classes, [k]), y[keep])
+        logits_oof = np.zeros((int(keep.sum()), len(classes) - 1))
+        for tr, va in cv_splits(labels, 3):
+            logits_oof[va] = _logits(fit_features(kind, x[keep][tr], labels[tr], settings), x[keep][va], to_torch_head)
+        cal = calibrate(logits_oof, labels, accept_rate, kind_score)
+        z = _logits(fit_features(kind, x[keep], labels, settings), x_test, to_torch_head)
+        t, inside = cal["temperature"], y_test != k
+        for s in SCORES:
+            score = in_distribution_score(z, t, s)
+            rows[f"auroc_{s}"].append(auroc(score[inside], score[~inside]) or float("nan"))
+        shipped = in_distribution_score(z[~inside], t, kind_score)
+        rows["rejected_at_threshold"].append(float((shipped < cal["unknown"]["threshold"]).mean()))
+    return {k: round(float(np.nanmean(v)), 4) for k, v in rows.items()} | {"classes": int(len(classes))}
+
+
+def oof_logits(kind: str, x: np.ndarray, y: np.ndarray, settings: dict, splits: list) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out logits of a feature candidate with fixed settings over ``splits``, and the rows they cover."""
+    from graft.auto import fit_features
+    from graft.select import to_torch_head
+
+    out = np.zeros((len(y), len(np.unique(y))), np.float32)
+    covered = np.zeros(len(y), bool)
+    for tr, va in splits:
+        out[va], covered[va] = _logits(fit_features(kind, x[tr], y[tr], settings), x[va], to_torch_head), True
+    return out[covered], covered
+
+
+def _logits(pipe: Any, x: np.ndarray, to_head: Callable[[Any, int], dict]) -> np.ndarray:
+    """The logits graft's exported head computes for a fitted sklearn pipeline (binary: [0, z])."""
+    import torch
+
+    from graft.model import Head
+
+    n = len(pipe.classes_)
+    state = to_head(pipe, n)
+    hidden = state["net.0.weight"].shape[0] if "net.3.weight" in state else 0
+    head = Head(x.shape[1], n, "mlp" if hidden else "logreg", hidden or 512, 0.0)
+    head.load_state_dict(state)
+    with torch.no_grad():
+        return head.eval()(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+
+
+def photos() -> list:
+    """Real photos bundled with scikit-image (out of domain for most graft data sets); [] without it."""
+    try:
+        from skimage import data
+    except ImportError:
+        return []
+    from PIL import Image
+
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
+    out = []
+    for name in names:
+        fn = getattr(data, name, None)
+        if fn is not None:
+            try:
+                out.append(Image.fromarray(fn()).convert("RGB"))
+            except Exception:  # noqa: BLE001 - a photo the installed version cannot load is simply not used
+                continue
+    return out
+
+
+def trust_metrics(logits: np.ndarray, y: np.ndarray, calibration: dict, bins: int) -> dict:
+    """ECE and NLL on the test split before and after temperature scaling; how many test images the
+    unknown threshold rejects (about 1 - accept_rate if the threshold transfers)."""
+    from graft.metrics import expected_calibration_error
+
+    t = float(calibration.get("temperature", 1.0))
+    before, after = softmax(logits, axis=1), softmax(logits / t, axis=1)
+    unknown = calibration.get("unknown") or {}
+    out = {
+        "temperature": round(t, 4),
+        "ece_before": round(expected_calibration_error(y, before, bins), 4),
+        "ece_after": round(expected_calibration_error(y, after, bins), 4),
+        "nll_before": round(nll(logits, y), 4),
+        "nll_after": round(nll(logits, y, t), 4),
+    }
+    if unknown.get("threshold") is not None:
+        scores = in_distribution_score(logits, t, unknown.get("score", "energy"))
+        out["unknown_threshold"] = round(float(unknown["threshold"]), 4)
+        out["test_rejected"] = round(float((scores < unknown["threshold"]).mean()), 4)
+    return out
+
+
+def unknown_report(
+    params: Params, payload: dict, manifest: pd.DataFrame, classes: list[str], feats: dict, meta: dict
+) -> dict:
+    """The "unknown" answer measured two ways: leave-one-class-out on the cached features (the model's own head
+    kind and settings when it is a feature candidate of this backbone; a logistic-regression probe on the
+    last-layer features as a proxy otherwise, and it says so) and real out-of-domain photos through the model."""
+    from graft.auto import FEATURE_CANDIDATES
+    from graft.cache import select_columns, tap_columns
+    from graft.dataset import split_arrays
+
+    out: dict = {}
+    cand = payload.get("candidate")
+    own = cand in FEATURE_CANDIDATES and payload["backbone"]["name"] == meta.get("graft.backbone")
+    kind, taps = (FEATURE_CANDIDATES[cand][1], FEATURE_CANDIDATES[cand][0]) if own else ("linear", ("last",))
+    settings = payload.get("settings", {}) if own else {"C": 1.0}
+    if feats:
+        cols = tap_columns(meta, taps)
+        tr = [split_arrays(manifest, feats, classes, s) for s in ("train", "val")]
+        x = select_columns(np.concatenate([a for a, _ in tr]), cols)
+        y = np.concatenate([b for _, b in tr])
+        x_te, y_te = split_arrays(manifest, feats, classes, "test")
+        loco = leave_one_class_out(
+            x,
+            y,
+            select_columns(x_te, cols),
+            y_te,
+            kind,
+            settings,
+            params.predict.accept_rate,
+            params.predict.unknown_score,
+        )
+        out["leave_one_class_out"] = loco | {"model": cand if own else "proxy: logreg probe on last-layer features"}
+    images = photos()
+    unknown = (payload.get("calibration") or {}).get("unknown", {})
+    threshold = unknown.get("threshold")
+    if images and threshold is not None:
+        import torch
+
+        from graft.images import preprocess
+        from graft.model import classifier_from_payload
+
+        model, bb = classifier_from_payload(payload)
+        x = np.stack([preprocess(im, bb.preprocess) for im in images])
+        with torch.no_grad():
+            z = model.logits(torch.from_numpy(x)).numpy()
+        scores = in_distribution_score(z, model.temperature, unknown.get("score", "energy"))
+        out["out_of_domain_photos"] = {
+            "images": len(images),
+            "rejected": round(float((scores < threshold).mean()), 4),
+            "source": "scikit-image bundled photos",
+        }
+    return out
