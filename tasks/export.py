@@ -173,7 +173,7 @@ def export(params: Params) -> dict:
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
     unknown = (payload.get("calibration") or {}).get("unknown") or {}
-    serving = Serving(model, unknown.get("score", "energy"))  # calibrated probabilities + in-distribution score
+    serving = Serving(model, unknown.get("score", "energy")).eval()  # calibrated probabilities + the score
     meta = onnx_metadata(
         payload["classes"],
         bb.preprocess,

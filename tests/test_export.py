@@ -67,7 +67,7 @@ def test_onnx_passes_checker(exported) -> None:
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    assert [o.name for o in proto.graph.output] == ["probabilities", "in_distribution"]
     assert all(v <= params.export.atol for v in summary["max_abs_diff"].values())
 
 

@@ -1,1 +1,0 @@
-"""Prefect flows: they only chain the stage tasks from ``tasks/``."""
