@@ -56,7 +56,7 @@ def parts(cache: Path, dim: int) -> list[Path]:
     for p in found:
         try:
             schema = pq.read_schema(p)
-        except Exception as exc:  # noqa: BLE001 - unreadable footer: say which file
+        except (pa.ArrowException, OSError) as exc:  # unreadable footer: say which file
             raise GraftError(f"feature cache part {p} is unreadable ({exc}); delete it and rerun") from None
         if not schema.remove_metadata().equals(expected):
             got = schema.field("feature").type if "feature" in schema.names else schema

@@ -40,7 +40,7 @@ def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
         return False
     try:
         found = pq.read_table(part, columns=["sha256"]).column(0).to_pylist()
-    except Exception:  # noqa: BLE001 - unreadable: recompute and replace it
+    except (pa.ArrowException, OSError):  # unreadable: recompute and replace it
         return False
     return sorted(found) == sorted(keys)
 

@@ -106,7 +106,7 @@ def predict_proba(
     out = []
     for _, x in image_batches(paths, pp, batch_size, workers):
         out.append(torch.softmax(model.logits(to_device(x, device)).float(), 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.net[-1].out_features), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, model.head.n_classes), np.float32)
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict | None:
@@ -144,7 +144,7 @@ def fit(
     if fp.threads:
         torch.set_num_threads(fp.threads)
     model.to(device).to(memory_format=torch.channels_last)
-    groups = layer_groups(model.features.body)
+    groups = layer_groups(model.features.net)
     paths, y = train_items
     steps = math.ceil(len(paths) / fp.batch_size)
     set_trainable(model, groups, len(groups))  # every parameter that may ever train joins the optimizer
