@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
 
 from graft.flows.pipeline import pipeline
 from graft.flows.retrain import retrain
@@ -23,17 +24,27 @@ from graft.params import load_params
 ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
-def deployments(params_path: str, cron: str | None = None) -> list:
+def deployments(params_path: str, cron: str | None = None) -> list[RunnerDeployment]:
     """The two deployments, with the params file's absolute path baked into their parameters."""
     path = str(Path(params_path).resolve())
     schedule = cron or load_params(path).retrain.schedule
-    common = {"cron": schedule, "parameters": {"params_path": path}, "concurrency_limit": ONE_AT_A_TIME}
-    return [
-        pipeline.to_deployment(
-            name="graft-pipeline", description="ingest -> featurize -> train -> evaluate -> export", **common
-        ),
-        retrain.to_deployment(name="graft-retrain", description="challenger vs champion on new data", **common),
-    ]
+    flows = (
+        (pipeline, "graft-pipeline", "ingest -> featurize -> train -> evaluate -> export"),
+        (retrain, "graft-retrain", "challenger vs champion on new data"),
+    )
+    out = []
+    for f, name, description in flows:
+        d = f.to_deployment(
+            name=name,
+            description=description,
+            cron=schedule,
+            parameters={"params_path": path},
+            concurrency_limit=ONE_AT_A_TIME,
+        )
+        # Prefect types it "object or coroutine"; called outside an event loop it is always the object.
+        assert isinstance(d, RunnerDeployment)
+        out.append(d)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,13 +16,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from graft import GraftError
@@ -42,7 +42,7 @@ from graft.tasks.shard import (
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
 
 
-def task_runner(dp: DaskParams) -> DaskTaskRunner:
+def task_runner(dp: DaskParams) -> TaskRunner[Any]:
     """Prefect's Dask runner for the params: the given scheduler, or a LocalCluster of worker processes."""
     if dp.address:
         return DaskTaskRunner(address=dp.address)
@@ -90,7 +90,7 @@ def connect_workers(kind: str) -> dict[str, int]:
     return dict(client.nthreads())
 
 
-def gather(futures: Sequence[Any]) -> list[Any]:
+def gather(futures: list[PrefectFuture[Any]]) -> list[Any]:
     """Every shard's result; after all have settled, one error for the failed ones (finished parts stay)."""
     wait(futures)
     results, errors = [], []

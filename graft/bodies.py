@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from graft import GraftError
 
 if TYPE_CHECKING:
     from graft.registry import BackboneConfig
+    from graft.taps import TimmModel
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +59,8 @@ def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     """
     if not any(k.startswith("_blocks.") for k in sd):
         return sd  # already timm-keyed
-    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    stages = model.get_submodule("blocks").children()
+    flat = [(s, i) for s, stage in enumerate(stages) for i in range(len(list(stage.children())))]
     expanded = {int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k)) and m.group(2).startswith("_expand_conv")}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sd.items():
@@ -130,9 +132,7 @@ def _build_embedded(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Modu
 
     net = timm.create_model(cfg.arch, pretrained=False)
     net.load_state_dict(map_lite0_keys(_load_state_dict(path), net), strict=False)
-    head = copy.deepcopy(net.classifier)
-    net.reset_classifier(0)
-    return net, head
+    return net, _detach_classifier(net)
 
 
 def _build_torchvision(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
@@ -165,9 +165,15 @@ def _build_timm(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Module]:
         raise GraftError(
             f"{path}: cannot load {cfg.name} weights ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
         ) from None
-    head = copy.deepcopy(net.get_classifier())
-    net.reset_classifier(0)
-    return net, head
+    return net, _detach_classifier(net)
+
+
+def _detach_classifier(net: nn.Module) -> nn.Module:
+    """A copy of a timm model's classifier; the model itself is left without one (pooled features out)."""
+    model = cast("TimmModel", net)
+    head = copy.deepcopy(model.get_classifier())
+    model.reset_classifier(0)
+    return head
 
 
 def build_body(cfg: BackboneConfig, path: Path | None) -> tuple[nn.Module, nn.Module | None]:

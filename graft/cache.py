@@ -40,6 +40,18 @@ def feature_schema(dim: int) -> pa.Schema:
     return pa.schema([("sha256", pa.string()), ("feature", pa.list_(pa.float32(), dim))])
 
 
+def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: int) -> pa.Table:
+    """Rows (sha256, float32[dim]) in the cache schema; a batch of the wrong shape is a GraftError."""
+    matrix = np.asarray(np.concatenate(feats) if isinstance(feats, list) else feats, np.float32)
+    if matrix.shape != (len(shas), dim):
+        raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
+    values = pa.array(matrix.ravel())
+    return pa.table(
+        {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(values, dim)},
+        schema=feature_schema(dim),
+    )
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -56,7 +68,7 @@ def parts(cache: Path, dim: int) -> list[Path]:
     for p in found:
         try:
             schema = pq.read_schema(p)
-        except Exception as exc:  # noqa: BLE001 - unreadable footer: say which file
+        except (pa.ArrowException, OSError) as exc:  # unreadable footer: say which file
             raise GraftError(f"feature cache part {p} is unreadable ({exc}); delete it and rerun") from None
         if not schema.remove_metadata().equals(expected):
             got = schema.field("feature").type if "feature" in schema.names else schema

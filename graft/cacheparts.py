@@ -19,19 +19,7 @@ import pyarrow.parquet as pq
 
 from graft import GraftError
 from graft.atomic import write_parquet
-from graft.cache import feature_schema
-
-
-def feature_table(shas: list[str], feats: list[np.ndarray] | np.ndarray, dim: int) -> pa.Table:
-    """Rows (sha256, float32[dim]) in the cache schema; a batch of the wrong shape is a GraftError."""
-    matrix = np.asarray(np.concatenate(feats) if isinstance(feats, list) else feats, np.float32)
-    if matrix.shape != (len(shas), dim):
-        raise GraftError(f"engine returned features of shape {matrix.shape}, expected ({len(shas)}, {dim})")
-    values = pa.array(matrix.ravel())
-    return pa.table(
-        {"sha256": pa.array(shas, pa.string()), "feature": pa.FixedSizeListArray.from_arrays(values, dim)},
-        schema=feature_schema(dim),
-    )
+from graft.cache import feature_table
 
 
 def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
@@ -40,7 +28,7 @@ def holds_exactly(part: Path, keys: Iterable[str]) -> bool:
         return False
     try:
         found = pq.read_table(part, columns=["sha256"]).column(0).to_pylist()
-    except Exception:  # noqa: BLE001 - unreadable: recompute and replace it
+    except (pa.ArrowException, OSError):  # unreadable: recompute and replace it
         return False
     return sorted(found) == sorted(keys)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -82,7 +82,7 @@ class TorchEngine:
 
 def feature_batches(
     engine: Engine, items: list[tuple[str, str]], pp: Preprocess, batch_size: int, workers: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Generator[tuple[list[str], np.ndarray], None, None]:
     """(sha256s, features) per batch, in order: decoding overlaps inference, both bounded.
 
     Decoder threads run ahead of the engine; an engine with several streams gets that many

@@ -22,14 +22,15 @@ if TYPE_CHECKING:
 
 def layer_groups(body: nn.Module) -> list[nn.Module]:
     """The backbone's blocks from input to output (the unit of ``last_n`` and of layer-wise LR decay)."""
+    sub = body.get_submodule
     if hasattr(body, "conv_stem") and hasattr(body, "blocks"):  # timm EfficientNet / MobileNet family
-        return [nn.ModuleList([body.conv_stem, body.bn1]), *body.blocks, nn.ModuleList([body.conv_head, body.bn2])]
+        stem, head = nn.ModuleList([sub("conv_stem"), sub("bn1")]), nn.ModuleList([sub("conv_head"), sub("bn2")])
+        return [stem, *sub("blocks").children(), head]
     if hasattr(body, "layer4"):  # torchvision ResNet
-        return [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
-    if hasattr(body, "features") and isinstance(
-        body.features, nn.Sequential
-    ):  # torchvision MobileNet/EfficientNet/ConvNeXt
-        return list(body.features)
+        return [nn.ModuleList([sub("conv1"), sub("bn1")]), *(sub(f"layer{i}") for i in range(1, 5))]
+    features = getattr(body, "features", None)
+    if isinstance(features, nn.Sequential):  # torchvision MobileNet/EfficientNet/ConvNeXt
+        return list(features)
     groups: list[list[nn.Module]] = []  # generic: a new group at every convolution
     for child in body.children():
         if isinstance(child, nn.Conv2d) or not groups:

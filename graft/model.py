@@ -28,8 +28,12 @@ MODEL_FORMAT = "graft-model/1"
 class Head(nn.Module):
     """Standardise features, then a linear layer (``logreg``) or a one-hidden-layer MLP."""
 
+    mean: torch.Tensor  # buffers, declared for the type checker (register_buffer sets them)
+    std: torch.Tensor
+
     def __init__(self, dim: int, n_classes: int, kind: str = "logreg", hidden: int = 512, dropout: float = 0.0):
         super().__init__()
+        self.n_classes = n_classes
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
         if kind == "logreg":
@@ -208,7 +212,7 @@ def initial_model(
     bb = build_backbone(name, weights, image_size)
     head = make_head(head_config("logreg", bb.feature_dim, tp.hidden, tp.dropout), len(classes))
     model = Classifier(bb.model, head)
-    note = {"init": "pretrained backbone", "head": "new"}
+    note: dict[str, str | int] = {"init": "pretrained backbone", "head": "new"}
     if source:
         own = model.state_dict()
         state = (

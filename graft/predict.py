@@ -116,7 +116,7 @@ def write_predictions(records: list[dict], out: str | Path) -> Path:
     schema = pa.schema(
         [("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()), ("error", pa.string())]
     )
-    rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: r["path"])
+    rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: str(r["path"]))
     return write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from graft import GraftError
 from graft.images import Preprocess
+
+if TYPE_CHECKING:
+    from graft.taps import TimmModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,12 +177,15 @@ def _timm_config(model: str) -> BackboneConfig:
         raise GraftError(f"timm:{model}: {str(exc).splitlines()[0]}") from None
     data = timm.data.resolve_data_config({}, model=net)
     crop = data["input_size"][-1]
-    net.reset_classifier(0)
-    dim = getattr(net, "head_hidden_size", None) or net.num_features  # what forward_head returns without a classifier
+    model_api = cast("TimmModel", net)
+    model_api.reset_classifier(0)
+    # what forward_head returns without a classifier
+    dim = getattr(net, "head_hidden_size", None) or model_api.num_features
     try:
         with torch.device("meta"), torch.no_grad():
-            _, inter = net.forward_intermediates(torch.empty(1, 3, crop, crop))
-        stages = tuple((f["module"], f["module"], t.shape[1]) for f, t in zip(net.feature_info, inter, strict=True))
+            _, inter = model_api.forward_intermediates(torch.empty(1, 3, crop, crop))
+        info = model_api.feature_info
+        stages = tuple((f["module"], f["module"], int(t.shape[1])) for f, t in zip(info, inter, strict=True))
     except Exception:  # noqa: BLE001 - no forward_intermediates (or no meta support): no stage taps
         stages = ()
     return BackboneConfig(

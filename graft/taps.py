@@ -15,6 +15,7 @@ Everything is plain modules (no custom autograd), so an extractor exports to ONN
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -77,6 +78,9 @@ def check_raw_size(size: int, crop: int) -> None:
 class RawPixels(nn.Module):
     """NCHW RGB in [0, 1] -> (N, size*size) grey pixels area-averaged to ``size x size``."""
 
+    luma: torch.Tensor  # buffers, declared for the type checker (register_buffer sets them)
+    area: torch.Tensor
+
     def __init__(self, crop: int, size: int):
         super().__init__()
         check_raw_size(size, crop)
@@ -96,6 +100,9 @@ class RawPixels(nn.Module):
 class Normalize(nn.Module):
     """(x - mean) / std with the constants as buffers, so they travel into ONNX."""
 
+    mean: torch.Tensor  # buffers, declared for the type checker (register_buffer sets them)
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -113,8 +120,30 @@ class FeatureExtractor(nn.Module):
         self.normalize = Normalize(mean, std)
         self.body = body
 
+    @property
+    def net(self) -> nn.Module:
+        """The network body; only a raw-pixels-alone :class:`TapExtractor` has none, and never runs it."""
+        if self.body is None:
+            raise GraftError("this feature extractor computes raw pixels only: it has no network body")
+        return self.body
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        return self.net(self.normalize(x))
+
+
+class TimmModel(Protocol):
+    """The timm model API graft uses beyond ``nn.Module`` (``timm.create_model`` is typed as a plain module)."""
+
+    num_features: int
+    feature_info: list[dict[str, Any]]
+
+    def get_classifier(self) -> nn.Module: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class TapExtractor(FeatureExtractor):
@@ -147,11 +176,12 @@ class TapExtractor(FeatureExtractor):
 
     def _stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if not self.sequence:  # timm: one pass yields the stage outputs and the final feature map
-            x, inter = self.body.forward_intermediates(x)
-            return [t.mean((2, 3)) for t in inter], self.body.forward_head(x)
+            timm_body = cast(TimmModel, self.net)
+            x, inter = timm_body.forward_intermediates(x)
+            return [t.mean((2, 3)) for t in inter], timm_body.forward_head(x)
         pooled = []
         for path in self.sequence:  # submodules looked up by name: registered once, under body
-            x = self.body.get_submodule(path)(x)
+            x = self.net.get_submodule(path)(x)
             if path in self.stage_paths:
                 pooled.append(x.mean((2, 3)))
         return pooled, torch.flatten(x, 1)
@@ -162,5 +192,5 @@ class TapExtractor(FeatureExtractor):
             stages, last = self._stages(self.normalize(x))
             parts += stages + ([last] if "last" in self.taps else [])
         elif "last" in self.taps:
-            parts.append(self.body(self.normalize(x)))
+            parts.append(self.net(self.normalize(x)))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]

@@ -107,7 +107,7 @@ def predict_logits(
         model.logits(to_device(x, device)).float().cpu().numpy()
         for _, x in image_batches(paths, pp, batch_size, workers)
     ]
-    return np.concatenate(out) if out else np.zeros((0, model.head.net[-1].out_features), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, model.head.n_classes), np.float32)
 
 
 def predict_proba(
@@ -153,7 +153,7 @@ def fit(
     if fp.threads:
         torch.set_num_threads(fp.threads)
     model.to(device).to(memory_format=torch.channels_last)
-    groups = layer_groups(model.features.body)
+    groups = layer_groups(model.features.net)
     paths, y = train_items
     steps = math.ceil(len(paths) / fp.batch_size)
     set_trainable(model, groups, len(groups))  # every parameter that may ever train joins the optimizer

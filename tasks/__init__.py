@@ -7,11 +7,15 @@ module under ``graft/``, so each ``dvc.yaml`` stage can list exactly the code it
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from graft.sources import is_transient
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from prefect import Task
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -19,8 +23,8 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-def stage_task(fn: F, name: str) -> F:
+def stage_task(fn: Callable[P, R], name: str) -> Task[P, R]:
     """Wrap a stage function as a Prefect task with backoff retries for transient I/O errors."""
     from prefect import task
 
-    return task(fn, name=name, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)  # type: ignore[return-value]
+    return task(name=name, retries=2, retry_delay_seconds=[2.0, 10.0], retry_condition_fn=retry_transient)(fn)

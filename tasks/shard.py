@@ -213,14 +213,13 @@ def run_featurize_shard(job: FeaturizeJob, shard: Shard) -> dict:
 
 
 featurize_shard = task(
-    run_featurize_shard,
     name="featurize-shard",
     task_run_name="featurize-shard-{shard.id}",
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)  # the Parquet cache is the cache
+    cache_policy=NO_CACHE,  # the Parquet cache is the cache
+)(run_featurize_shard)
 
 
 @dataclass
@@ -287,11 +286,10 @@ def run_predict_shard(job: PredictJob, shard: Shard) -> list[dict]:
 
 
 predict_shard = task(
-    run_predict_shard,
     name="predict-shard",
     task_run_name="predict-shard-{shard.id}",
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
-)
+)(run_predict_shard)

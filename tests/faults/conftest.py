@@ -107,20 +107,23 @@ def graft_cmd(*args: str, slow: float | None = None) -> list[str]:
     return [sys.executable, "-m", "tests.faults.slow_cli", str(slow), *args]
 
 
-def start_graft(*args: str, cwd: Path, slow: float | None = None) -> subprocess.Popen:
+class GraftProcess(subprocess.Popen):
+    """A graft CLI subprocess whose output goes to the file ``log_path``."""
+
+    def __init__(self, args: list[str], log_path: Path, cwd: Path):
+        self.log_path = log_path
+        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+            super().__init__(args, cwd=cwd, env=graft_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_graft(*args: str, cwd: Path, slow: float | None = None) -> GraftProcess:
     """Start the real ``graft`` CLI in a subprocess; its output goes to a log file read by :func:`output_of`."""
-    log_path = cwd / f"graft-{time.monotonic_ns()}.log"
-    with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            graft_cmd(*args, slow=slow), cwd=cwd, env=graft_env(), stdout=log, stderr=subprocess.STDOUT
-        )
-    proc.log_path = log_path  # type: ignore[attr-defined]
-    return proc
+    return GraftProcess(graft_cmd(*args, slow=slow), cwd / f"graft-{time.monotonic_ns()}.log", cwd)
 
 
-def output_of(proc: subprocess.Popen) -> str:
+def output_of(proc: GraftProcess) -> str:
     """Everything a process started by :func:`start_graft` printed so far."""
-    return Path(proc.log_path).read_text(encoding="utf-8")  # type: ignore[attr-defined]
+    return proc.log_path.read_text(encoding="utf-8")
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120) -> None:

@@ -53,10 +53,11 @@ _container = st.one_of(
 
 
 def _nest(dotted: str, value: object) -> dict:
-    out: object = value
-    for part in reversed(dotted.split(".")):
+    *parents, leaf = dotted.split(".")
+    out: dict = {leaf: value}
+    for part in reversed(parents):
         out = {part: out}
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _is_int(field) -> bool:
