@@ -155,7 +155,7 @@ def onnx_cost(model: torch.nn.Module, size: int, runs: int = 10) -> tuple[int, f
         torch.onnx.export(
             model.eval(),
             (torch.rand(1, 3, size, size),),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch writes to a file-like object; its hint names paths only
             input_names=["image"],
             output_names=["probabilities"],
             opset_version=17,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from graft.auto import Result, data_image_size, finetune_seconds, probe_features
 from graft.compare import score as metric_score
@@ -98,7 +100,7 @@ def finetune_candidate(
 
 
 def _head_config(model: Classifier) -> dict:
-    first = model.head.net[0]
+    first = cast(nn.Linear, model.head.net[0])
     hidden = first.out_features if len(model.head.net) > 1 else 0
     return head_config("mlp" if hidden else "logreg", first.in_features, hidden, 0.0)
 

@@ -106,7 +106,9 @@ def leave_one_class_out(
     from graft.auto import fit_features
     from graft.select import cv_splits, to_torch_head
 
-    rows: dict[str, list[float]] = {f"auroc_{s}": [] for s in (*SCORES, "distance")} | {"rejected_at_threshold": []}
+    rows: dict[str, list[float]] = {
+        key: [] for key in (*(f"auroc_{s}" for s in (*SCORES, "distance")), "rejected_at_threshold")
+    }
     classes = np.unique(y)
     if len(classes) < 3:
         return {"classes": int(len(classes)), "note": "needs at least 3 classes"}
@@ -219,9 +221,9 @@ def unknown_report(
     from graft.dataset import split_arrays
 
     out: dict = {}
-    cand = payload.get("candidate")
+    cand = str(payload.get("candidate"))
     own = cand in FEATURE_CANDIDATES and payload["backbone"]["name"] == meta.get("graft.backbone")
-    kind, taps = (FEATURE_CANDIDATES[cand][1], FEATURE_CANDIDATES[cand][0]) if own else ("linear", ("last",))
+    taps, kind = FEATURE_CANDIDATES[cand] if own else (("last",), "linear")
     settings = payload.get("settings", {}) if own else {"C": 1.0}
     if feats:
         cols = tap_columns(meta, taps)

@@ -204,7 +204,7 @@ def evaluate(params: Params) -> dict:
         "baseline": baseline,
         "baseline_size": ep.baseline_size,
         "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
-        "calibration": trust_metrics(logits, y, calibration, ep.ece_bins),
+        "calibration": (trust := trust_metrics(logits, y, calibration, ep.ece_bins)),
         "unknown": unknown_report(params, payload, manifest, classes, *_all_features(params.featurize.out)),
     }
     mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
@@ -219,7 +219,7 @@ def evaluate(params: Params) -> dict:
     plot_confusion(pdir / "confusion.png", y, pred, classes)
     reliability = pd.DataFrame(reliability_table(y, proba, ep.ece_bins))
     write_csv(mdir / "reliability.csv", reliability)
-    plot_reliability(pdir / "reliability.png", reliability, metrics["calibration"])
+    plot_reliability(pdir / "reliability.png", reliability, trust)
     write_text(
         ep.report,
         report_markdown(metrics, _model_info(params))

@@ -22,8 +22,9 @@ import torch
 from graft import GraftError
 from graft.atomic import write_json
 from graft.auto import data_image_size
+from graft.backbones import Backbone
 from graft.dataset import read_classes, read_manifest, split_items
-from graft.model import head_config, initial_model, run_key, save_model
+from graft.model import Classifier, head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
 from graft.select import write_leaderboard
@@ -115,10 +116,10 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     return summary
 
 
-def _calibration(model: torch.nn.Module, state: dict, items: tuple, bb: object, params: Params) -> dict:
+def _calibration(model: Classifier, state: dict, items: tuple, bb: Backbone, params: Params) -> dict:
     """Temperature and unknown threshold from the best weights' logits on held-out images (val)."""
     model.load_state_dict(state)
-    logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)  # type: ignore[attr-defined]
+    logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)
     return calibrate(logits, items[1], params.predict.accept_rate, params.predict.unknown_score)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graft.atomic import write_json
@@ -82,7 +83,7 @@ def train(params: Params) -> dict:
     return summary
 
 
-def _heldout_logits(head: torch.nn.Module, data: tuple) -> tuple:
+def _heldout_logits(head: torch.nn.Module, data: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The head's logits on held-out features (val; train when there is no val split), and the labels."""
     with torch.no_grad():
         return head(torch.from_numpy(data[0]).float()).numpy(), data[1]
