@@ -4,7 +4,12 @@ The flow runs on the driver (the machine that sees the manifest): it plans the s
 workers, submits every shard through Prefect's ``DaskTaskRunner`` and gathers the small results.
 The shards themselves (:mod:`graft.tasks.shard`) run on the Dask workers. With ``featurize.dask.address``
 graft uses that scheduler; without one a ``distributed.LocalCluster`` is started for the run and
-closed after it. Nothing is started when every image is already in the cache.
+closed after it. No cluster is started when every image is already in the cache.
+
+Every shard's task run reports to the driver's Prefect API: ``PREFECT_API_URL``, or else a temporary
+server that graft starts for the run and that dies with the driver (:mod:`graft.prefect_api`). For the
+run, a Dask worker plugin sets that URL on every worker (restarted ones included) and turns Prefect's
+ephemeral mode off there, so no worker ever starts a server of its own.
 
     python -m graft.flows.scale --params params.yaml [--address tcp://scheduler:8786]   # featurize on a Dask cluster
     graft predict FOLDER --dask [--address ADDR] --model models/model.onnx --out preds.parquet
@@ -13,22 +18,26 @@ closed after it. Nothing is started when every image is already in the cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import TaskRunner
+from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
 from graft import GraftError
 from graft.lock import cache_lock, workspace_lock
 from graft.params import DaskParams, Params, load_params
 from graft.predict import list_targets, write_predictions
+from graft.prefect_api import prefect_api
 from graft.tasks.shard import (
     PredictJob,
     featurize_shard,
@@ -42,7 +51,7 @@ from graft.tasks.shard import (
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
 
 
-def task_runner(dp: DaskParams) -> TaskRunner[Any]:
+def task_runner(dp: DaskParams) -> DaskTaskRunner:
     """Prefect's Dask runner for the params: the given scheduler, or a LocalCluster of worker processes."""
     if dp.address:
         return DaskTaskRunner(address=dp.address)
@@ -62,10 +71,53 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def connect_workers(kind: str) -> dict[str, int]:
-    """The running flow's Dask workers ({address: threads}), after each imported what ``kind`` shards need.
+class PrefectApiPlugin(WorkerPlugin):
+    """Points a Dask worker at the driver's Prefect API for one run, and forbids it a server of its own.
 
-    Fails early, with one line, when the scheduler is unreachable, has no workers, or a worker lacks graft.
+    Dask applies a registered plugin to every worker, including one the nanny restarts after a
+    crash; unregistering it (after the run) restores the worker's previous environment.
+    """
+
+    name = "graft-prefect-api"  # one at a time: a second run's registration replaces the first's
+    _VARS = ("PREFECT_API_URL", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
+
+    def __init__(self, api_url: str) -> None:
+        self.api_url = api_url
+        self._before: dict[str, str | None] = {}
+
+    @staticmethod
+    def _apply(env: dict[str, str | None]) -> None:
+        from prefect import context
+
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        refresh = getattr(context, "refresh_global_settings_context", None)  # settings were read at import
+        if refresh:
+            refresh()
+
+    def setup(self, worker: Any = None) -> None:
+        self._before = {k: os.environ.get(k) for k in self._VARS}
+        self._apply({"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"})
+
+    def teardown(self, worker: Any = None) -> None:
+        self._apply(self._before)
+
+
+def _run_api() -> str:
+    """The API URL the running flow reports to (the shards must report there too)."""
+    ctx = FlowRunContext.get()
+    return str(ctx.client.api_url).rstrip("/")
+
+
+@contextlib.contextmanager
+def cluster_workers(kind: str) -> Iterator[dict[str, int]]:
+    """The running flow's Dask workers ({address: threads}), pointed at its Prefect API for the block.
+
+    Fails early, with one line, when the scheduler is unreachable, has no workers, a worker lacks
+    graft, or a worker cannot reach the driver's Prefect API.
     """
     ctx = FlowRunContext.get()
     runner = ctx.task_runner if ctx else None
@@ -80,17 +132,25 @@ def connect_workers(kind: str) -> dict[str, int]:
         client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except TimeoutError:
         raise GraftError(f"the Dask scheduler at {where} has no workers after {WORKER_WAIT_S:g} s") from None
+    api = _run_api()
+    client.register_plugin(PrefectApiPlugin(api))
     try:
-        client.run(probe, kind)  # also takes the torch / onnxruntime import off the timed path
-    except Exception as exc:  # noqa: BLE001 - any failure here means a worker cannot run graft
-        raise GraftError(
-            f"a Dask worker cannot run graft {kind} shards ({_first_line(exc)}): install graft, "
-            f"the same version, on every worker"
-        ) from None
-    return dict(client.nthreads())
+        try:
+            client.run(probe, kind, api)  # also takes the torch / onnxruntime import off the timed path
+        except GraftError as exc:
+            raise GraftError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - any other failure here means a worker cannot run graft
+            raise GraftError(
+                f"a Dask worker cannot run graft {kind} shards ({_first_line(exc)}): install graft, "
+                f"the same version, on every worker"
+            ) from None
+        yield dict(client.nthreads())
+    finally:
+        with contextlib.suppress(Exception):  # a lost scheduler must not hide the run's own error
+            client.unregister_worker_plugin(PrefectApiPlugin.name)
 
 
-def gather(futures: list[PrefectFuture[Any]]) -> list[Any]:
+def gather(futures: Sequence[Any]) -> list[Any]:
     """Every shard's result; after all have settled, one error for the failed ones (finished parts stay)."""
     wait(futures)
     results, errors = [], []
@@ -120,20 +180,23 @@ def featurize_dask_flow(params: Params) -> dict:
     seconds = 0.0
     plan = plan_featurize(params)  # the caller holds the cache lock (graft.stages.run_stage, featurize_cluster)
     if plan.shards:
-        workers = connect_workers("featurize")
-        log.info(
-            "%d images in %d shards on %d Dask workers (%d threads)",
-            sum(len(s.items) for s in plan.shards),
-            len(plan.shards),
-            len(workers),
-            sum(workers.values()),
-        )
-        shard = featurize_shard.with_options(retries=fp.dask.retries)
-        t0 = time.perf_counter()
-        results = gather([shard.submit(plan.job, s) for s in plan.shards])
-        seconds = time.perf_counter() - t0
+        with cluster_workers("featurize") as workers:
+            log.info(
+                "%d images in %d shards on %d Dask workers (%d threads), Prefect API %s",
+                sum(len(s.items) for s in plan.shards),
+                len(plan.shards),
+                len(workers),
+                sum(workers.values()),
+                _run_api(),
+            )
+            shard = featurize_shard.with_options(retries=fp.dask.retries)
+            t0 = time.perf_counter()
+            results = gather([shard.submit(plan.job, s) for s in plan.shards])
+            seconds = time.perf_counter() - t0
     finish_featurize(plan, fp.out)
-    computed = sum(r["computed"] for r in results)
+    # Every planned key is in the cache now. Counting shard results instead would miss a finished shard
+    # whose result died with its worker: Dask reruns it, and the rerun finds its part and computes 0.
+    computed = sum(len(s.items) for s in plan.shards)
     engines = sorted({r["engine"] for r in results if r["engine"]})
     return {
         "backbone": plan.cache.name,
@@ -148,14 +211,20 @@ def featurize_dask_flow(params: Params) -> dict:
         "retried_shards": sum(r["attempt"] > 1 for r in results),
         "seconds": round(seconds, 2),
         "img_per_s": round(computed / seconds, 1) if computed else None,
+        "shard_seconds": round(sum(r["seconds"] for r in results), 3),  # inside the shard functions
+        "model_load_seconds": round(sum(r.get("load_s", 0.0) for r in results), 3),
         "stage_seconds": round(time.perf_counter() - t_start, 2),
         "cache": plan.job.cache,
     }
 
 
 def featurize_dask(params: Params) -> dict:
-    """Featurize on ``params.featurize.dask`` (the target of ``featurize.runner: dask``); a summary as featurize's."""
-    return featurize_dask_flow.with_options(task_runner=task_runner(params.featurize.dask))(params)
+    """Featurize on ``params.featurize.dask`` (the target of ``featurize.runner: dask``); a summary as featurize's.
+
+    Runs against ``PREFECT_API_URL``, or a temporary server that lives as long as this call.
+    """
+    with prefect_api():
+        return featurize_dask_flow.with_options(task_runner=task_runner(params.featurize.dask))(params)
 
 
 @flow(name="graft-predict-dask", log_prints=True)
@@ -172,10 +241,10 @@ def predict_dask_flow(
     if not urls:
         raise GraftError(f"no image files under {target}")
     shards = make_shards([(u, u) for u in urls], shard_size)
-    workers = connect_workers("predict")
     task = predict_shard.with_options(retries=retries)
     job = PredictJob(str(Path(model).resolve()), batch_size)
-    records = [r for shard_records in gather([task.submit(job, s) for s in shards]) for r in shard_records]
+    with cluster_workers("predict") as workers:
+        records = [r for shard_records in gather([task.submit(job, s) for s in shards]) for r in shard_records]
     write_predictions(records, out)
     bad = sum(r["error"] is not None for r in records)
     return {
@@ -193,19 +262,19 @@ def predict_dask(
     target: str, model: str, out: str, dask: DaskParams | None = None, shard_size: int = 512, batch_size: int = 32
 ) -> dict:
     """``graft predict --dask``: :func:`predict_dask_flow` on the given Dask cluster (a LocalCluster by default)."""
+    dask = dask or DaskParams()
     if not str(out).endswith(".parquet"):
         raise GraftError(f"--out {out}: predictions over a cluster are written as Parquet; name it *.parquet")
-    dask = dask or DaskParams()
-    return predict_dask_flow.with_options(task_runner=task_runner(dask))(
-        target, model, out, shard_size, batch_size, dask.retries
-    )
+    with prefect_api():
+        return predict_dask_flow.with_options(task_runner=task_runner(dask))(
+            target, model, out, shard_size, batch_size, dask.retries
+        )
 
 
 @flow(name="graft-featurize-cluster", log_prints=True)
 def featurize_cluster(params_path: str = "params.yaml", address: str | None = None) -> dict:
-    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``).
-
-    Runs on Dask whatever ``featurize.runner`` says.
+    """Deployable entry point: featurize ``params_path`` on its Dask cluster (or ``address``), whatever
+    ``featurize.runner`` says.
 
     Holds the workspace lock, as every stage command does; the Dask work runs as a subflow with the
     ``DaskTaskRunner`` built from params (a deployment's own task runner is not configurable per run).
@@ -225,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="Dask scheduler address (overrides featurize.dask.address)")
     args = ap.parse_args(argv)
     try:
-        print(json.dumps({"featurize": featurize_cluster(args.params, args.address)}))
+        with prefect_api():  # the flow itself needs the API: start graft's server first, not Prefect's own
+            print(json.dumps({"featurize": featurize_cluster(args.params, args.address)}))
     except GraftError as exc:
         print(f"graft: error: {exc}", file=sys.stderr)
         return 2

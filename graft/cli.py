@@ -167,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
 
             with workspace_lock(args.params, args.wait):  # taken before Prefect starts: a refusal is quick
                 from graft.flows.pipeline import pipeline
+                from graft.prefect_api import prefect_api
 
-                pipeline(args.params)
+                with prefect_api():  # no PREFECT_API_URL: graft's temporary server, which dies with this process
+                    pipeline(args.params)
         elif args.command == "retrain":
             from graft.lock import workspace_lock
 
             with workspace_lock(args.params, args.wait):
                 from graft.flows.retrain import retrain
+                from graft.prefect_api import prefect_api
 
-                decision = retrain(args.params)["decision"]
+                with prefect_api():
+                    decision = retrain(args.params)["decision"]
             return 1 if decision == "rejected" else 0
         elif args.command == "gate":
             return _gate(args)

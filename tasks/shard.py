@@ -133,13 +133,20 @@ def load_counts() -> dict[str, int]:
     return dict(LOADS)
 
 
-def probe(kind: str) -> dict:
-    """Run on every worker before the shards: imports what the shards need and says who the worker is."""
+def probe(kind: str, api_url: str | None = None) -> dict:
+    """Run on every worker before the shards: imports what the shards need, checks the Prefect API, says who it is."""
     import importlib
 
     import graft
+    from graft.prefect_api import reachable
 
-    importlib.import_module("graft.engine" if kind == "featurize" else "graft.predict")
+    for module in ("graft.engine" if kind == "featurize" else "graft.predict", "onnxruntime"):
+        importlib.import_module(module)  # here, once per worker, rather than inside the first shard
+    if api_url and not reachable(api_url, timeout=10.0):
+        raise GraftError(
+            f"Dask worker {_worker_name()} cannot reach the driver's Prefect API at {api_url}: run a "
+            f"Prefect server the workers can reach and set PREFECT_API_URL to it (see docs/scale.md)"
+        )
     return {"graft": graft.__version__, "pid": os.getpid(), "threads": _worker_threads()}
 
 
@@ -197,19 +204,28 @@ def run_featurize_shard(job: FeaturizeJob, shard: Shard) -> dict:
 
     Returns:
         A small record: shard id, rows, rows computed (0 when an earlier attempt finished it),
-        seconds, worker, Prefect attempt and engine.
+        seconds (all of it), load_s (building the engine: the worker's first shard only), worker,
+        Prefect attempt and engine.
     """
     t0 = time.perf_counter()
     part = part_path(job, shard)
     base = {"shard": shard.id, "rows": len(shard.items), "worker": _worker_name(), "attempt": _attempt()}
     if holds_exactly(part, shard.keys):
-        return {**base, "computed": 0, "seconds": 0.0, "engine": None}
+        return {**base, "computed": 0, "seconds": 0.0, "load_s": 0.0, "engine": None}
+    t_load = time.perf_counter()
     engine = worker_engine(job)
+    load_s = time.perf_counter() - t_load
     rows = PartWriter(Path(job.cache), job.dim, part_rows=len(shard.items) + 1)  # one part, flushed below
     for keys, x in decoded_batches(shard.items, job.preprocess, job.fp.batch_size, job.fp.dask.decode_threads):
         rows.add(keys, engine(x))
     rows.flush(part)
-    return {**base, "computed": rows.written, "seconds": round(time.perf_counter() - t0, 3), "engine": engine.name}
+    return {
+        **base,
+        "computed": rows.written,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "load_s": round(load_s, 3),
+        "engine": engine.name,
+    }
 
 
 featurize_shard = task(

@@ -3,7 +3,8 @@
 The cluster tests use real ``distributed.LocalCluster``s of 2 worker processes x 1 thread and the
 session's Prefect test server: the cache equals a local run's, a shard that fails on I/O is retried
 by Prefect, each worker builds its engine once, and a worker SIGKILLed mid-run loses and duplicates
-no rows. Everything uses the tiny random CNN and ~60 small images.
+no rows. Everything uses the tiny random CNN and ~60 small images. Real ``dask scheduler`` /
+``dask worker`` processes and the Prefect API the workers report to: ``tests/test_dask_cluster.py``.
 """
 
 from __future__ import annotations
