@@ -63,8 +63,8 @@ def bench_params(
 
 def _timed_run(params: Params, client) -> dict:
     """featurize_dask on ``client``'s cluster, plus the CPU seconds its workers used and the task stream."""
+    from graft.daskworker import probe
     from graft.flows.scale import featurize_dask
-    from graft.tasks.shard import probe
 
     client.run(probe, "featurize")  # imports torch/onnxruntime in each worker before the clock starts
     client.get_task_stream(count=0)  # starts the scheduler's task-stream recording

@@ -20,20 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
 from graft import GraftError
+from graft.daskworker import PrefectApiPlugin, probe
 from graft.lock import cache_lock, workspace_lock
 from graft.params import DaskParams, Params, load_params
 from graft.predict import list_targets, write_predictions
@@ -45,7 +44,6 @@ from graft.tasks.shard import (
     make_shards,
     plan_featurize,
     predict_shard,
-    probe,
 )
 
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
@@ -69,41 +67,6 @@ def task_runner(dp: DaskParams) -> DaskTaskRunner:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-class PrefectApiPlugin(WorkerPlugin):
-    """Points a Dask worker at the driver's Prefect API for one run, and forbids it a server of its own.
-
-    Dask applies a registered plugin to every worker, including one the nanny restarts after a
-    crash; unregistering it (after the run) restores the worker's previous environment.
-    """
-
-    name = "graft-prefect-api"  # one at a time: a second run's registration replaces the first's
-    _VARS = ("PREFECT_API_URL", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
-
-    def __init__(self, api_url: str) -> None:
-        self.api_url = api_url
-        self._before: dict[str, str | None] = {}
-
-    @staticmethod
-    def _apply(env: dict[str, str | None]) -> None:
-        from prefect import context
-
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        refresh = getattr(context, "refresh_global_settings_context", None)  # settings were read at import
-        if refresh:
-            refresh()
-
-    def setup(self, worker: Any = None) -> None:
-        self._before = {k: os.environ.get(k) for k in self._VARS}
-        self._apply({"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"})
-
-    def teardown(self, worker: Any = None) -> None:
-        self._apply(self._before)
 
 
 def _run_api() -> str:

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +39,13 @@ from prefect.tasks import exponential_backoff
 from graft import GraftError
 from graft.cache import CachePlan, plan_cache, preprocess_of, write_features
 from graft.cacheparts import PartWriter, holds_exactly
+from graft.daskworker import MODELS, attempt, worker_name, worker_threads
 from graft.images import Preprocess
 from graft.params import FeaturizeParams, Params
 from graft.sources import decoded_batches, resolve_url
 from graft.tasks import retry_transient
 
 SHARD_PREFIX = "part-shard-"  # matches the cache's part-*.parquet glob, so readers need no change
-LOADS: Counter = Counter()  # engine / model builds in this process, by kind ("featurize", "predict")
-_KEEP_MODELS = 2  # models kept per worker process: a run's, plus one from an overlapping run
 
 
 # --- shards
@@ -80,76 +77,6 @@ def make_shards(items: Sequence[tuple[str, str]], size: int) -> list[Shard]:
     return [Shard(shard_id([k for k, _ in c]), c) for c in chunks]
 
 
-# --- the worker process
-
-
-def _attempt() -> int:
-    from prefect.runtime import task_run
-
-    return int(task_run.run_count or 1)
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except (ImportError, ValueError):  # not inside a Dask worker (tests call shards directly)
-        return f"pid-{os.getpid()}"
-
-
-def _worker_threads() -> int:
-    try:
-        from distributed import get_worker
-
-        return int(get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return 1
-
-
-class _ModelCache:
-    """Per-process models keyed by what determines them, built once under a lock (Dask threads share them)."""
-
-    def __init__(self) -> None:
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, kind: str, build: Callable[[], Any]) -> Any:
-        with self._lock:  # a second thread of this worker waits for the first build instead of repeating it
-            if key not in self._items:
-                self._items[key] = build()
-                LOADS[kind] += 1
-                while len(self._items) > _KEEP_MODELS:
-                    self._items.popitem(last=False)
-            self._items.move_to_end(key)
-            return self._items[key]
-
-
-_MODELS = _ModelCache()
-
-
-def load_counts() -> dict[str, int]:
-    """Models built by this process so far (gathered from each worker with ``client.run``)."""
-    return dict(LOADS)
-
-
-def probe(kind: str, api_url: str | None = None) -> dict:
-    """Run on every worker before the shards: imports what the shards need, checks the Prefect API, says who it is."""
-    import importlib
-
-    import graft
-    from graft.prefect_api import reachable
-
-    for module in ("graft.engine" if kind == "featurize" else "graft.predict", "onnxruntime"):
-        importlib.import_module(module)  # here, once per worker, rather than inside the first shard
-    if api_url and not reachable(api_url, timeout=10.0):
-        raise GraftError(
-            f"Dask worker {_worker_name()} cannot reach the driver's Prefect API at {api_url}: run a "
-            f"Prefect server the workers can reach and set PREFECT_API_URL to it (see docs/scale.md)"
-        )
-    return {"graft": graft.__version__, "pid": os.getpid(), "threads": _worker_threads()}
-
-
 # --- featurize shards
 
 
@@ -179,14 +106,14 @@ def _build_engine(job: FeaturizeJob) -> Any:
     from graft.backbones import build_backbone
     from graft.engine import make_engine
 
-    n = _worker_threads()
+    n = worker_threads()
     fp = job.fp.model_copy(update={"threads": n, "streams": n})
 
     def backbone() -> Any:
         bb = build_backbone(fp.backbone, fp.weights, fp.image_size, fp.taps, fp.raw_size)
         if bb.describe() != job.description:
             raise GraftError(
-                f"worker {_worker_name()} builds {fp.backbone} with another fingerprint than the driver "
+                f"worker {worker_name()} builds {fp.backbone} with another fingerprint than the driver "
                 f"(graft, timm or weights differ): install the same versions on every worker"
             )
         return bb
@@ -196,7 +123,7 @@ def _build_engine(job: FeaturizeJob) -> Any:
 
 def worker_engine(job: FeaturizeJob) -> Any:
     """This process's engine for the job's cache, built on the first shard only."""
-    return _MODELS.get(("featurize", job.cache, job.fp.engine, job.fp.amp), "featurize", lambda: _build_engine(job))
+    return MODELS.get(("featurize", job.cache, job.fp.engine, job.fp.amp), "featurize", lambda: _build_engine(job))
 
 
 def run_featurize_shard(job: FeaturizeJob, shard: Shard) -> dict:
@@ -209,7 +136,7 @@ def run_featurize_shard(job: FeaturizeJob, shard: Shard) -> dict:
     """
     t0 = time.perf_counter()
     part = part_path(job, shard)
-    base = {"shard": shard.id, "rows": len(shard.items), "worker": _worker_name(), "attempt": _attempt()}
+    base = {"shard": shard.id, "rows": len(shard.items), "worker": worker_name(), "attempt": attempt()}
     if holds_exactly(part, shard.keys):
         return {**base, "computed": 0, "seconds": 0.0, "load_s": 0.0, "engine": None}
     t_load = time.perf_counter()
@@ -289,7 +216,7 @@ def worker_classifier(model: str) -> Any:
     from graft.predict import OnnxClassifier
 
     st = os.stat(model)  # a re-exported model at the same path is a new key
-    return _MODELS.get(
+    return MODELS.get(
         ("predict", model, st.st_size, st.st_mtime_ns), "predict", lambda: OnnxClassifier(model, threads=1)
     )  # one core per shard, as featurize
 

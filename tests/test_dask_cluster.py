@@ -211,7 +211,7 @@ def test_temporary_server_dies_with_its_driver(tmp_path: Path, sig: signal.Signa
 
 def test_worker_that_cannot_reach_the_api_is_a_clear_error() -> None:
     """A worker's probe checks the driver's Prefect API: an unreachable one is named in one line."""
-    from graft.tasks.shard import probe
+    from graft.daskworker import probe
 
     with pytest.raises(GraftError, match=r"cannot reach the driver's Prefect API at http://127.0.0.1:9/api") as exc:
         probe("predict", "http://127.0.0.1:9/api")
@@ -222,7 +222,7 @@ def test_worker_plugin_sets_the_api_and_restores_the_environment() -> None:
     """What the plugin does in each worker process: the driver's API, no ephemeral servers; undone on removal."""
     from prefect import context
 
-    from graft.flows.scale import PrefectApiPlugin
+    from graft.daskworker import PrefectApiPlugin
 
     names = ("PREFECT_API_URL", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
     saved, saved_global = {k: os.environ.pop(k, None) for k in names}, context.GLOBAL_SETTINGS_CONTEXT

@@ -261,8 +261,8 @@ def test_local_cluster_cache_equals_local_run(dataset: tuple[Path, Path], prefec
 @pytest.mark.prefect
 def test_retry_and_one_engine_per_worker(dataset: tuple[Path, Path], cluster, prefect_harness, tmp_path: Path) -> None:
     """Two files fail their first read: those shards are retried by Prefect; each worker builds its engine once."""
+    from graft.daskworker import load_counts
     from graft.flows.scale import featurize_dask
-    from graft.tasks.shard import load_counts
 
     root, reference = dataset
     _, client = cluster
