@@ -14,10 +14,11 @@ accuracy and batch-1 / batch-32 latency go to ``<metrics_dir>/export.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
-import tempfile
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,11 +31,12 @@ from torch import nn
 
 import graft
 from graft import GraftError
-from graft.atomic import atomic_path, write_json
 from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
 from graft.model import classifier_from_payload, load_model, model_name
 from graft.params import Params
+from graft.publish import publish_together, recover
+from graft.quantize import CalibrationReader, calibration_paths, int8_metadata, int8_path, quantize_int8
 from graft.tasks import stage_task
 
 
@@ -116,91 +118,6 @@ def check_images(manifest: pd.DataFrame, root: Path, pp: Preprocess, n: int) -> 
     return load_batch(paths, pp)
 
 
-# --- int8: static quantization calibrated on train-split images
-
-
-def int8_path(out: str | Path) -> Path:
-    """Where the int8 model of ``out`` goes: ``models/model.onnx`` -> ``models/model.int8.onnx``."""
-    p = Path(out)
-    return p.with_name(f"{p.stem}.int8{p.suffix or '.onnx'}")
-
-
-def calibration_paths(manifest: pd.DataFrame, root: Path, n: int) -> list[Path]:
-    """Up to ``n`` distinct train-split images, classes interleaved, in a stable (content-hash) order."""
-    train = manifest[manifest["split"] == "train"].drop_duplicates("sha256").sort_values("sha256")
-    if train.empty:
-        raise GraftError("export.quantize needs train-split images to calibrate on; the manifest has none")
-    order = train.assign(_rank=train.groupby("label").cumcount()).sort_values(["_rank", "label"], kind="stable")
-    return [root / p for p in order["path"].head(n)]
-
-
-class CalibrationReader:
-    """onnxruntime ``CalibrationDataReader``: decodes the calibration images lazily, a few at a time."""
-
-    def __init__(self, paths: list[Path], pp: Preprocess, batch_size: int = 8):
-        self._batches = iter([paths[i : i + batch_size] for i in range(0, len(paths), batch_size)])
-        self.pp = pp
-
-    def get_next(self) -> dict | None:
-        chunk = next(self._batches, None)
-        if chunk is None:
-            return None
-        try:
-            return {"image": load_batch(chunk, self.pp)}
-        except BadImage as exc:
-            raise GraftError(f"cannot decode a calibration image ({exc}); rerun ingest") from None
-
-
-QUANTIZED_OPS = ["Conv", "Add", "Clip", "Relu"]  # the backbone's body; the head and softmax stay float
-
-
-def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str]) -> None:
-    """Write the int8 QDQ model of ``src`` to ``dst`` with ``metadata`` (graft's keys) copied in.
-
-    QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
-    (measured on the 2-core EPYC: QOperator and int8 activations were slower). The head and, in a
-    deep net, the first and last convolutions stay float: on the digits demo that keeps the test
-    accuracy within a point of fp32 (quantizing everything cost ~3 points) for ~8 % of Lite0's MACs. MinMax
-    calibration keeps only per-tensor min/max per batch, so its memory stays small.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as scratch:
-        pre = Path(scratch) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))
-        convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
-        float_convs = convs[:1] + convs[-1:] if len(convs) > 4 else []  # in a shallow net the ends are the work
-        try:
-            quantize_static(
-                str(pre),
-                str(dst),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                op_types_to_quantize=QUANTIZED_OPS,
-                nodes_to_exclude=float_convs,
-            )
-        except GraftError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean "cannot quantize this graph"
-            raise GraftError(
-                f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                f"set export.quantize: null"
-            ) from None
-    proto = onnx.load(str(dst))
-    del proto.metadata_props[:]
-    for k, v in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(dst))
-
-
 # --- what export.json records: test accuracy and latency of each published model
 
 
@@ -267,16 +184,20 @@ def latencies_ms(models: dict[str, Path], size: int, batch: int, runs: int) -> d
     return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
 
 
-def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """The export.json body: per model its file, test accuracy and latency; int8 vs fp32 ratios."""
+def model_report(
+    models: dict[str, Path], size: int, batches: Iterator[tuple[np.ndarray, np.ndarray]], names: dict | None = None
+) -> dict:
+    """The export.json body: per model its file (as ``names`` calls it), sha256, test accuracy and latency;
+    int8 vs fp32 ratios."""
     acc = onnx_accuracy(models, batches)
     lat = {b: latencies_ms(models, size, b, runs) for b, runs in LATENCY_RUNS.items()}
     report: dict = {}
     for k, path in models.items():
         ms = {f"batch_{b}": lat[b][k] for b in LATENCY_RUNS}
         report[k] = {
-            "path": str(path),
+            "path": str((names or {}).get(k, path)),
             "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             **acc[k],
             "latency_ms": ms,
             "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1),
@@ -326,10 +247,19 @@ def export(params: Params) -> dict:
 
     With ``export.quantize: int8`` also write ``model.int8.onnx``; record both models' test accuracy
     in ``<evaluate.metrics_dir>/export.json`` (a DVC metric) and their latency in
-    ``export_latency.json`` beside the report (not a metric: it changes on every run).
+    ``export_latency.json`` beside the report (not a metric: it changes on every run). These files
+    change together or not at all (:mod:`graft.publish`); a killed run's set is completed, and its
+    leftovers removed, before anything else.
     """
     xp = params.export
-    root = Path(params.data.root)
+    out, q_path, root = Path(xp.out), int8_path(xp.out), Path(params.data.root)
+    reports = (
+        Path(params.evaluate.metrics_dir) / "export.json",
+        Path(params.evaluate.report).parent / "export_latency.json",
+    )
+    recover([out, q_path, *reports])
+    for scratch in q_path.parent.glob(".quantize.*"):  # a killed quantization's working folder
+        shutil.rmtree(scratch, ignore_errors=True)
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
@@ -343,35 +273,20 @@ def export(params: Params) -> dict:
         model_name(payload),
     )
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
-    q_path = int8_path(xp.out)
-    with atomic_path(xp.out) as tmp:
-        export_onnx(model, tmp, bb.preprocess.crop, xp.opset, meta)
-        drift = check_against_torch(tmp, model, images, xp.atol)
+    written = [out, q_path, *reports] if xp.quantize else [out, *reports]
+    with publish_together(written, remove=[] if xp.quantize else [q_path]) as tmp:  # no stale int8 beside fp32
+        export_onnx(model, tmp[out], bb.preprocess.crop, xp.opset, meta)
+        drift = check_against_torch(tmp[out], model, images, xp.atol)
+        models = {"fp32": tmp[out]}
         if xp.quantize == "int8":
             reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
-            q_meta = {
-                **meta,
-                "graft.quantization": json.dumps(
-                    {
-                        "dtype": "int8",
-                        "method": "onnxruntime static QDQ",
-                        "weights": "int8 per-channel",
-                        "activations": "uint8 MinMax",
-                        "float": "head; first and last Conv of deep nets",
-                        "calibration_images": xp.calibration_images,
-                    }
-                ),
-            }
-            with atomic_path(q_path) as q_tmp:
-                quantize_int8(tmp, q_tmp, reader, q_meta)
-    if xp.quantize is None:
-        q_path.unlink(missing_ok=True)  # an int8 model of an older fp32 one must not linger beside it
-    models = {"fp32": Path(xp.out), **({"int8": q_path} if xp.quantize else {})}
-    report = model_report(models, bb.preprocess.crop, eval_batches(manifest, root, payload["classes"], bb.preprocess))
-    metrics, latency = split_report(report)
-    write_json(Path(params.evaluate.metrics_dir) / "export.json", metrics)
-    write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
-    summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
+            quantize_int8(tmp[out], tmp[q_path], reader, int8_metadata(meta, xp.calibration_images))
+            models["int8"] = tmp[q_path]
+        batches = eval_batches(manifest, root, payload["classes"], bb.preprocess)
+        report = model_report(models, bb.preprocess.crop, batches, {"fp32": out, "int8": q_path})
+        for path, body in zip(reports, split_report(report), strict=True):
+            tmp[path].write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": out.stat().st_size}
     if xp.quantize:
         summary.update(
             int8=str(q_path),
