@@ -28,6 +28,7 @@ from graft.tasks.retrain import (
     load_champion,
     onnx_metrics_task,
     promote,
+    restore_promotion,
 )
 
 
@@ -80,6 +81,8 @@ def _retrain(params: Params) -> dict:
     rp = params.retrain
     out = Path(params.data.out_dir)
     champion = load_champion(rp)
+    if champion and restore_promotion(Path(rp.history), champion):
+        print(f"history: restored the promotion row of champion {champion['version']} (its run was interrupted)")
     run_stage("ingest", params, as_task=True)
     manifest = read_manifest(out)
     classes = read_classes(out)
@@ -119,6 +122,7 @@ def _retrain(params: Params) -> dict:
         ok, reason = gate(challenger, champ, rp)
     else:
         ok, reason = True, "first model: no champion to beat"
+    row.update(decision="promoted" if ok else "rejected", reason=reason)
     if ok:
         meta = {
             "promoted_at": row["time"],
@@ -127,10 +131,10 @@ def _retrain(params: Params) -> dict:
             "classes": classes,
             "test_metrics": {k: metrics["model"][k] for k in ("accuracy", "macro_f1")},
             "gate_metrics": {k: challenger[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+            "history_row": dict(row),  # written with the version: a kill before append_history cannot lose it
         }
         version = promote(rp, Path(chosen.train.model_dir), Path(chosen.export.out), manifest, classes, meta)
         row["champion"] = version.name
-    row.update(decision="promoted" if ok else "rejected", reason=reason)
     return _record(rp, row, diff, challenger, champ)
 
 

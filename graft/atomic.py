@@ -2,7 +2,8 @@
 
 A write lands in a temporary file in the destination folder, is flushed and fsynced, then
 ``os.replace``d over the final path. A crash, a kill or a full disk leaves either the previous
-file or the new one at the final path, never half of either.
+file or the new one at the final path, never half of either. The file gets the mode a plain
+``open(..., "w")`` would (0666 less the umask), not the private 0600 of a temporary file.
 """
 
 from __future__ import annotations
@@ -12,11 +13,44 @@ import errno
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from graft import GraftError
+from graft.text import csv_safe
+
+_umask_guard = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without setting it where Linux allows (setting it races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_guard:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def temp_beside(final: Path) -> Path:
+    """A new empty ``.<name>.<random>.tmp`` beside ``final``, with the mode a plain create would give it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -25,10 +59,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     tmp_path: Path | None = None
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
+        tmp_path = temp_beside(final)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # the writer may have closed its handle: fsync by reopening
             os.fsync(fh.fileno())
@@ -86,4 +117,6 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def write_csv(path: str | os.PathLike[str], frame: Any) -> Path:
-    return write_with(path, lambda tmp: frame.to_csv(tmp, index=False))
+    """A DataFrame as CSV; text cells that a spreadsheet would run as formulas are neutralised (graft.text)."""
+    safe = csv_safe(frame)
+    return write_with(path, lambda tmp: safe.to_csv(tmp, index=False))

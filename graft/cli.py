@@ -86,18 +86,30 @@ def _predict_dask(args: argparse.Namespace) -> None:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    """CI's promotion gate: the workspace's test metrics against those committed at ``--against``."""
-    import subprocess
+    """CI's promotion gate: the workspace's test metrics against those committed at ``--against``.
 
+    Fails closed: a revision or file that cannot be found is an error unless ``--allow-missing``.
+    """
+    from graft.baseline import Missing, check_revision, committed_text, model_metrics
     from graft.params import load_params
     from graft.tasks.retrain import gate
 
-    current = json.loads(Path(args.path).read_text())["model"]
-    shown = subprocess.run(["git", "show", f"{args.against}:{args.path}"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        print(f"gate: no {args.path} at {args.against}: nothing to compare, pass")
+    check_revision(args.against)  # before any git call
+    if not Path(args.path).is_file():
+        raise GraftError(f"{args.path} not found: run `graft evaluate` (or `dvc repro`) first")
+    current = model_metrics(Path(args.path).read_text(encoding="utf-8"), args.path)
+    try:
+        commit, text = committed_text(args.against, args.path)
+    except Missing as why:
+        if not args.allow_missing:
+            raise GraftError(
+                f"no baseline {args.path} at {args.against} ({why}): fix --against, or pass --allow-missing "
+                "to let a first run pass"
+            ) from None
+        print(f"gate: PASS: no baseline {args.path} at {args.against} ({why}), allowed by --allow-missing")
         return 0
-    ok, reason = gate(current, json.loads(shown.stdout)["model"], load_params(args.params).retrain)
+    baseline = model_metrics(text, f"{args.path} at {args.against} ({commit[:12]})")
+    ok, reason = gate(current, baseline, load_params(args.params).retrain)
     print(f"gate: {'PASS' if ok else 'FAIL'}: {reason}")
     return 0 if ok else 1
 
@@ -147,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--against", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
     s.add_argument("--path", default="metrics/metrics.json")
+    s.add_argument("--allow-missing", action="store_true", help="pass when --against has no metrics (a first run)")
     s = sub.add_parser("metrics", help="print the model vs baseline table from metrics.json")
     s.add_argument("--path", default="metrics/metrics.json")
     sub.add_parser("backbones", help="list the registered backbones")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from graft import GraftError
-from graft.images import IMAGE_EXTENSIONS
+from graft.images import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["path", "sha256", "label", "split", "width", "height"]
@@ -77,39 +77,70 @@ class Candidate:
     split: str | None = None
 
 
-def _walk(top: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``top`` (hidden entries skipped, symlinked folders not followed) and ignored files."""
+_OUTSIDE = "symbolic link leading outside the data root (set ingest.allow_links_outside_root to read it)"
+
+
+def _rel(path: str | os.PathLike[str] | None, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix() if path else "?"
+
+
+def _walk(top: Path, root: Path, allow_links: bool = False) -> tuple[list[Path], list[Path], list[dict]]:
+    """Image files under ``top`` (hidden entries skipped, symlinked folders not followed), ignored files, and
+    quarantine rows: folders that cannot be listed, unsupported image formats, links leaving the data root."""
     images: list[Path] = []
     ignored: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    refused: list[dict] = []
+
+    def unlistable(exc: OSError) -> None:  # os.walk would skip the folder without a word
+        refused.append({"path": _rel(exc.filename, root), "reason": f"cannot list folder: {exc.strerror or exc}"})
+
+    inside = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(top, onerror=unlistable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
-            (images if p.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(p)
-    return images, ignored
+            ext = p.suffix.lower()
+            if ext in UNSUPPORTED_EXTENSIONS:
+                reason = f"unsupported image format ({UNSUPPORTED_EXTENSIONS[ext]}): convert it to PNG or JPEG"
+                refused.append({"path": _rel(p, root), "reason": reason})
+            elif ext not in IMAGE_EXTENSIONS:
+                ignored.append(p)
+            elif not allow_links and p.is_symlink() and p.exists() and not p.resolve().is_relative_to(inside):
+                refused.append({"path": _rel(p, root), "reason": _OUTSIDE})
+            else:
+                images.append(p)
+    return images, ignored, refused
 
 
-def _subdirs(p: Path, root: Path) -> list[Path]:
-    """Visible sub-folders. A symlinked folder counts only if it points outside the data root
-    (a link back into the tree would list images twice or loop); links inside it are not followed."""
+def _subdirs(p: Path, root: Path, refused: list[dict], allow_links: bool = False) -> list[Path]:
+    """Visible sub-folders. A symlinked folder pointing back into the data root is skipped (it would list
+    images twice or loop); one pointing outside it is refused unless ``allow_links`` (then read, not followed)."""
     inside = root.resolve()
-    return sorted(
-        d
-        for d in p.iterdir()
-        if d.is_dir() and not d.name.startswith(".") and not (d.is_symlink() and d.resolve().is_relative_to(inside))
-    )
+    out = []
+    for d in sorted(p.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.is_symlink() and d.resolve().is_relative_to(inside):
+            continue
+        if d.is_symlink() and not allow_links:
+            refused.append({"path": _rel(d, root), "reason": _OUTSIDE})
+            continue
+        out.append(d)
+    return out
 
 
-def discover_folders(root: Path) -> tuple[list[Candidate], list[dict], int]:
+def discover_folders(root: Path, allow_links: bool = False) -> tuple[list[Candidate], list[dict], int]:
     """Candidates from a class-folder or train/val/test tree; loose images at the top are quarantined."""
     if not root.is_dir():
         raise GraftError(f"data root {root} does not exist (run `graft demo-data` or set data.root)")
-    top = _subdirs(root, root)
+    cands: list[Candidate] = []
+    quarantine: list[dict] = []
+    ignored = 0
+    top = _subdirs(root, root, quarantine, allow_links)
     presplit = bool(top) and {d.name for d in top} <= set(SPLITS) and "train" in {d.name for d in top}
     groups = [(d, d.name) for d in top] if presplit else [(root, None)]
-    cands, quarantine, ignored = [], [], 0
     loose = [(root, None)] + groups if presplit else groups
     for base, _ in loose:  # images with no class folder are recorded; other loose files (README) ignored
         for f in sorted(x for x in base.iterdir() if x.is_file() and not x.name.startswith(".")):
@@ -118,12 +149,13 @@ def discover_folders(root: Path) -> tuple[list[Candidate], list[dict], int]:
             else:
                 ignored += 1
     for base, split in groups:
-        classes = _subdirs(base, root)
+        classes = top if base == root and not presplit else _subdirs(base, root, quarantine, allow_links)
         for cdir in classes:
-            images, skipped = _walk(cdir)
+            images, skipped, refused = _walk(cdir, root, allow_links)
             ignored += len(skipped)
-            if not images:
-                where = cdir.relative_to(root).as_posix()
+            quarantine += refused
+            where = cdir.relative_to(root).as_posix()
+            if not images and not refused:
                 raise GraftError(f"class folder '{where}' has no images: add images or remove the folder")
             cands += [Candidate(p, p.relative_to(root).as_posix(), cdir.name, split) for p in images]
     return cands, quarantine, ignored
@@ -146,16 +178,28 @@ def discover_manifest(root: Path, manifest: Path) -> tuple[list[Candidate], list
         raise GraftError(f"manifest {manifest} lacks column(s) {sorted(missing)}; it needs path,label[,split]")
     base = root.resolve()
     cands, quarantine = [], []
-    for row in df.itertuples(index=False):
-        rel, label = str(row.path), str(row.label).strip()
-        split = str(getattr(row, "split", "") or "").strip() or None
-        full = (base / rel).resolve()
-        if not full.is_relative_to(base):
+    first: dict[tuple[str, str], int] = {}  # (path, label) -> manifest row of its first listing
+    for i, row in enumerate(df.itertuples(index=False), start=1):
+        rel, label = _text(row.path), _text(row.label).strip()
+        split = _text(getattr(row, "split", "")).strip() or None
+        full = (base / rel).resolve() if rel and "\0" not in rel else None
+        if full is None:
+            reason = "path holds a NUL byte" if rel else "empty path"
+            quarantine.append({"path": rel.replace("\0", "\\0"), "reason": reason})
+        elif not full.is_relative_to(base):
             quarantine.append({"path": rel, "reason": "path escapes the data root"})
         elif not label:
             quarantine.append({"path": rel, "reason": "empty label"})
         elif split is not None and split not in SPLITS:
             quarantine.append({"path": rel, "reason": f"unknown split {split!r} (use train, val or test)"})
+        elif (key := (full.relative_to(base).as_posix(), label)) in first:
+            quarantine.append({"path": rel, "reason": f"listed twice in the manifest (first at row {first[key]})"})
         else:
-            cands.append(Candidate(full, full.relative_to(base).as_posix(), label, split))
+            first[key] = i
+            cands.append(Candidate(full, key[0], label, split))
     return cands, quarantine
+
+
+def _text(value: object) -> str:
+    """A manifest cell as text: null, NaN and NA (a Parquet manifest's missing values) are empty, not 'nan'."""
+    return "" if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)) else str(value)

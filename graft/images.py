@@ -2,31 +2,122 @@
 
 Only Pillow and NumPy here (no torch), so the ONNX serving path stays light. Every consumer goes
 through :func:`load_rgb` and :func:`preprocess`, so a photo becomes the same pixels everywhere.
+Files are read by :func:`read_regular` (regular files only, size-bounded), and decoders in all
+threads share one memory budget (:data:`DECODE_MEMORY_BYTES`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Sequence
+import stat
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
+_AVIF = features.check_module("avif")  # Pillow >= 11.2 built with libavif
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+    | ({".avif"} if _AVIF else set())
+)
+# Image files graft cannot decode: each gets a quarantine row naming its format instead of vanishing.
+UNSUPPORTED_EXTENSIONS = {".svg": "SVG", ".svgz": "SVG", ".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL"} | (
+    {} if _AVIF else {".avif": "AVIF"}
 )
 # No "MPO": it is not an Image.open format (the JPEG opener returns MPO files itself), and naming it
 # makes Pillow raise KeyError for any file no listed format accepts.
-_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM") + (("AVIF",) if _AVIF else ())
+FILE_BYTES_CEILING = 2**31  # no image file is read past this (ingest.max_file_bytes may lower it, never raise it)
+DECODE_MEMORY_BYTES = 1 << 30  # decoders in all threads of a process hold at most about this much pixel memory
 _ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class BadImage(ValueError):
     """A file that cannot be used as an image; the message is the quarantine reason."""
+
+
+class RefusedFile(BadImage):
+    """A path graft does not read: not a regular file, or larger than the read limit."""
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+_SPECIAL += ((stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_file(st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "a special file")
+        raise RefusedFile(f"not a regular file ({kind}): only regular files are read")
+    if st.st_size > max_bytes:
+        raise RefusedFile(f"file is {st.st_size} bytes, over the {max_bytes}-byte limit (ingest.max_file_bytes)")
+
+
+def read_regular(path: str | os.PathLike[str], max_bytes: int = FILE_BYTES_CEILING) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else is refused before it is opened.
+
+    ``stat`` decides first (opening a FIFO blocks, a device never ends); the opened file is checked again
+    (it may have been swapped meanwhile), and reading stops past the limit (a file that grows, or a
+    /proc file whose size stat does not know).
+
+    Raises:
+        RefusedFile: not a regular file, or over the limit. OSError: the file cannot be read.
+    """
+    _check_file(os.stat(path), max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        _check_file(os.fstat(fd), max_bytes)
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise RefusedFile(f"file grew past the {max_bytes}-byte limit while read (ingest.max_file_bytes)")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _DecodeBudget:
+    """Pixel memory shared by the decoders of all threads: a decode waits until its estimate fits.
+
+    Decoding is where memory peaks (a 9400 x 9400 PNG under the pixel limit needs GBs); without a
+    shared bound, ``workers`` threads would each hold one at once. An image larger than the whole
+    budget waits until it can run alone.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._used = 0
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        need = min(nbytes, DECODE_MEMORY_BYTES)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used == 0 or self._used + need <= DECODE_MEMORY_BYTES)
+            self._used += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= need
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = _DecodeBudget()
+_SAMPLE_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def _decode_bytes(img: Image.Image) -> int:
+    """Estimated peak bytes of decoding ``img`` at its (draft) size: pixels, RGB conversion, upright copy."""
+    per_pixel = _SAMPLE_BYTES.get(img.mode, len(img.getbands()))
+    return img.size[0] * img.size[1] * (per_pixel + 8)
 
 
 @dataclass(frozen=True)
@@ -139,25 +230,27 @@ def load_rgb(
             if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
                 raise BadImage(f"decompression bomb: {width}x{height} is more than {Image.MAX_IMAGE_PIXELS} pixels")
             try:
-                orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
-                if orientation in _ORIENTATION_SWAPS:
-                    width, height = height, width
                 if min_side and img.format == "JPEG":
-                    img.draft(img.mode, (min_side, min_side))
-                img.load()
+                    img.draft(img.mode, (min_side, min_side))  # the size below is then the reduced one
+                with DECODE_BUDGET.hold(_decode_bytes(img)):
+                    orientation = img.getexif().get(0x0112, 1)  # PNG decodes the whole file here
+                    if orientation in _ORIENTATION_SWAPS:
+                        width, height = height, width
+                    img.load()
+                    rgb = _to_rgb(ImageOps.exif_transpose(img))
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise BadImage(f"cannot decode: {exc}") from None
-            return _to_rgb(ImageOps.exif_transpose(img)), (width, height)
+            return rgb, (width, height)
         except OSError as exc:
             raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
 
 
 def _open(source: bytes | str | os.PathLike[str]) -> BinaryIO:
-    """The encoded bytes as a file, or the file at ``source`` open for reading."""
+    """The encoded bytes as a file, or the bytes of the regular file at ``source`` (see :func:`read_regular`)."""
     if isinstance(source, bytes):
         return io.BytesIO(source)
     try:
-        return open(source, "rb")
+        return io.BytesIO(read_regular(source))
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from None
 

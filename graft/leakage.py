@@ -26,6 +26,7 @@ from graft import GraftError
 from graft.atomic import write_csv
 from graft.dataset import SPLITS, discover_folders, discover_manifest
 from graft.params import Params
+from graft.text import md_cell
 
 COLUMNS = ["kind", "path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "similarity"]
 MAX_ROWS = 10_000  # pairs kept in leakage.csv (most similar first); the summary counts every pair
@@ -208,8 +209,7 @@ def leakage_report(
 def leakage_markdown(summary: dict, csv_path: str) -> str:
     """The report's Leakage section."""
 
-    def cell(v: object) -> str:  # labels and paths may hold '|' or newlines; keep the table a table
-        return str(v).replace("|", "\\|").replace("\n", " ")
+    cell = md_cell  # labels and paths may hold '|', newlines or HTML: keep the table a table, and text
 
     lines = [
         "## Leakage",

@@ -2,9 +2,15 @@
 
 Overlapping runs (two schedules, a schedule and a person, ``graft run`` beside ``dvc repro``) would
 otherwise rewrite the same manifest, model and metrics under each other. Every stage command and
-the pipeline flow hold the *workspace lock* (``<workspace>/.graft.lock``, the workspace being the
-folder of the params file). By default a second run is refused at once with a one-line message
-naming the holder; ``--wait SECONDS`` (or ``GRAFT_LOCK_WAIT``) makes it queue instead.
+the pipeline and retrain flows hold the *workspace lock* (``<workspace>/.graft.lock``). The
+workspace is where the run's outputs go, not where its params file lies: the deepest folder
+holding every output path of the params (data.out_dir, featurize.out, train.model_dir, the evaluate
+folders, export.out, retrain.models_dir and history), relative paths resolved against the current
+folder as the stages write them. So ``graft retrain`` and ``graft retrain --params
+/elsewhere/params.yaml`` run from one project folder share one lock. Outputs spread over unrelated
+trees (no common folder but ``/``) are each locked in their own folder instead. By default a second
+run is refused at once with a one-line message naming the holder; ``--wait SECONDS`` (or
+``GRAFT_LOCK_WAIT``) makes it queue instead.
 
 The feature cache is shared by many workspaces, so featurize also holds a *cache lock*
 (``<cache_dir>/.graft-cache.lock``) and always waits for it: the second run then finds the first
@@ -31,6 +37,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from graft import GraftError
+from graft.params import Params, load_params
 
 WORKSPACE_LOCK = ".graft.lock"
 CACHE_LOCK = ".graft-cache.lock"
@@ -52,9 +59,24 @@ def default_wait() -> float:
         raise GraftError(f"{ENV_WAIT}={raw!r} is not a number of seconds") from None
 
 
-def workspace_of(params_path: str | os.PathLike[str]) -> Path:
-    """The workspace a params file belongs to: its folder (the project root for ``params.yaml``)."""
-    return Path(params_path).resolve().parent
+def output_folders(params: Params) -> list[Path]:
+    """Every folder a run with ``params`` writes into (the shared feature cache has its own lock), absolute."""
+    d, e = params.data, params.evaluate
+    files = (params.featurize.out, e.report, params.export.out, params.retrain.history)
+    folders = [d.out_dir, params.train.model_dir, e.metrics_dir, e.plots_dir, params.retrain.models_dir]
+    return sorted({Path(os.path.abspath(f)) for f in folders} | {Path(os.path.abspath(f)).parent for f in files})
+
+
+def workspace_of(params: str | os.PathLike[str] | Params) -> list[Path]:
+    """The folders whose lock guards a run with ``params`` (a params file or object): the deepest folder
+    holding all its outputs, or each output folder when they share none but the filesystem root."""
+    if not isinstance(params, Params):
+        params = load_params(params)
+    folders = output_folders(params)
+    root = Path(os.path.commonpath(folders))
+    if root != Path(root.anchor):
+        return [root]
+    return [f for f in folders if not any(f != o and f.is_relative_to(o) for o in folders)]
 
 
 def holder(lock_file: str | os.PathLike[str]) -> dict | None:
@@ -182,19 +204,22 @@ def file_lock(lock_file: str | os.PathLike[str], wait_s: float, what: str, hint:
             lock.release()
 
 
-def workspace_lock(
-    params_path: str | os.PathLike[str], wait_s: float | None = None
-) -> contextlib.AbstractContextManager[None]:
-    """The lock that serialises graft runs on the workspace of ``params_path``."""
-    if not Path(params_path).is_file():  # loading the params will fail with the clear message; make no folders
-        return contextlib.nullcontext()
+@contextlib.contextmanager
+def workspace_lock(params: str | os.PathLike[str] | Params, wait_s: float | None = None) -> Iterator[None]:
+    """The lock that serialises graft runs writing the outputs of ``params`` (a params file or object).
+
+    Raises:
+        GraftError: another run holds it past ``wait_s``, or the params file is invalid.
+    """
+    if not isinstance(params, Params) and not Path(params).is_file():  # loading fails later with the clear
+        yield  # message; make no folders
+        return
     wait = default_wait() if wait_s is None else wait_s
-    return file_lock(
-        workspace_of(params_path) / WORKSPACE_LOCK,
-        wait,
-        "workspace lock",
-        f"wait for it to finish, or pass --wait SECONDS (or set {ENV_WAIT}) to queue behind it",
-    )
+    hint = f"wait for it to finish, or pass --wait SECONDS (or set {ENV_WAIT}) to queue behind it"
+    with contextlib.ExitStack() as stack:
+        for folder in workspace_of(params):  # sorted: two runs never wait for each other crosswise
+            stack.enter_context(file_lock(folder / WORKSPACE_LOCK, wait, "workspace lock", hint))
+        yield
 
 
 def cache_lock(

@@ -47,6 +47,8 @@ class IngestParams(_Strict):
     label_conflicts: Literal["quarantine", "keep"] = "quarantine"  # same bytes under two labels
     min_images_per_class: int = Field(2, ge=1)
     workers: int = Field(2, ge=1, le=64)  # decoding threads (Pillow releases the GIL)
+    max_file_bytes: int = Field(256 * 2**20, ge=1, le=2**31)  # larger files (or a /dev/zero link) are never read
+    allow_links_outside_root: bool = False  # folder mode: read symlinks whose target lies outside data.root
 
 
 class DaskParams(_Strict):

@@ -1,9 +1,7 @@
-"""int8 export: onnxruntime static quantization of a graft ONNX graph, calibrated on train-split images.
+"""int8 export: onnxruntime static quantization calibrated on train-split images (``export.quantize: int8``).
 
 QDQ format, per-channel int8 weights and uint8 activations whose ranges are calibrated on
-train-split images preprocessed exactly like ``graft predict``. The int8 graph carries the fp32
-graph's metadata plus ``graft.quantization``, so ``graft predict --model model.int8.onnx`` works
-unchanged.
+train-split images preprocessed exactly like ``graft predict``; the graph keeps graft's metadata.
 """
 
 from __future__ import annotations
@@ -100,8 +98,8 @@ def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dic
     onnx.save(proto, str(dst))
 
 
-def quantization_metadata(calibration_images: int) -> dict[str, str]:
-    """The ``graft.quantization`` entry of an int8 graph's metadata: how it was quantized."""
+def int8_metadata(meta: dict[str, str], calibration_images: int) -> dict[str, str]:
+    """The fp32 graph's metadata plus how the int8 graph was made (``graft.quantization``)."""
     how = {
         "dtype": "int8",
         "method": "onnxruntime static QDQ",
@@ -110,4 +108,4 @@ def quantization_metadata(calibration_images: int) -> dict[str, str]:
         "float": "head; first and last Conv of deep nets",
         "calibration_images": calibration_images,
     }
-    return {"graft.quantization": json.dumps(how)}
+    return {**meta, "graft.quantization": json.dumps(how)}

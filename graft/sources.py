@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from graft import GraftError
-from graft.images import BadImage, Preprocess, load_rgb, prefetch_map, preprocess
+from graft.images import (
+    FILE_BYTES_CEILING,
+    BadImage,
+    Preprocess,
+    RefusedFile,
+    load_rgb,
+    prefetch_map,
+    preprocess,
+    read_regular,
+)
 
 
 def resolve_url(root: str, path: str) -> str:
@@ -28,14 +37,25 @@ def resolve_url(root: str, path: str) -> str:
     return str(Path(root) / path)
 
 
-def read_bytes(url: str) -> bytes:
-    """The bytes of a local path, or of any fsspec URL (s3://, gs://, memory://, ...)."""
+def read_bytes(url: str, max_bytes: int = FILE_BYTES_CEILING) -> bytes:
+    """The bytes of a local regular file (:func:`graft.images.read_regular`: a FIFO or a device is refused
+    unopened), or of any fsspec URL (s3://, gs://, memory://, ...); never more than ``max_bytes``.
+
+    Raises:
+        RefusedFile: not a regular file, or over ``max_bytes`` (checked before and while reading).
+    """
     if "://" not in url:
-        return Path(url).read_bytes()
+        return read_regular(url, max_bytes)
     import fsspec
 
+    too_big = f"over the {max_bytes}-byte limit (ingest.max_file_bytes)"
     with fsspec.open(url, "rb") as fh:
-        return fh.read()
+        if isinstance(size := getattr(fh, "size", None), int) and size > max_bytes:
+            raise RefusedFile(f"file is {size} bytes, {too_big}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RefusedFile(f"file is {too_big}")
+    return data
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -49,6 +69,8 @@ def load_checked(sha: str, url: str, pp: Preprocess) -> np.ndarray:
         data = read_bytes(url)
     except FileNotFoundError:
         raise GraftError(f"{url}: not found (moved or deleted since ingest); rerun ingest") from None
+    except RefusedFile as exc:  # replaced since ingest by a FIFO, a device or a huge file: never retried
+        raise GraftError(f"{url}: {exc}; rerun ingest") from None
     except OSError as exc:  # kept an OSError: a transient read failure is retried by the Prefect task
         raise OSError(exc.errno, f"{url}: cannot read for featurize ({exc.strerror or exc})") from exc
     if hashlib.sha256(data).hexdigest() != sha:

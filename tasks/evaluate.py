@@ -29,6 +29,7 @@ from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
 from graft.plots import plot_confusion, plot_reliability
 from graft.tasks import stage_task
+from graft.text import csv_unescape, md_cell
 from graft.trust import reliability_table, trust_metrics, unknown_report
 
 
@@ -99,8 +100,8 @@ def _model_info(params: Params) -> dict:
 
 
 def _cell(text: str) -> str:
-    """A Markdown table cell: a label with '|' or a newline must not break the table."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: a label is shown as typed (no table break, HTML tag or link; graft.text)."""
+    return md_cell(text)
 
 
 def report_markdown(metrics: dict, info: dict | None = None) -> str:
@@ -168,7 +169,7 @@ def _all_features(path: str) -> tuple[dict, dict]:
 
 def _read_quarantine(out: Path) -> pd.DataFrame | None:
     path = out / "quarantine.csv"
-    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+    return pd.read_csv(path, dtype=str, keep_default_na=False).map(csv_unescape) if path.is_file() else None
 
 
 def _features_if_any(path: str) -> dict[str, np.ndarray] | None:

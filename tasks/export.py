@@ -5,15 +5,20 @@ Graph contract: input ``image`` float32 [N, 3, H, W], RGB in [0, 1] after resize
 (``metadata_props``) carries the class names, the preprocessing, the backbone fingerprint and a
 hash of the training data, all as JSON or plain strings.
 
-With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx``, see
-:mod:`graft.quantize`). Both models' test accuracy and batch-1 / batch-32 latency go to
-``<metrics_dir>/export.json``.
+With ``export.quantize: int8`` an int8 graph lands beside it (``model.int8.onnx``): onnxruntime
+static quantization, QDQ format, per-channel int8 weights and uint8 activations whose ranges are
+calibrated on train-split images preprocessed exactly like ``graft predict``. It carries the same
+metadata, so ``graft predict --model models/model.int8.onnx`` works unchanged. Both models' test
+accuracy and batch-1 / batch-32 latency go to ``<metrics_dir>/export.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +27,13 @@ import numpy as np
 import pandas as pd
 
 from graft import GraftError
-from graft.atomic import atomic_path, write_json
 from graft.dataset import data_hash, read_manifest
 from graft.images import BadImage, Preprocess, load_batch
 from graft.model import Serving, classifier_from_payload, load_model, model_name
 from graft.onnxexport import check_against_torch, export_onnx, onnx_metadata
 from graft.params import Params
-from graft.quantize import CalibrationReader, calibration_paths, int8_path, quantization_metadata, quantize_int8
+from graft.publish import publish_together, recover
+from graft.quantize import CalibrationReader, calibration_paths, int8_metadata, int8_path, quantize_int8
 from graft.tasks import stage_task
 
 
@@ -106,16 +111,20 @@ def latencies_ms(models: dict[str, Path], size: int, batch: int, runs: int) -> d
     return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
 
 
-def model_report(models: dict[str, Path], size: int, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """The export.json body: per model its file, test accuracy and latency; int8 vs fp32 ratios."""
+def model_report(
+    models: dict[str, Path], size: int, batches: Iterator[tuple[np.ndarray, np.ndarray]], names: dict | None = None
+) -> dict:
+    """The export.json body: per model its file (as ``names`` calls it), sha256, test accuracy and latency;
+    int8 vs fp32 ratios."""
     acc = onnx_accuracy(models, batches)
     lat = {b: latencies_ms(models, size, b, runs) for b, runs in LATENCY_RUNS.items()}
     report: dict = {}
     for k, path in models.items():
         ms = {f"batch_{b}": lat[b][k] for b in LATENCY_RUNS}
         report[k] = {
-            "path": str(path),
+            "path": str((names or {}).get(k, path)),
             "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             **acc[k],
             "latency_ms": ms,
             "img_per_s_batch_32": round(32e3 / ms["batch_32"], 1),
@@ -165,10 +174,19 @@ def export(params: Params) -> dict:
 
     With ``export.quantize: int8`` also write ``model.int8.onnx``; record both models' test accuracy
     in ``<evaluate.metrics_dir>/export.json`` (a DVC metric) and their latency in
-    ``export_latency.json`` beside the report (not a metric: it changes on every run).
+    ``export_latency.json`` beside the report (not a metric: it changes on every run). These files
+    change together or not at all (:mod:`graft.publish`); a killed run's set is completed, and its
+    leftovers removed, before anything else.
     """
     xp = params.export
-    root = Path(params.data.root)
+    out, q_path, root = Path(xp.out), int8_path(xp.out), Path(params.data.root)
+    reports = (
+        Path(params.evaluate.metrics_dir) / "export.json",
+        Path(params.evaluate.report).parent / "export_latency.json",
+    )
+    recover([out, q_path, *reports])
+    for scratch in q_path.parent.glob(".quantize.*"):  # a killed quantization's working folder
+        shutil.rmtree(scratch, ignore_errors=True)
     manifest = read_manifest(params.data.out_dir)
     payload = load_model(Path(params.train.model_dir) / "model.pt")
     model, bb = classifier_from_payload(payload, final=True)  # train.refit: all ships the refit on every image
@@ -185,22 +203,20 @@ def export(params: Params) -> dict:
         payload.get("calibration"),
     )
     images = check_images(manifest, root, bb.preprocess, xp.check_batch)
-    q_path = int8_path(xp.out)
-    with atomic_path(xp.out) as tmp:
-        export_onnx(serving, tmp, bb.preprocess.crop, xp.opset, meta)
-        drift = check_against_torch(tmp, serving, images, xp.atol)
+    written = [out, q_path, *reports] if xp.quantize else [out, *reports]
+    with publish_together(written, remove=[] if xp.quantize else [q_path]) as tmp:  # no stale int8 beside fp32
+        export_onnx(serving, tmp[out], bb.preprocess.crop, xp.opset, meta)
+        drift = check_against_torch(tmp[out], serving, images, xp.atol)
+        models = {"fp32": tmp[out]}
         if xp.quantize == "int8":
             reader = CalibrationReader(calibration_paths(manifest, root, xp.calibration_images), bb.preprocess)
-            with atomic_path(q_path) as q_tmp:
-                quantize_int8(tmp, q_tmp, reader, {**meta, **quantization_metadata(xp.calibration_images)})
-    if xp.quantize is None:
-        q_path.unlink(missing_ok=True)  # an int8 model of an older fp32 one must not linger beside it
-    models = {"fp32": Path(xp.out), **({"int8": q_path} if xp.quantize else {})}
-    report = model_report(models, bb.preprocess.crop, eval_batches(manifest, root, payload["classes"], bb.preprocess))
-    metrics, latency = split_report(report)
-    write_json(Path(params.evaluate.metrics_dir) / "export.json", metrics)
-    write_json(Path(params.evaluate.report).parent / "export_latency.json", latency)
-    summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": Path(xp.out).stat().st_size}
+            quantize_int8(tmp[out], tmp[q_path], reader, int8_metadata(meta, xp.calibration_images))
+            models["int8"] = tmp[q_path]
+        batches = eval_batches(manifest, root, payload["classes"], bb.preprocess)
+        report = model_report(models, bb.preprocess.crop, batches, {"fp32": out, "int8": q_path})
+        for path, body in zip(reports, split_report(report), strict=True):
+            tmp[path].write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = {"onnx": xp.out, "max_abs_diff": drift, "atol": xp.atol, "bytes": out.stat().st_size}
     if xp.quantize:
         summary.update(
             int8=str(q_path),

@@ -11,6 +11,7 @@ Outputs (in ``data.out_dir``): ``manifest.parquet`` (path, sha256, label, split,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,17 +21,20 @@ import pandas as pd
 from graft import GraftError
 from graft.atomic import write_csv, write_json, write_parquet
 from graft.dataset import MANIFEST_COLUMNS, SPLITS, Candidate, discover_folders, discover_manifest
-from graft.images import BadImage, load_rgb
+from graft.images import FILE_BYTES_CEILING, BadImage, load_rgb, read_regular
 from graft.params import Params, SplitParams
 from graft.tasks import stage_task
 
 _VALIDATE_SIDE = 256  # validation decodes large JPEGs at a reduced scale (still a full entropy decode)
 
 
-def inspect_file(c: Candidate) -> dict:
-    """Read, hash and fully decode one file; return a manifest row or a quarantine row."""
+def inspect_file(c: Candidate, max_bytes: int = FILE_BYTES_CEILING) -> dict:
+    """Read (regular files of at most ``max_bytes`` only), hash and fully decode one file; return a manifest
+    row or a quarantine row."""
     try:
-        data = c.path.read_bytes()
+        data = read_regular(c.path, max_bytes)
+    except BadImage as exc:  # a FIFO, a device, or too large: decided by stat before any open
+        return {"path": c.rel, "reason": str(exc)}
     except OSError as exc:
         return {"path": c.rel, "reason": f"cannot read file: {exc.strerror or exc}"}
     if not data:
@@ -82,18 +86,25 @@ def check_classes(rows: pd.DataFrame, min_per_class: int) -> list[str]:
     """Validate the class set and return it sorted (the class index is the position)."""
     counts = rows["label"].value_counts()
     if len(counts) < 2:
-        only = f": only {counts.index[0]!r}" if len(counts) else ""
+        only = f": only {_shown(counts.index[0])}" if len(counts) else ""
         raise GraftError(f"need at least 2 classes with usable images, found {len(counts)}{only}")
     small = counts[counts < min_per_class]
     if len(small):
         raise GraftError(
-            f"class {small.index[0]!r} has {small.iloc[0]} usable image(s), "
+            f"class {_shown(small.index[0])} has {small.iloc[0]} usable image(s), "
             f"fewer than ingest.min_images_per_class={min_per_class}"
         )
     no_train = sorted(set(counts.index) - set(rows.loc[rows["split"] == "train", "label"]))
     if no_train:
-        raise GraftError(f"class {no_train[0]!r} has no image in the train split: add images or adjust data.split")
+        raise GraftError(
+            f"class {_shown(no_train[0])} has no image in the train split: add images or adjust data.split"
+        )
     return sorted(counts.index)
+
+
+def _shown(label: str, limit: int = 60) -> str:
+    """A label as an error message shows it: quoted, and cut (a 100,000-character label is one line too many)."""
+    return repr(label) if len(label) <= limit else f"{label[:limit]!r}... ({len(label)} characters)"
 
 
 def ingest(params: Params) -> dict:
@@ -103,7 +114,7 @@ def ingest(params: Params) -> dict:
     if params.data.manifest:
         cands, quarantine = discover_manifest(root, Path(params.data.manifest))
     else:
-        cands, quarantine, ignored = discover_folders(root)
+        cands, quarantine, ignored = discover_folders(root, params.ingest.allow_links_outside_root)
     if not cands:
         write_csv(out / "quarantine.csv", pd.DataFrame(quarantine, columns=["path", "reason"]))
         raise GraftError(
@@ -112,7 +123,7 @@ def ingest(params: Params) -> dict:
         )
     n_total = len(cands) + len(quarantine)  # every file seen, including those refused before decoding
     with ThreadPoolExecutor(params.ingest.workers) as pool:
-        results = list(pool.map(inspect_file, cands))
+        results = list(pool.map(functools.partial(inspect_file, max_bytes=params.ingest.max_file_bytes), cands))
     good = [r for r in results if "sha256" in r]
     quarantine += [r for r in results if "sha256" not in r]
     rows = pd.DataFrame(good, columns=MANIFEST_COLUMNS)

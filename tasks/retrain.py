@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from graft import GraftError
 from graft.atomic import write_json, write_parquet
+from graft.history import HISTORY_SCHEMA, append_history, restore_promotion  # noqa: F401 - the flow's names
 from graft.params import Params, RetrainParams
 from graft.tasks import stage_task
 
@@ -90,12 +90,27 @@ def champion_dir(rp: RetrainParams) -> Path:
 
 
 def load_champion(rp: RetrainParams) -> dict | None:
-    """The champion's meta (with its manifest as a DataFrame), or None before the first promotion."""
+    """The champion's meta (with its manifest as a DataFrame), or None before the first promotion.
+
+    Fails closed: a ``champion`` link that exists but names no complete, readable version is an error,
+    never "no champion" (which would promote the challenger without the gate).
+    """
     d = champion_dir(rp)
-    if not (d / "meta.json").is_file():
+    if not os.path.lexists(d):
         return None
-    meta = json.loads((d / "meta.json").read_text())
-    meta["manifest"] = pd.read_parquet(d / "manifest.parquet")
+    target = f"{d} -> {os.readlink(d)}" if d.is_symlink() else str(d)
+    fix = f"restore it, or remove {d} to start over without a champion"
+    if not d.is_dir():
+        raise GraftError(f"champion {target} is not a version folder (dangling link?): {fix}")
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("version"), str):
+            raise ValueError("not a mapping with a version")
+        meta["manifest"] = pd.read_parquet(d / "manifest.parquet")
+    except (OSError, ValueError) as exc:
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        where = exc.filename if isinstance(exc, OSError) and exc.filename else d / "meta.json"
+        raise GraftError(f"champion {target} is unreadable ({where}: {why}): {fix}") from None
     meta["dir"] = str(d.resolve())
     return meta
 
@@ -193,35 +208,6 @@ def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str
 
 
 # --- history and report
-
-
-HISTORY_SCHEMA = pa.schema(
-    [
-        ("time", pa.string()),
-        ("decision", pa.string()),
-        ("reason", pa.string()),
-        ("kind", pa.string()),
-        ("challenger_macro_f1", pa.float64()),
-        ("champion_macro_f1", pa.float64()),
-        ("challenger_accuracy", pa.float64()),
-        ("champion_accuracy", pa.float64()),
-        ("gate_test_images", pa.int64()),
-        ("added", pa.int64()),
-        ("removed", pa.int64()),
-        ("relabelled", pa.int64()),
-        ("features_computed", pa.int64()),
-        ("data_sha256", pa.string()),
-        ("champion", pa.string()),
-    ]
-)
-
-
-def append_history(path: Path, row: dict) -> pd.DataFrame:
-    """Append one decision to the history table (rewritten atomically) and return the table."""
-    new = pd.DataFrame([{k: row.get(k) for k in HISTORY_SCHEMA.names}])
-    table = pd.concat([pd.read_parquet(path), new], ignore_index=True) if path.is_file() else new
-    write_parquet(path, pa.Table.from_pandas(table, schema=HISTORY_SCHEMA, preserve_index=False))
-    return table
 
 
 def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None) -> str:

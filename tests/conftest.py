@@ -40,6 +40,7 @@ def make_params(root: Path, overrides: dict | None = None) -> Params:
             "report": str(root / "reports/report.md"),
         },
         "export": {"out": str(root / "models/model.onnx")},
+        "retrain": {"models_dir": str(root / "models"), "history": str(root / "models/history.parquet")},
     }
     return parse_params(_merge(raw, overrides or {}))
 

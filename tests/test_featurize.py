@@ -462,14 +462,16 @@ def test_a_transient_read_error_stays_retryable_and_a_rerun_completes(setup, mon
 
     ws, params = setup
     victim = sorted((ws / "raw/dog").iterdir())[3]
-    real = Path.read_bytes
+    import graft.sources
 
-    def flaky(self: Path) -> bytes:
-        if self == victim:
+    real = graft.sources.read_regular
+
+    def flaky(path, *args) -> bytes:
+        if Path(path) == victim:
             raise OSError(errno.EIO, "Input/output error")
-        return real(self)
+        return real(path, *args)
 
-    monkeypatch.setattr(Path, "read_bytes", flaky)
+    monkeypatch.setattr(graft.sources, "read_regular", flaky)
     with pytest.raises(OSError) as info:
         featurize(params)
     assert not isinstance(info.value, GraftError) and victim.name in str(info.value)

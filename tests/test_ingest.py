@@ -547,13 +547,13 @@ def test_rerun_with_nothing_changed_writes_identical_outputs(ws: Path) -> None:
     assert m2["width"].dtype == m2["height"].dtype == np.int32
 
 
-def test_symlinked_class_folder_outside_the_root_is_read(ws: Path) -> None:
-    """raw/bird -> a folder elsewhere is a class like any other."""
+def test_symlinked_class_folder_outside_the_root_is_read_when_allowed(ws: Path) -> None:
+    """With ingest.allow_links_outside_root, raw/bird -> a folder elsewhere is a class like any other."""
     write_tree(ws / "raw", per_class=6)
     write_tree(ws / "elsewhere", classes=("x", "y", "bird"), per_class=6)  # bird: a third colour, new bytes
     os.symlink(ws / "elsewhere/bird", ws / "raw/bird")
 
-    summary, m, _ = run(ws)
+    summary, m, _ = run(ws, {"ingest": {"allow_links_outside_root": True}})
 
     assert read_classes(ws) == ["bird", "cat", "dog"]
     assert (m["label"] == "bird").sum() == 6 and summary["images"] == 18

@@ -70,9 +70,10 @@ def _probe(params: Path, held: bool) -> str:
 
 
 @pytest.fixture
-def params(tmp_path: Path) -> Path:
+def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text("seed: 0\n", encoding="utf-8")  # the lock only needs the file to exist
+    path.write_text("seed: 0\n", encoding="utf-8")  # default outputs: relative, so they land in the current folder
+    monkeypatch.chdir(tmp_path)  # ... which is the workspace the lock guards (children inherit it)
     return path
 
 

@@ -215,7 +215,9 @@ ATOMIC_OTHERWISE = {
     ("graft/auto.py", "onnx_cost"): "exports into an in-memory buffer (io.BytesIO) to measure it: no file",
     ("graft/lock.py", "_record"): "the holder note in the lock file: rewritten in place under its flock",
     ("tasks/retrain.py", "promote"): "copies into a hidden staging folder published with one os.replace of the folder",
+    ("graft/publish.py", "publish_together"): "fsyncs a set's temporary files, then publishes them by a journal",
 }
+ATOMIC_BLOCKS = ("atomic_path", "publish_together")  # `with` blocks whose writes go to temporary files
 
 
 def _is_write(call: ast.Call) -> bool:
@@ -259,10 +261,10 @@ def _calls_named(node: ast.AST, name: str) -> bool:
 
 
 def _in_atomic_block(chain: list[ast.AST]) -> bool:
-    """Inside ``with atomic_path(...)``, or inside a lambda/def handed to ``write_with``."""
+    """Inside ``with atomic_path(...)`` (or ``publish_together``), or inside a lambda/def handed to ``write_with``."""
     for i, node in enumerate(chain):
         if isinstance(node, (ast.With, ast.AsyncWith)) and any(
-            _calls_named(item.context_expr, "atomic_path") for item in node.items
+            _calls_named(item.context_expr, name) for item in node.items for name in ATOMIC_BLOCKS
         ):
             return True
         if isinstance(node, ast.Lambda) and i and _calls_named(chain[i - 1], "write_with"):
