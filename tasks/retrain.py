@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from graft import GraftError
 from graft.atomic import write_json, write_parquet
+from graft.drift import DRIFT_SCHEMA, drift_markdown
 from graft.params import Params, RetrainParams
 from graft.tasks import stage_task
 
@@ -212,6 +213,7 @@ HISTORY_SCHEMA = pa.schema(
         ("features_computed", pa.int64()),
         ("data_sha256", pa.string()),
         ("champion", pa.string()),
+        *DRIFT_SCHEMA,  # graft.drift: the new images against the champion's data
     ]
 )
 
@@ -234,6 +236,7 @@ def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, cham
         f"Data: +{diff.added} added, -{diff.removed} removed, {diff.relabelled} relabelled, {diff.moved} moved; "
         f"new classes {diff.new_classes or 'none'}; features computed: {row.get('features_computed', 0)}.",
         "",
+        drift_markdown(row),
     ]
     if challenger:
         lines += [
