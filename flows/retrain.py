@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from graft.dataset import data_hash, read_classes, read_manifest
+from graft.drift import batch_drift
 from graft.lock import workspace_lock
 from graft.params import Params, load_params
 from graft.stages import run_stage
@@ -105,6 +106,7 @@ def _retrain(params: Params) -> dict:
     if champion:
         check_class_change(diff, rp)
     row["features_computed"] = run_stage("featurize", params, as_task=True)["computed"]
+    row.update(batch_drift(params, champion, manifest))  # the new images against the champion's, before training
     chosen, metrics = train_challenger(params)
     kind = "finetune" if chosen.train.mode == "finetune" else "head"
     row["kind"] = kind

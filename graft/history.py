@@ -15,6 +15,18 @@ import pyarrow as pa
 
 from graft.atomic import write_parquet
 
+DRIFT_SCHEMA = pa.schema(  # filled by graft.drift: the new images against the champion's data
+    [
+        ("drift_new_images", pa.int64()),
+        ("drift_auroc", pa.float64()),
+        ("drift_p_value", pa.float64()),
+        ("class_mix_tvd", pa.float64()),
+        ("class_mix_p_value", pa.float64()),
+        ("unknown_rate", pa.float64()),
+        ("drift_alert", pa.bool_()),
+    ]
+)
+
 HISTORY_SCHEMA = pa.schema(
     [
         ("time", pa.string()),
@@ -32,6 +44,7 @@ HISTORY_SCHEMA = pa.schema(
         ("features_computed", pa.int64()),
         ("data_sha256", pa.string()),
         ("champion", pa.string()),
+        *DRIFT_SCHEMA,
     ]
 )
 

@@ -224,6 +224,8 @@ class RetrainParams(_Strict):
     escalation: Literal["finetune_after", "finetune_instead"] = "finetune_after"  # after: keep the better one
     keep_versions: int = Field(5, ge=1)  # champion version folders kept on disk
     schedule: str = "0 3 * * 1"  # cron of the scheduled deployments (Mondays 03:00)
+    # Feature-drift p-value at or below which a run is marked (graft.drift); the permutations grow as it shrinks.
+    drift_alert: float = Field(0.01, ge=0.001, lt=1)
 
 
 class Params(_Strict):

@@ -67,6 +67,29 @@ def plot_reliability(path: Path, table: pd.DataFrame, calibration: dict) -> None
         f"-> {calibration['ece_after']:.3f}",
     )
     ax.legend(loc="upper left")
+
+
+def plot_gallery(path: Path, images: list[Path], captions: list[str], title: str, cols: int = 8) -> None:
+    """A grid of image thumbnails with a caption under each; an empty list gives a figure that says so."""
+    from graft.images import load_rgb
+
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img_path, caption in zip(axes.ravel(), images, captions, strict=False):
+        try:
+            img = load_rgb(img_path, min_side=128)[0]
+        except (OSError, ValueError):  # moved or damaged since ingest: the caption still names it
+            ax.set_title(f"{caption}\n(unreadable)", fontsize=7)
+            continue
+        img.thumbnail((128, 128))
+        ax.imshow(np.asarray(img), interpolation="nearest")  # nearest: tiny scans stay crisp, not blurred
+        ax.set_title(caption, fontsize=7)
+    if not images:
+        axes[0, 0].text(0, 0.5, "nothing to show", fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -23,6 +23,7 @@ from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.compare import compare, comparison_sentence
 from graft.dataset import read_classes, read_manifest, split_arrays, split_items
 from graft.images import load_rgb
+from graft.labels import label_review
 from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
 from graft.model import head_from_payload, load_model, model_name
@@ -211,6 +212,7 @@ def evaluate(params: Params) -> dict:
     mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
     leakage = leakage_report(params, manifest, _read_quarantine(out), _features_if_any(params.featurize.out))
     metrics["leakage"] = {k: v for k, v in leakage.items() if k not in ("top", "exact")}
+    metrics["label_review"], review_md = label_review(params, manifest, classes, y, proba)
     write_json(mdir / "metrics.json", metrics)
     pred = proba.argmax(1)
     write_csv(
@@ -225,7 +227,9 @@ def evaluate(params: Params) -> dict:
         ep.report,
         report_markdown(metrics, _model_info(params))
         + "\n"
-        + leakage_markdown(leakage, (out / "leakage.csv").as_posix()),
+        + leakage_markdown(leakage, (out / "leakage.csv").as_posix())
+        + "\n"
+        + review_md,
     )
     return metrics
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from graft import GraftError
 from graft.atomic import write_json, write_parquet
+from graft.drift import drift_markdown
 from graft.history import HISTORY_SCHEMA, append_history, restore_promotion  # noqa: F401 - the flow's names
 from graft.params import Params, RetrainParams
 from graft.tasks import stage_task
@@ -220,6 +221,7 @@ def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, cham
         f"Data: +{diff.added} added, -{diff.removed} removed, {diff.relabelled} relabelled, {diff.moved} moved; "
         f"new classes {diff.new_classes or 'none'}; features computed: {row.get('features_computed', 0)}.",
         "",
+        drift_markdown(row),
     ]
     if challenger:
         lines += [
