@@ -97,7 +97,7 @@ def _stage_line(name: str, s: dict) -> str:
         if s.get("int8"):
             drop = s.get("int8_accuracy_drop")
             line += (
-                f"; int8 {s['int8']} ({_kb(s['int8_bytes'])}, {s['int8_speedup_batch_32']:.2f}x at batch 32"
+                f"; int8 {s['int8']} ({_kb(s['int8_bytes'])}, {s['int8_speedup_batch_32']:.2f}x fp32 speed at batch 32"
                 + (f", accuracy drop {drop:+.4f}" if drop is not None else "")
                 + ")"
             )
@@ -108,6 +108,8 @@ def _stage_line(name: str, s: dict) -> str:
 def flow_lines(summary: dict) -> list[str]:
     """A pipeline flow's summary, one line per stage (the evaluate line from the ``metrics`` rows)."""
     lines = [stage_line(k, v) for k, v in summary.items() if isinstance(v, dict) and k != "evaluate"]
+    if summary.get("metrics"):
+        lines.append("evaluate (test split):")
     for row in summary.get("metrics", []):
         lines.append(
             f"  {row['model']}: accuracy {_n(row['accuracy'])}, macro-F1 {_n(row['macro_f1'])}, "

@@ -99,16 +99,17 @@ HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "n")
 def headline(metrics: dict, board: list[dict] | None = None) -> dict:
     """The DVC metrics (``metrics.json``): the figures worth a column in ``dvc exp show``, all deterministic.
 
-    Model and baseline headline scores, the model-vs-baseline macro-F1 difference with its 95% interval
-    and verdict, and the candidate the train stage chose with its held-out score. Per-class figures,
-    names and sentences go to ``evaluation.json`` beside it (not a DVC metric).
+    The model's headline scores at the top level (short column names), the baseline's under
+    ``baseline``, the model-minus-baseline macro-F1 with its 95% interval and verdict under
+    ``vs_baseline``, and the candidate the train stage chose with its held-out macro-F1. Per-class
+    figures, names and sentences go to ``evaluation.json`` beside it (not a DVC metric).
     """
     vs = metrics["vs_baseline"]
     out: dict = {
-        "model": {k: metrics["model"][k] for k in HEADLINE},
+        **{k: metrics["model"][k] for k in HEADLINE},
         "baseline": {k: metrics["baseline"][k] for k in HEADLINE},
         "vs_baseline": {
-            "macro_f1_diff": round(vs["diff"], 4),
+            "f1_diff": round(vs["diff"], 4),
             "ci_low": round(vs["lo"], 4),
             "ci_high": round(vs["hi"], 4),
             "verdict": vs["verdict"],
@@ -116,9 +117,9 @@ def headline(metrics: dict, board: list[dict] | None = None) -> dict:
     }
     chosen = next((r for r in board or [] if str(r.get("chosen")) == "True"), None)
     if chosen:
-        out["chosen"] = {"candidate": chosen["candidate"]}
+        out["chosen"] = chosen["candidate"]
         if not pd.isna(chosen.get("score")):
-            out["chosen"]["heldout_macro_f1"] = round(float(chosen["score"]), 4)
+            out["chosen_heldout_f1"] = round(float(chosen["score"]), 4)
     return out
 
 

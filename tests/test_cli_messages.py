@@ -138,3 +138,16 @@ def test_prefect_telemetry_is_off_unless_the_user_set_it(monkeypatch: pytest.Mon
     quiet_prefect()
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert os.environ["DO_NOT_TRACK"] == "0"  # an explicit choice wins
+
+
+def test_metrics_table_reads_the_headline_and_names_from_evaluation_json(tmp_path: Path, capsys) -> None:
+    scores = {"accuracy": 0.9, "macro_f1": 0.89, "balanced_accuracy": 0.88, "ece": 0.05, "n": 40}
+    base = {"accuracy": 0.7, "macro_f1": 0.69, "balanced_accuracy": 0.68, "ece": 0.1, "n": 40}
+    (tmp_path / "metrics.json").write_text(json.dumps({**scores, "baseline": base}))
+    (tmp_path / "evaluation.json").write_text(
+        json.dumps({"model_name": "tiny_cnn + logreg head", "baseline_size": 16, "vs_baseline": {"sentence": "wins."}})
+    )
+    assert main(["metrics", "--path", str(tmp_path / "metrics.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:5] == ["tiny_cnn", "+", "logreg", "head", "0.9000"]
+    assert lines[2].startswith("baseline: raw pixels 16px + logreg") and lines[3] == "wins."

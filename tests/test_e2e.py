@@ -66,7 +66,7 @@ def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None
     chosen = json.loads((repo / "metrics/train.json").read_text())["chosen"]
     assert board.loc[chosen, "chosen"]
     headline = json.loads((repo / "metrics/metrics.json").read_text())  # the DVC metrics: headline figures only
-    assert headline["chosen"]["candidate"] == chosen and headline["model"]["accuracy"] == metrics["model"]["accuracy"]
+    assert headline["chosen"] == chosen and headline["accuracy"] == metrics["model"]["accuracy"]
     assert metrics["vs_baseline"]["verdict"] in ("wins", "ties", "loses")
     report = (repo / "reports/report.md").read_text()
     assert f"chose **{chosen}**" in report and metrics["vs_baseline"]["sentence"] in report
