@@ -48,8 +48,9 @@ def write_curves(history: list[dict], metrics_dir: str | Path, plots_dir: str | 
     """Loss and accuracy per epoch for train and val: DVC plot data (CSV) and a PNG marking the best epoch."""
     plt = _pyplot()
     frame = pd.DataFrame(history)[["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]]
-    write_csv(Path(metrics_dir) / "curves.csv", frame)
     best = best_epoch(frame)
+    # `best` marks the kept epoch for the DVC charts (template .dvc/plots/curves_best_epoch.json draws a rule there)
+    write_csv(Path(metrics_dir) / "curves.csv", frame.assign(best=(frame["epoch"] == best).astype(int)))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for split in ("train", "val"):
         ax_loss.plot(frame["epoch"], frame[f"{split}_loss"], label=split, marker="." if len(frame) < 30 else None)

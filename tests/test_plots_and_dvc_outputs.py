@@ -63,7 +63,9 @@ def test_write_curves_writes_the_csv_and_a_png(tmp_path: Path) -> None:
         for e in range(1, 7)
     ]
     write_curves(history, tmp_path / "m", tmp_path / "p")
-    assert list(pd.read_csv(tmp_path / "m/curves.csv")["epoch"]) == list(range(1, 7))
+    curves = pd.read_csv(tmp_path / "m/curves.csv")
+    assert list(curves["epoch"]) == list(range(1, 7))
+    assert list(curves["best"]) == [0, 0, 1, 0, 0, 0]  # val loss is lowest at epoch 3: the DVC charts mark it
     assert (tmp_path / "p/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,3 +114,13 @@ def test_metrics_are_the_headline_and_a_rerun_rewrites_every_tracked_output_iden
 
     run_stages(params, ingest, featurize, auto, evaluate, export)
     assert _digest(tracked) == first
+
+
+def test_the_curves_template_draws_a_rule_at_the_best_epoch() -> None:
+    """The loss and accuracy charts use the local template whose second layer is a rule where best == 1."""
+    template = json.loads((REPO / ".dvc/plots/curves_best_epoch.json").read_text())
+    line, rule = template["layer"]
+    assert rule["mark"]["type"] == "rule" and "datum.best" in rule["transform"][0]["filter"]
+    assert line["encoding"]["y"]["field"] == "<DVC_METRIC_Y>" and template["data"]["values"] == "<DVC_METRIC_DATA>"
+    charts = {k: v for p in DVC["plots"] for k, v in p.items()}
+    assert charts["loss"]["template"] == charts["accuracy"]["template"] == "curves_best_epoch"
