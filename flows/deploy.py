@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -27,7 +28,7 @@ def deployments(params_path: str, cron: str | None = None) -> list:
     """The two deployments, with the params file's absolute path baked into their parameters."""
     path = str(Path(params_path).resolve())
     schedule = cron or load_params(path).retrain.schedule
-    common = {"cron": schedule, "parameters": {"params_path": path}, "concurrency_limit": ONE_AT_A_TIME}
+    common: dict[str, Any] = {"cron": schedule, "parameters": {"params_path": path}, "concurrency_limit": ONE_AT_A_TIME}
     return [
         pipeline.to_deployment(
             name="graft-pipeline", description="ingest -> featurize -> train -> evaluate -> export", **common

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import flow
@@ -37,7 +38,7 @@ def pipeline(params_path: str = "params.yaml", wait_s: float | None = None) -> d
 def _run_stages(params_path: str) -> dict:
     """The stages in order (:func:`graft.stages.run_stage` takes the cache lock); returns their summaries."""
     params = load_params(params_path)
-    summary = {name: run_stage(name, params, as_task=True) for name in STAGES}
+    summary: dict[str, Any] = {name: run_stage(name, params, as_task=True) for name in STAGES}
     metrics = summary.pop("evaluate")  # the full metrics go to the artifacts below, not the summary
     create_table_artifact(metrics_rows(metrics), key="graft-metrics", description="test metrics vs raw-pixel baseline")
     board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"

@@ -193,7 +193,7 @@ def write_predictions(records: list[dict], out: str | Path, top_k: int = 1, sort
     names = prediction_columns(top_k)
     rows = [{k: r.get(k) for k in names} for r in records]
     if sort:
-        rows.sort(key=lambda r: r["path"])
+        rows.sort(key=lambda r: str(r["path"]))
     if fmt == "parquet":
         types = [(n, pa.float64() if n.endswith("confidence") else pa.string()) for n in names]
         return write_parquet(out, pa.Table.from_pylist(rows, schema=pa.schema(types)))
