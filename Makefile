@@ -6,10 +6,11 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: install lint demo test test-fast repro retrain retrain-flow deploy clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the tested torch/torchvision builds; pyproject.toml keeps compatible ranges.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,lint]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -54,4 +55,4 @@ deploy: install
 
 clean:
 	rm -rf data/features.parquet data/manifest.parquet data/classes.json data/quarantine.csv \
-	       models metrics plots reports
+	       models metrics plots reports dvc_plots

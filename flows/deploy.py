@@ -49,8 +49,8 @@ def deployments(params_path: str, cron: str | None = None) -> list[RunnerDeploym
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--cron", help="override retrain.schedule")
+    ap.add_argument("--params", default="params.yaml", help="the params file the deployments run with")
+    ap.add_argument("--cron", help="a cron schedule for both deployments (default: retrain.schedule in the params)")
     args = ap.parse_args(argv)
     serve(*deployments(args.params, args.cron))
 

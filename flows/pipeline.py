@@ -8,6 +8,7 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from graft.console import flow_lines
 from graft.lock import workspace_lock
 from graft.params import load_params
 from graft.stages import STAGES, run_stage
@@ -46,7 +47,9 @@ def _run_stages(params_path: str) -> dict:
     with open(params.evaluate.report, encoding="utf-8") as fh:
         create_markdown_artifact(fh.read(), key="graft-report", description="evaluation report")
     summary["metrics"] = metrics_rows(metrics)
-    print(summary)
+    summary["verdict"] = metrics["vs_baseline"]["sentence"]
+    # a few short lines in the flow log (the full figures are in metrics/ and the artifacts above)
+    print("\n".join([*flow_lines(summary), summary["verdict"]]))
     return summary
 
 

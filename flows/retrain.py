@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -33,17 +34,20 @@ from graft.tasks.retrain import (
 )
 
 
-def train_challenger(params: Params) -> tuple[Params, dict]:
+def train_challenger(params: Params) -> tuple[Params, dict, list[dict]]:
     """Train, evaluate and export a challenger; escalate a weak head to a fine-tune as configured.
 
-    Returns the params of the chosen challenger (its output folder) and its evaluation metrics.
+    Returns the params of the chosen challenger (its output folder), its evaluation metrics, and one row
+    per challenger considered (for the report: val and test side by side, and why one was chosen).
     """
     rp = params.retrain
     candidates = []
     if params.train.mode == "auto":  # auto compares head, fine-tune and the rest on held-out data itself
         auto_p = challenger_params(params, "challenger")
         run_stage("train", auto_p, as_task=True)
-        return _export(auto_p, run_stage("evaluate", auto_p, as_task=True))
+        metrics = run_stage("evaluate", auto_p, as_task=True)
+        return *_export(auto_p, metrics), auto_rows(auto_p, metrics)
+    why = "train.mode: finetune"
     if params.train.mode == "head":
         head_p = challenger_params(params, "challenger")
         candidates.append(
@@ -51,11 +55,17 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
         )
         score = candidates[0][1]["val_accuracy"]  # validation, not test: the gate judges on test
         if rp.escalate_below_val_accuracy is None or score >= rp.escalate_below_val_accuracy:
-            return _export(head_p, candidates[0][2])
+            why = (
+                "train.mode: head; no fine-tune (retrain.escalate_below_val_accuracy is null)"
+                if rp.escalate_below_val_accuracy is None
+                else f"head val accuracy {score:.4f} >= retrain.escalate_below_val_accuracy: no fine-tune"
+            )
+            return *_export(head_p, candidates[0][2]), challenger_rows(candidates, head_p, why)
         print(
             f"head challenger val accuracy {score:.4f} < retrain.escalate_below_val_accuracy "
             f"{rp.escalate_below_val_accuracy:g}: fine-tuning ({rp.escalation})"
         )
+        why = f"head val accuracy {score:.4f} < retrain.escalate_below_val_accuracy: fine-tuned too"
         if rp.escalation == "finetune_instead":
             candidates.clear()
     ft_p = challenger_params(params, "challenger-finetune")
@@ -63,7 +73,48 @@ def train_challenger(params: Params) -> tuple[Params, dict]:
     candidates.append((ft_p, run_stage("train", ft_p, as_task=True), run_stage("evaluate", ft_p, as_task=True)))
     # The better by validation accuracy (never by test, which the gate is about to use).
     chosen_p, _, metrics = max(candidates, key=lambda c: c[1]["val_accuracy"])
-    return _export(chosen_p, metrics)
+    if len(candidates) > 1:
+        why += "; the higher val accuracy wins (test is kept for the gate)"
+    return *_export(chosen_p, metrics), challenger_rows(candidates, chosen_p, why)
+
+
+def challenger_rows(candidates: list[tuple[Params, dict, dict]], chosen: Params, why: str) -> list[dict]:
+    """One report row per (params, train summary, evaluation) challenger: val and test side by side."""
+    return [
+        {
+            "challenger": "fine-tune" if p.train.mode == "finetune" else f"{p.train.head} head",
+            "model": m["model_name"],
+            "val": f"accuracy {t['val_accuracy']:.4f}",
+            "test_accuracy": m["model"]["accuracy"],
+            "test_macro_f1": m["model"]["macro_f1"],
+            "chosen": p is chosen,
+            "why": why if p is chosen else "",
+        }
+        for p, t, m in candidates
+    ]
+
+
+def auto_rows(params: Params, metrics: dict) -> list[dict]:
+    """The report rows of auto's candidates (its leaderboard): held-out score, test figures for the chosen."""
+    board = Path(params.evaluate.metrics_dir) / "leaderboard.csv"
+    rows = []
+    for r in pd.read_csv(board).to_dict("records") if board.is_file() else []:
+        chosen = str(r.get("chosen")) == "True"
+        scored = "" if pd.isna(r.get("score")) else f"macro-F1 {r['score']:.4f} ({r.get('scored_on')})"
+        rows.append(
+            {
+                "challenger": r["candidate"],
+                "model": metrics["model_name"] if chosen else "",
+                "val": scored or str(r.get("note") or "did not run"),
+                "test_accuracy": metrics["model"]["accuracy"] if chosen else None,
+                "test_macro_f1": metrics["model"]["macro_f1"] if chosen else None,
+                "chosen": chosen,
+                "why": "train.mode: auto: the best held-out macro-F1 within one standard error, cheapest first"
+                if chosen
+                else "",
+            }
+        )
+    return rows
 
 
 def _export(chosen_p: Params, metrics: dict) -> tuple[Params, dict]:
@@ -107,7 +158,7 @@ def _retrain(params: Params) -> dict:
         check_class_change(diff, rp)
     row["features_computed"] = run_stage("featurize", params, as_task=True)["computed"]
     row.update(batch_drift(params, champion, manifest))  # the new images against the champion's, before training
-    chosen, metrics = train_challenger(params)
+    chosen, metrics, challengers = train_challenger(params)
     kind = "finetune" if chosen.train.mode == "finetune" else "head"
     row["kind"] = kind
     gate_rows = gate_test_set(manifest, champion["manifest"] if champion else None)
@@ -137,12 +188,14 @@ def _retrain(params: Params) -> dict:
         }
         version = promote(rp, Path(chosen.train.model_dir), Path(chosen.export.out), manifest, classes, meta)
         row["champion"] = version.name
-    return _record(rp, row, diff, challenger, champ)
+    return _record(rp, row, diff, challenger, champ, challengers)
 
 
-def _record(rp, row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None) -> dict:
+def _record(
+    rp, row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None, challengers: list | None = None
+) -> dict:
     history = append_history(Path(rp.history), row)
-    md = comparison_markdown(row, diff, challenger, champion)
+    md = comparison_markdown(row, diff, challenger, champion, challengers)
     create_markdown_artifact(md, key="graft-retrain", description=f"retrain decision: {row['decision']}")
     print(md)
     return {**row, "history_rows": len(history)}

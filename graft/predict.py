@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -16,6 +18,51 @@ from graft.sources import read_bytes
 PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")  # Preprocess.as_dict(), the one schema
 
 
+MAX_SIDE = 4096  # resize/crop bound: a forged 100000 px input would allocate tens of GB per image
+MAX_CLASSES = 100_000
+FORMATS = (".csv", ".parquet", ".jsonl")  # `graft predict --out`: the format follows the extension
+
+
+def _fail(path: str | os.PathLike[str], what: str) -> GraftError:
+    return GraftError(f"{path}: {what}: re-export it with `graft export` (or pass another --model)")
+
+
+def read_metadata(
+    meta: dict[str, str], path: str | os.PathLike[str], n_outputs: object = None, side: object = None
+) -> tuple[list[str], Preprocess]:
+    """The class names and preprocessing of a graft ONNX model, checked against one schema before any image
+    is read: ``graft.classes`` a JSON list of distinct non-empty strings, as many as the graph's outputs
+    (``n_outputs``, when the graph fixes it); ``graft.input`` the :meth:`Preprocess.as_dict` keys with sides
+    within [1, MAX_SIDE], the crop equal to the graph's input side (``side``) when the graph fixes it.
+
+    Raises:
+        GraftError: one line naming the model file and the key.
+    """
+    if "graft.classes" not in meta or "graft.input" not in meta:
+        raise GraftError(f"{path} has no graft metadata: export it with graft")
+    try:
+        classes, spec = json.loads(meta["graft.classes"]), json.loads(meta["graft.input"])
+    except ValueError as exc:
+        raise _fail(path, f"graft metadata is not valid JSON ({exc})") from None
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        raise _fail(path, f"graft.classes must be a list of 1 to {MAX_CLASSES} class names")
+    if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise _fail(path, "graft.classes must hold distinct, non-empty strings")
+    if isinstance(n_outputs, int) and n_outputs != len(classes):
+        raise _fail(path, f"graft.classes names {len(classes)} classes but the graph outputs {n_outputs}")
+    if not isinstance(spec, dict):
+        raise _fail(path, "graft.input must be a JSON object")
+    try:
+        pp = Preprocess.from_dict({k: spec[k] for k in PREPROCESS_KEYS if k in spec})
+    except GraftError as exc:
+        raise _fail(path, f"graft.input: {exc}") from None
+    if pp.resize > MAX_SIDE:
+        raise _fail(path, f"graft.input: resize {pp.resize} is above {MAX_SIDE} px")
+    if isinstance(side, int) and side != pp.crop:
+        raise _fail(path, f"graft.input: crop {pp.crop} differs from the graph's input side {side}")
+    return classes, pp
+
+
 class OnnxClassifier:
     """An exported graft model: reads its preprocessing and class names from the ONNX metadata."""
 
@@ -23,7 +70,7 @@ class OnnxClassifier:
         import onnxruntime as ort
 
         if not Path(path).is_file():
-            raise GraftError(f"model {path} not found: run `dvc repro` (export stage) or pass --model")
+            raise GraftError(f"model {path} not found: run `graft export` (or `dvc repro`), or pass --model")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -31,16 +78,22 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
             raise GraftError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if "image" not in inputs or "probabilities" not in outputs:
+            raise _fail(path, "the graph has no `image` input or no `probabilities` output")
+        if len(inputs["image"]) != 4 or len(outputs["probabilities"]) != 2:
+            raise _fail(path, "the graph's `image` is not [N, 3, H, W] or its `probabilities` not [N, classes]")
         meta = self.session.get_modelmeta().custom_metadata_map
-        if "graft.classes" not in meta:
-            raise GraftError(f"{path} has no graft metadata: export it with graft")
-        self.classes: list[str] = json.loads(meta["graft.classes"])
-        spec = json.loads(meta["graft.input"])
-        self.preprocess = Preprocess.from_dict({k: spec[k] for k in PREPROCESS_KEYS if k in spec})
+        self.classes, self.preprocess = read_metadata(meta, path, outputs["probabilities"][1], inputs["image"][2])
+        self.path = str(path)
         self.metadata = dict(meta)
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(["probabilities"], {"image": batch})[0]
+        proba = self.session.run(["probabilities"], {"image": batch})[0]
+        if proba.ndim != 2 or proba.shape[1] != len(self.classes):  # a graph with a symbolic class axis
+            raise _fail(self.path, f"the graph returned {proba.shape[-1]} scores for {len(self.classes)} classes")
+        return proba
 
 
 def list_images(target: str | os.PathLike[str]) -> list[Path]:
@@ -83,9 +136,14 @@ def list_targets(target: str) -> list[str]:
 def predict_files(
     model: OnnxClassifier, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32, top_k: int = 1
 ) -> Iterator[dict]:
-    """Yield one record per file (a path or an fsspec URL), in input order: the top-k labels and
-    probabilities, or why it was skipped. The one predict loop, local and on Dask workers."""
+    """Yield one record per file (a path or an fsspec URL), in input order: ``predicted`` and
+    ``confidence`` (its probability), for ``top_k`` > 1 also ``top2_label``, ``top2_confidence``, ...,
+    and ``error`` (None, or why the file was skipped). The one predict loop, local and on Dask workers."""
+    if batch_size < 1 or top_k < 1:
+        raise GraftError(f"batch size and top-k must be at least 1 (got {batch_size}, {top_k})")
     pp = model.preprocess
+    k = min(top_k, len(model.classes))
+    empty = dict.fromkeys(prediction_columns(k)[1:-1])
     for i in range(0, len(paths), batch_size):
         records: list[dict] = []
         arrays, good = [], []
@@ -95,29 +153,57 @@ def predict_files(
                 good.append(len(records))
                 records.append({"path": str(p)})
             except FileNotFoundError:
-                records.append({"path": str(p), "label": None, "probability": None, "error": "file not found"})
+                records.append({"path": str(p), **empty, "error": "file not found"})
             except BadImage as exc:
-                records.append({"path": str(p), "label": None, "probability": None, "error": str(exc)})
+                records.append({"path": str(p), **empty, "error": str(exc)})
         if arrays:
-            for k, pr in zip(good, model.predict_arrays(np.stack(arrays)), strict=True):
-                top = np.argsort(-pr)[:top_k]
-                records[k].update(label=model.classes[top[0]], probability=float(pr[top[0]]), error=None)
-                if top_k > 1:
-                    records[k]["top_k"] = [[model.classes[j], float(pr[j])] for j in top]
+            for j, pr in zip(good, model.predict_arrays(np.stack(arrays)), strict=True):
+                top = np.argsort(-pr, kind="stable")[:k]
+                records[j].update(predicted=model.classes[top[0]], confidence=float(pr[top[0]]))
+                for rank, c in enumerate(top[1:], start=2):
+                    records[j].update({f"top{rank}_label": model.classes[c], f"top{rank}_confidence": float(pr[c])})
+                records[j]["error"] = None
         yield from records
 
 
-def write_predictions(records: list[dict], out: str | Path) -> Path:
-    """Prediction records, sorted by path, as one Parquet file written atomically."""
+def prediction_columns(top_k: int = 1) -> list[str]:
+    """The columns of a predictions file: path, predicted, confidence, the runners-up, error."""
+    ranks = [c for r in range(2, top_k + 1) for c in (f"top{r}_label", f"top{r}_confidence")]
+    return ["path", "predicted", "confidence", *ranks, "error"]
+
+
+def output_format(out: str | os.PathLike[str]) -> str:
+    """``csv``, ``parquet`` or ``jsonl`` from the file name, or a GraftError naming the accepted ones."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise GraftError(f"--out {out}: unknown extension {suffix or '(none)'!r}: use one of {', '.join(FORMATS)}")
+    return suffix[1:]
+
+
+def write_predictions(records: list[dict], out: str | Path, top_k: int = 1, sort: bool = True) -> Path:
+    """Prediction records as one CSV, Parquet or JSON-lines file (by extension), written atomically.
+
+    Sorted by path unless ``sort`` is False (``graft predict`` keeps the listing order).
+    """
     import pyarrow as pa
 
-    from graft.atomic import write_parquet
+    from graft.atomic import write_parquet, write_text
 
-    schema = pa.schema(
-        [("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()), ("error", pa.string())]
-    )
-    rows = sorted(({k: r.get(k) for k in schema.names} for r in records), key=lambda r: str(r["path"]))
-    return write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
+    fmt = output_format(out)
+    names = prediction_columns(top_k)
+    rows = [{k: r.get(k) for k in names} for r in records]
+    if sort:
+        rows.sort(key=lambda r: str(r["path"]))
+    if fmt == "parquet":
+        types = [(n, pa.float64() if n.endswith("confidence") else pa.string()) for n in names]
+        return write_parquet(out, pa.Table.from_pylist(rows, schema=pa.schema(types)))
+    if fmt == "jsonl":
+        return write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)  # None is an empty cell
+    return write_text(out, buf.getvalue())
 
 
 def predict_proba(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> np.ndarray:

@@ -237,26 +237,21 @@ def cv_grid(
     return rows
 
 
-LEADERBOARD_COLUMNS = [
-    "candidate",
-    "score",
-    "se",
-    "scored_on",
-    "train_seconds",
-    "settings",
-    "onnx_bytes",
-    "latency_ms_batch_1",
-    "chosen",
-    "note",
-]
+LEADERBOARD_COLUMNS = ["candidate", "score", "se", "scored_on", "settings", "onnx_bytes", "chosen", "note"]
+# Wall-clock figures differ on every run: a DVC output holding them would be "modified" after each `graft run`.
+TIMING_COLUMNS = ["candidate", "train_seconds", "latency_ms_batch_1"]
 
 
 def write_leaderboard(metrics_dir: str | Path, rows: list[dict]) -> Path:
-    """``<metrics_dir>/leaderboard.csv``: one row per candidate the train stage considered (best score first)."""
+    """``<metrics_dir>/leaderboard.csv``: one row per candidate the train stage considered (best score first).
+
+    Its times go to ``leaderboard_timings.csv`` beside it (not a DVC output: they change on every run).
+    """
     import pandas as pd
 
     from graft.atomic import write_csv
 
-    board = pd.DataFrame(rows).reindex(columns=LEADERBOARD_COLUMNS)
-    board = board.sort_values("score", ascending=False, na_position="last", kind="stable")
-    return write_csv(Path(metrics_dir) / "leaderboard.csv", board)
+    frame = pd.DataFrame(rows)
+    order = frame.reindex(columns=["score"]).sort_values("score", ascending=False, na_position="last", kind="stable")
+    write_csv(Path(metrics_dir) / "leaderboard_timings.csv", frame.reindex(columns=TIMING_COLUMNS).loc[order.index])
+    return write_csv(Path(metrics_dir) / "leaderboard.csv", frame.reindex(columns=LEADERBOARD_COLUMNS).loc[order.index])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ def fit(
     for epoch in range(start, fp.epochs):
         if since >= fp.patience:
             break
+        t_epoch = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: the same draws after a resume
         set_trainable(model, groups, trainable_groups(len(groups), fp, epoch))
         train_mode(model, groups)
@@ -220,7 +222,7 @@ def fit(
         history.append(row)
         print(
             f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f}"
+            f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} | {time.perf_counter() - t_epoch:.1f} s"
         )
         if val_loss < best_loss - 1e-6:
             best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0

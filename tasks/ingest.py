@@ -107,6 +107,15 @@ def _shown(label: str, limit: int = 60) -> str:
     return repr(label) if len(label) <= limit else f"{label[:limit]!r}... ({len(label)} characters)"
 
 
+def _failed(out: Path, quarantine: list[dict]) -> None:
+    """A failed ingest: the previous manifest and class map go (as under ``dvc repro``), so what remains,
+    the quarantine of this run, never sits beside a manifest of another."""
+    for name in ("manifest.parquet", "classes.json"):
+        (out / name).unlink(missing_ok=True)
+    q = pd.DataFrame(quarantine, columns=["path", "reason"]).sort_values("path", kind="stable")
+    write_csv(out / "quarantine.csv", q)
+
+
 def ingest(params: Params) -> dict:
     """Run the ingest stage; write manifest, quarantine and class map; return a summary."""
     root, out = Path(params.data.root), Path(params.data.out_dir)
@@ -115,11 +124,17 @@ def ingest(params: Params) -> dict:
         cands, quarantine = discover_manifest(root, Path(params.data.manifest))
     else:
         cands, quarantine, ignored = discover_folders(root, params.ingest.allow_links_outside_root)
-    if not cands:
-        write_csv(out / "quarantine.csv", pd.DataFrame(quarantine, columns=["path", "reason"]))
+    if not cands and not quarantine:
+        found = f"only {ignored} non-image file(s)" if ignored else "the folder is empty"
         raise GraftError(
-            f"no usable images found under {root} (expected <class>/<image> folders, train/val/test "
-            f"folders, or data.manifest); {len(quarantine)} file(s) refused, see {out / 'quarantine.csv'}"
+            f"no usable images found under {root}: {found}; put images in {root}/<class>/ folders "
+            "(or train/val/test folders, or set data.manifest)"
+        )
+    if not cands:
+        _failed(out, quarantine)
+        raise GraftError(
+            f"no usable images found under {root}: all {len(quarantine)} image file(s) refused, "
+            f"reasons in {out / 'quarantine.csv'}"
         )
     n_total = len(cands) + len(quarantine)  # every file seen, including those refused before decoding
     with ThreadPoolExecutor(params.ingest.workers) as pool:
@@ -136,10 +151,10 @@ def ingest(params: Params) -> dict:
         ]
         rows = rows.drop(conflicts.index)
     q = pd.DataFrame(quarantine, columns=["path", "reason"]).sort_values("path", kind="stable")
-    write_csv(out / "quarantine.csv", q)
 
     n_bad = len(q)
     if n_total and n_bad / n_total > params.ingest.max_bad_fraction:
+        _failed(out, quarantine)
         raise GraftError(
             f"{n_bad} of {n_total} files are unusable ({n_bad / n_total:.0%} > ingest.max_bad_fraction="
             f"{params.ingest.max_bad_fraction:g}); reasons in {out / 'quarantine.csv'}"
@@ -150,6 +165,7 @@ def ingest(params: Params) -> dict:
     rows[["width", "height"]] = rows[["width", "height"]].astype("int32")
     write_parquet(out / "manifest.parquet", rows)
     write_json(out / "classes.json", {"classes": classes})
+    write_csv(out / "quarantine.csv", q)  # after the manifest: the three outputs describe one run
     return {
         "images": len(rows),
         "classes": len(classes),

@@ -211,8 +211,11 @@ def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str
 # --- history and report
 
 
-def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None) -> str:
-    """The decision and the two models' metrics side by side."""
+def comparison_markdown(
+    row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None, challengers: list[dict] | None = None
+) -> str:
+    """The decision and the two models' metrics side by side; then every challenger considered (val and
+    test) and why one was chosen."""
     lines = [
         f"# graft retrain: **{row['decision']}**",
         "",
@@ -233,6 +236,14 @@ def comparison_markdown(row: dict, diff: DataDiff, challenger: dict | None, cham
         for name, m in (("challenger", challenger), ("champion", champion)):
             if m:
                 lines.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['balanced_accuracy']:.4f} |")
+    if challengers:
+        lines += ["", "## Challengers", "", "| challenger | validation | test accuracy | test macro-F1 | chosen |"]
+        lines.append("|---|---|---|---|---|")
+        for c in challengers:
+            test = [f"{c[k]:.4f}" if isinstance(c.get(k), float) else "" for k in ("test_accuracy", "test_macro_f1")]
+            name = str(c["challenger"]).replace("|", "\\|")
+            lines.append(f"| {name} | {c['val']} | {test[0]} | {test[1]} | {'**yes**' if c['chosen'] else ''} |")
+        lines += ["", *(f"Why: {c['why']}." for c in challengers if c.get("why"))]
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,7 @@ def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None
     out = _run(["dvc", "repro"], repo, env).stdout
     for stage in ("ingest", "featurize", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
-    metrics = json.loads((repo / "metrics/metrics.json").read_text())
+    metrics = json.loads((repo / "metrics/evaluation.json").read_text())
     import pandas as pd
 
     board = pd.read_csv(repo / "metrics/leaderboard.csv").set_index("candidate")
@@ -69,6 +69,8 @@ def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None
     assert {"pixels", "logreg", "mlp", "multilayer", "fusion", "finetune"} <= set(ran.index), board
     chosen = json.loads((repo / "metrics/train.json").read_text())["chosen"]
     assert board.loc[chosen, "chosen"]
+    headline = json.loads((repo / "metrics/metrics.json").read_text())  # the DVC metrics: headline figures only
+    assert headline["chosen"] == chosen and headline["accuracy"] == metrics["model"]["accuracy"]
     assert metrics["vs_baseline"]["verdict"] in ("wins", "ties", "loses")
     report = (repo / "reports/report.md").read_text()
     assert f"chose **{chosen}**" in report and metrics["vs_baseline"]["sentence"] in report
@@ -138,7 +140,7 @@ def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tup
         env,
     ).stdout
     assert "Running stage 'train'" in out and "Running stage 'featurize'" not in out
-    metrics = json.loads((repo / "metrics/metrics.json").read_text())
+    metrics = json.loads((repo / "metrics/evaluation.json").read_text())
     assert metrics["model_name"] == "efficientnet_lite0 fine-tuned at 64 px"
     assert metrics["model"]["accuracy"] > 0.3  # 4 short epochs on 84 images: well above 10% chance
     curves = (repo / "metrics/curves.csv").read_text().splitlines()

@@ -105,9 +105,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_metrics_json_sections(evaluated) -> None:
-    """metrics.json holds model and baseline sections with every metric key."""
+    """evaluation.json holds model and baseline sections with every metric key (metrics.json: the headline)."""
     root, params, returned = evaluated
-    m = json.loads((root / "metrics" / "metrics.json").read_text())
+    m = json.loads((root / "metrics" / "evaluation.json").read_text())
     assert m == json.loads(json.dumps(returned))
     assert METRIC_KEYS | {"per_class"} <= set(m["model"])
     assert set(m["baseline"]) >= METRIC_KEYS

@@ -262,7 +262,7 @@ def test_evaluate_writes_leakage_csv_matching_brute_force(evaluated) -> None:
         "exact_duplicates_across_labels": 1,
         "images_without_features": 0,
     }
-    assert json.loads((root / "metrics/metrics.json").read_text())["leakage"] == metrics["leakage"]
+    assert json.loads((root / "metrics/evaluation.json").read_text())["leakage"] == metrics["leakage"]
 
 
 def test_report_has_a_leakage_section(evaluated) -> None:

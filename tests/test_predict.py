@@ -80,7 +80,7 @@ def test_predict_exits_zero_without_torch(predicted) -> None:
     assert "torch imported" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert out.is_file()
-    assert proc.stderr.strip().splitlines()[-1] == "7 predicted, 1 unreadable"
+    assert proc.stderr.strip().splitlines()[-1] == f"7 predicted, 1 unreadable, written to {out}"
 
 
 def test_predict_csv_rows_and_labels(served, predicted) -> None:
@@ -88,7 +88,7 @@ def test_predict_csv_rows_and_labels(served, predicted) -> None:
     root, _, folder = served
     _, out = predicted
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
-    assert list(rows.columns) == ["path", "label", "probability", "error"]
+    assert list(rows.columns) == ["path", "predicted", "confidence", "error"]
     names = sorted(Path(p).name for p in rows["path"])
     assert names == sorted(
         [
@@ -104,8 +104,8 @@ def test_predict_csv_rows_and_labels(served, predicted) -> None:
     )
     good = rows[rows["error"] == ""]
     assert len(good) == 7
-    assert set(good["label"]) <= set(CLASSES)
-    probs = good["probability"].astype(float)
+    assert set(good["predicted"]) <= set(CLASSES)
+    probs = good["confidence"].astype(float)
     assert ((probs >= 1 / len(CLASSES)) & (probs <= 1.0)).all()
 
 
@@ -115,7 +115,7 @@ def test_corrupt_image_is_an_error_row(predicted) -> None:
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
     bad = rows[rows["path"].map(lambda p: Path(p).name) == "broken.png"]
     assert len(bad) == 1
-    assert bad["label"].iloc[0] == "" and bad["probability"].iloc[0] == ""
+    assert bad["predicted"].iloc[0] == "" and bad["confidence"].iloc[0] == ""
     assert "not a recognised image format" in bad["error"].iloc[0]
 
 
@@ -145,13 +145,20 @@ def test_predict_agrees_with_torch(served, predicted) -> None:
     x = load_batch(list(good["path"]), bb.preprocess)
     with torch.no_grad():
         proba = model(torch.from_numpy(x)).numpy()
-    assert list(good["label"]) == [classes[i] for i in proba.argmax(1)]
-    np.testing.assert_allclose(good["probability"].astype(float), proba.max(1), atol=1e-4)
+    assert list(good["predicted"]) == [classes[i] for i in proba.argmax(1)]
+    np.testing.assert_allclose(good["confidence"].astype(float), proba.max(1), atol=1e-4)
 
 
-def test_predict_stdout_lists_every_file(predicted) -> None:
-    """stdout has one tab-separated line per file, ERROR for the corrupt one."""
-    proc, _ = predicted
+def test_predict_stdout_lists_every_file(served, tmp_path: Path) -> None:
+    """Without --out (or with --print) stdout has one tab-separated line per file, ERROR for the corrupt one."""
+    _, params, folder = served
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_PREDICT, "predict", str(folder), "--model", params.export.out],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+    )
     lines = proc.stdout.splitlines()
     assert len(lines) == 8
     errors = [ln for ln in lines if ln.split("\t")[1] == "ERROR"]
@@ -217,7 +224,7 @@ def test_quoted_label_roundtrips_through_csv(served, tmp_path: Path) -> None:
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
     assert len(rows) == 14
     assert (rows["error"] == "").all()
-    assert set(rows["label"]) <= set(CLASSES)
-    assert (rows["label"] == 'chat "noir" é').any()
+    assert set(rows["predicted"]) <= set(CLASSES)
+    assert (rows["predicted"] == 'chat "noir" é').any()
     meta = {m.key: m.value for m in onnx.load(params.export.out).metadata_props}
     assert json.loads(meta["graft.classes"]) == sorted(CLASSES)

@@ -368,16 +368,16 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
     )
     assert rc == 0
     got = pd.read_parquet(out)
-    assert list(got.columns) == ["path", "label", "probability", "error"] and len(got) == 10
+    assert list(got.columns) == ["path", "predicted", "confidence", "error"] and len(got) == 10
     assert got["path"].is_monotonic_increasing
     want = pd.DataFrame(predict_files(OnnxClassifier(model), list_images(folder)))
     want["path"] = [str(Path(p).resolve()) for p in want["path"]]
     merged = got.merge(want, on="path", suffixes=("", "_local"))
     assert len(merged) == 10
-    assert (merged["label"].fillna("-") == merged["label_local"].fillna("-")).all()
+    assert (merged["predicted"].fillna("-") == merged["predicted_local"].fillna("-")).all()
     ok = merged["error"].isna()
     assert ok.sum() == 9
-    assert np.allclose(merged.loc[ok, "probability"], merged.loc[ok, "probability_local"], atol=1e-6)
+    assert np.allclose(merged.loc[ok, "confidence"], merged.loc[ok, "confidence_local"], atol=1e-6)
     assert (
         main(
             [

@@ -67,14 +67,14 @@ def test_row27_odd_labels_and_paths_work_end_to_end_including_onnx_metadata(expo
     assert rc == 0
     with open(out_csv, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 30 and {r["label"] for r in rows} <= set(CLASSES)
-    by_path = {Path(r["path"]).relative_to(root / "raw").as_posix(): r["label"] for r in rows}
+    assert len(rows) == 30 and {r["predicted"] for r in rows} <= set(CLASSES)
+    by_path = {Path(r["path"]).relative_to(root / "raw").as_posix(): r["predicted"] for r in rows}
     assert set(by_path) == set(manifest["path"])
     assert (
         sum(by_path[p] == lbl for p, lbl in zip(manifest["path"], manifest["label"], strict=True)) >= 20
     )  # it learned something
     recs = list(predict_files(served, list_images(root / "raw")[:3]))
-    assert all(r["error"] is None and r["label"] in CLASSES for r in recs)
+    assert all(r["error"] is None and r["predicted"] in CLASSES for r in recs)
     capsys.readouterr()
 
 

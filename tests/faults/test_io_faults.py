@@ -153,7 +153,7 @@ def test_row24_disk_full_outside_an_atomic_write_is_still_one_line(ws: Path, mon
 
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and err == [
-        f"graft: error: disk full while writing {ws / 'data/quarantine.csv'}; the previous file is untouched"
+        f"graft: error: disk full while writing {ws / 'data/manifest.parquet'}; the previous file is untouched"
     ]
 
 
