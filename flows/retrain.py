@@ -13,6 +13,7 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from graft.baseline import gate
 from graft.dataset import data_hash, read_classes, read_manifest
 from graft.drift import batch_drift
 from graft.lock import workspace_lock
@@ -25,7 +26,6 @@ from graft.tasks.retrain import (
     check_class_change,
     comparison_markdown,
     diff_manifests,
-    gate,
     gate_test_set,
     load_champion,
     onnx_metrics_task,

@@ -22,13 +22,14 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from graft import GraftError
@@ -49,7 +50,7 @@ from graft.tasks.shard import (
 WORKER_WAIT_S = 60.0  # a scheduler with no workers would otherwise hold the shards forever
 
 
-def task_runner(dp: DaskParams) -> DaskTaskRunner:
+def task_runner(dp: DaskParams) -> TaskRunner[Any]:
     """Prefect's Dask runner for the params: the given scheduler, or a LocalCluster of worker processes."""
     if dp.address:
         return DaskTaskRunner(address=dp.address)
@@ -72,6 +73,8 @@ def _first_line(exc: BaseException) -> str:
 def _run_api() -> str:
     """The API URL the running flow reports to (the shards must report there too)."""
     ctx = FlowRunContext.get()
+    if ctx is None:
+        raise GraftError("the scale-out flows run inside a Prefect flow (use featurize_dask / predict_dask)")
     return str(ctx.client.api_url).rstrip("/")
 
 
@@ -113,7 +116,7 @@ def cluster_workers(kind: str) -> Iterator[dict[str, int]]:
             client.unregister_worker_plugin(PrefectApiPlugin.name)
 
 
-def gather(futures: Sequence[Any]) -> list[Any]:
+def gather(futures: list[PrefectFuture[Any]]) -> list[Any]:
     """Every shard's result; after all have settled, one error for the failed ones (finished parts stay)."""
     wait(futures)
     results, errors = [], []

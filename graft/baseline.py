@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 from graft import GraftError
+from graft.console import missing_hint
+from graft.params import RetrainParams
 
 _REVISION = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9._/@{}~^+-]*")  # HEAD~1, main, origin/main, v1.2, a1b2c3, @{u}
 
@@ -71,3 +74,52 @@ def model_metrics(text: str, where: str) -> dict:
         detail = f"no key {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc) else ""
         raise GraftError(f"{where} is not a graft metrics.json ({type(exc).__name__}: {detail})") from None
     return model
+
+
+def gate_against(against: str, path: str, params_path: str, allow_missing: bool = False) -> int:
+    """CI's promotion gate: the workspace's test metrics against those committed at ``--against``.
+
+    Fails closed: a revision or file that cannot be found is an error unless ``--allow-missing``.
+    """
+    from graft.params import load_params
+
+    check_revision(against)  # before any git call
+    if not Path(path).is_file():
+        raise GraftError(missing_hint(path, "evaluate"))
+    current = model_metrics(Path(path).read_text(encoding="utf-8"), path)
+    try:
+        commit, text = committed_text(against, path)
+    except Missing as why:
+        if not allow_missing:
+            raise GraftError(
+                f"no baseline {path} at {against} ({why}): fix --against, or pass --allow-missing "
+                "to let a first run pass"
+            ) from None
+        print(f"gate: PASS: no baseline {path} at {against} ({why}), allowed by --allow-missing")
+        return 0
+    baseline = model_metrics(text, f"{path} at {against} ({commit[:12]})")
+    ok, reason = gate(current, baseline, load_params(params_path).retrain)
+    print(f"gate: {'PASS' if ok else 'FAIL'}: {reason}")
+    return 0 if ok else 1
+
+
+def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str]:
+    """Promote only if macro-F1 is not worse than the champion's minus a tolerance and no class's
+    recall drops by more than a bound (classes with test support only)."""
+    delta = challenger["macro_f1"] - champion["macro_f1"]
+    if delta < -rp.max_macro_f1_drop:
+        return (
+            False,
+            f"macro-F1 {challenger['macro_f1']:.4f} < champion {champion['macro_f1']:.4f} - {rp.max_macro_f1_drop:g}",
+        )
+    for c, stats in champion["per_class"].items():
+        new = challenger["per_class"].get(c)
+        if stats["support"] and new is not None and stats["recall"] - new["recall"] > rp.max_class_recall_drop:
+            return False, (
+                f"recall of class {c!r} drops {stats['recall']:.3f} -> {new['recall']:.3f} "
+                f"(more than {rp.max_class_recall_drop:g})"
+            )
+    return True, f"macro-F1 {challenger['macro_f1']:.4f} vs champion {champion['macro_f1']:.4f} (delta {delta:+.4f})"
+
+
+# --- history and report

@@ -103,32 +103,10 @@ def _predict_dask(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    """CI's promotion gate: the workspace's test metrics against those committed at ``--against``.
+    """CI's promotion gate (:func:`graft.baseline.gate_against`)."""
+    from graft.baseline import gate_against
 
-    Fails closed: a revision or file that cannot be found is an error unless ``--allow-missing``.
-    """
-    from graft.baseline import Missing, check_revision, committed_text, model_metrics
-    from graft.params import load_params
-    from graft.tasks.retrain import gate
-
-    check_revision(args.against)  # before any git call
-    if not Path(args.path).is_file():
-        raise GraftError(missing_hint(args.path, "evaluate"))
-    current = model_metrics(Path(args.path).read_text(encoding="utf-8"), args.path)
-    try:
-        commit, text = committed_text(args.against, args.path)
-    except Missing as why:
-        if not args.allow_missing:
-            raise GraftError(
-                f"no baseline {args.path} at {args.against} ({why}): fix --against, or pass --allow-missing "
-                "to let a first run pass"
-            ) from None
-        print(f"gate: PASS: no baseline {args.path} at {args.against} ({why}), allowed by --allow-missing")
-        return 0
-    baseline = model_metrics(text, f"{args.path} at {args.against} ({commit[:12]})")
-    ok, reason = gate(current, baseline, load_params(args.params).retrain)
-    print(f"gate: {'PASS' if ok else 'FAIL'}: {reason}")
-    return 0 if ok else 1
+    return gate_against(args.against, args.path, args.params, args.allow_missing)
 
 
 def _positive(text: str) -> int:

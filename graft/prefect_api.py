@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import IO, Any
 
 from graft import GraftError
 
@@ -79,7 +79,7 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.port = 0
-        self._log: tempfile._TemporaryFileWrapper | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def api_url(self) -> str:
@@ -154,7 +154,7 @@ class TemporaryServer:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TemporaryServer:
         self.start()
         return self
 
@@ -170,12 +170,12 @@ def _flush_prefect_clients() -> None:
 
     async def drain() -> None:
         with contextlib.suppress(RuntimeError):  # never started in this process
-            pending = APILogWorker.instance().drain()
-            if hasattr(pending, "__await__"):
-                await pending
-        pending = EventsWorker.drain_all()
-        if hasattr(pending, "__await__"):
-            await pending
+            logs: Any = APILogWorker.instance().drain()  # sync or async, depending on the caller
+            if hasattr(logs, "__await__"):
+                await logs
+        events: Any = EventsWorker.drain_all()
+        if hasattr(events, "__await__"):
+            await events
 
     with contextlib.suppress(Exception):  # best effort: the run's result does not depend on its logs
         run_coro_as_sync(drain())
@@ -198,8 +198,8 @@ def prefect_api() -> Iterator[str]:
 
     url = configured_api()
     ctx = FlowRunContext.get()
-    if url or (ctx and ctx.client):  # inside a flow: its client's API, whatever started it
-        yield url or str(ctx.client.api_url).rstrip("/")
+    if url or (ctx is not None and ctx.client):  # inside a flow: its client's API, whatever started it
+        yield url or str(ctx.client.api_url).rstrip("/")  # type: ignore[union-attr]  # ctx is set when url is not
         return
     if not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
         raise GraftError("no Prefect API: set PREFECT_API_URL to a running server (`prefect server start`)")

@@ -189,28 +189,6 @@ def onnx_metrics(onnx_path: Path, rows: pd.DataFrame, root: Path, classes: list[
     return classification_metrics(rows["label"].map(index).to_numpy(np.int64), proba, classes)
 
 
-def gate(challenger: dict, champion: dict, rp: RetrainParams) -> tuple[bool, str]:
-    """Promote only if macro-F1 is not worse than the champion's minus a tolerance and no class's
-    recall drops by more than a bound (classes with test support only)."""
-    delta = challenger["macro_f1"] - champion["macro_f1"]
-    if delta < -rp.max_macro_f1_drop:
-        return (
-            False,
-            f"macro-F1 {challenger['macro_f1']:.4f} < champion {champion['macro_f1']:.4f} - {rp.max_macro_f1_drop:g}",
-        )
-    for c, stats in champion["per_class"].items():
-        new = challenger["per_class"].get(c)
-        if stats["support"] and new is not None and stats["recall"] - new["recall"] > rp.max_class_recall_drop:
-            return False, (
-                f"recall of class {c!r} drops {stats['recall']:.3f} -> {new['recall']:.3f} "
-                f"(more than {rp.max_class_recall_drop:g})"
-            )
-    return True, f"macro-F1 {challenger['macro_f1']:.4f} vs champion {champion['macro_f1']:.4f} (delta {delta:+.4f})"
-
-
-# --- history and report
-
-
 def comparison_markdown(
     row: dict, diff: DataDiff, challenger: dict | None, champion: dict | None, challengers: list[dict] | None = None
 ) -> str:

@@ -13,8 +13,9 @@ import yaml
 from PIL import Image
 
 from graft import GraftError
+from graft.baseline import gate
 from graft.params import RetrainParams
-from graft.tasks.retrain import diff_manifests, gate, gate_test_set, load_champion, promote
+from graft.tasks.retrain import diff_manifests, gate_test_set, load_champion, promote
 from tests.conftest import make_params, write_tree
 
 
