@@ -127,6 +127,8 @@ def prediction_lines(records: list[dict], top_k: int) -> list[str]:
             lines.append(f"{screen(r['path'])}\tERROR\t{screen(r['error'])}")
             continue
         cells = [screen(r["predicted"]), f"{r['confidence']:.3f}"]
+        if r.get("predicted") != r.get("best_guess") and r.get("best_guess") is not None:  # "unknown"
+            cells.append(f"(best guess {screen(r['best_guess'])}, in-distribution score {r['in_distribution']:.3f})")
         for rank in range(2, top_k + 1):
             if r.get(f"top{rank}_label") is not None:
                 cells += [screen(r[f"top{rank}_label"]), f"{r[f'top{rank}_confidence']:.3f}"]

@@ -63,6 +63,21 @@ def read_metadata(
     return classes, pp
 
 
+def _unknown_threshold(meta: dict[str, str], path: str | os.PathLike[str]) -> float | None:
+    """The score below which the model answers "unknown" (``graft.unknown``), None when it has none."""
+    try:
+        spec = json.loads(meta.get("graft.unknown") or "{}")
+    except ValueError:
+        raise _fail(path, "graft.unknown is not valid JSON") from None
+    value = spec.get("threshold") if isinstance(spec, dict) else None
+    if value is not None and not isinstance(value, int | float):
+        raise _fail(path, f"graft.unknown threshold must be a number, got {value!r}")
+    return None if value is None else float(value)
+
+
+UNKNOWN = "unknown"  # what graft predict answers for an image unlike the training classes
+
+
 class OnnxClassifier:
     """An exported graft model: reads its preprocessing and class names from the ONNX metadata."""
 
@@ -88,6 +103,14 @@ class OnnxClassifier:
         self.classes, self.preprocess = read_metadata(meta, path, outputs["probabilities"][1], inputs["image"][2])
         self.path = str(path)
         self.metadata = dict(meta)
+        self.unknown_below = _unknown_threshold(meta, path) if "in_distribution" in outputs else None
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities and, when the graph has one, the in-distribution score per image."""
+        if self.unknown_below is None:
+            return self.predict_arrays(batch), None
+        proba, score = self.session.run(["probabilities", "in_distribution"], {"image": batch})
+        return proba, np.ravel(score)
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         proba = self.session.run(["probabilities"], {"image": batch})[0]
@@ -157,9 +180,18 @@ def predict_files(
             except BadImage as exc:
                 records.append({"path": str(p), **empty, "error": str(exc)})
         if arrays:
-            for j, pr in zip(good, model.predict_arrays(np.stack(arrays)), strict=True):
+            proba, scores = model.predict_scored(np.stack(arrays))
+            for n, (j, pr) in enumerate(zip(good, proba, strict=True)):
                 top = np.argsort(-pr, kind="stable")[:k]
-                records[j].update(predicted=model.classes[top[0]], confidence=float(pr[top[0]]))
+                label = model.classes[top[0]]
+                score = None if scores is None else float(scores[n])
+                unknown = score is not None and model.unknown_below is not None and score < model.unknown_below
+                records[j].update(
+                    predicted=UNKNOWN if unknown else label,
+                    confidence=float(pr[top[0]]),
+                    best_guess=label,
+                    in_distribution=score,
+                )
                 for rank, c in enumerate(top[1:], start=2):
                     records[j].update({f"top{rank}_label": model.classes[c], f"top{rank}_confidence": float(pr[c])})
                 records[j]["error"] = None
@@ -167,9 +199,11 @@ def predict_files(
 
 
 def prediction_columns(top_k: int = 1) -> list[str]:
-    """The columns of a predictions file: path, predicted, confidence, the runners-up, error."""
+    """The columns of a predictions file: path, predicted ("unknown" when the in-distribution score is below
+    the model's threshold), confidence (calibrated probability of the best guess), best_guess, the runners-up,
+    in_distribution (the score), error."""
     ranks = [c for r in range(2, top_k + 1) for c in (f"top{r}_label", f"top{r}_confidence")]
-    return ["path", "predicted", "confidence", *ranks, "error"]
+    return ["path", "predicted", "confidence", "best_guess", *ranks, "in_distribution", "error"]
 
 
 def output_format(out: str | os.PathLike[str]) -> str:
@@ -195,7 +229,9 @@ def write_predictions(records: list[dict], out: str | Path, top_k: int = 1, sort
     if sort:
         rows.sort(key=lambda r: str(r["path"]))
     if fmt == "parquet":
-        types = [(n, pa.float64() if n.endswith("confidence") else pa.string()) for n in names]
+        types = [
+            (n, pa.float64() if n.endswith("confidence") or n == "in_distribution" else pa.string()) for n in names
+        ]
         return write_parquet(out, pa.Table.from_pylist(rows, schema=pa.schema(types)))
     if fmt == "jsonl":
         return write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -88,7 +88,7 @@ def test_predict_csv_rows_and_labels(served, predicted) -> None:
     root, _, folder = served
     _, out = predicted
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
-    assert list(rows.columns) == ["path", "predicted", "confidence", "error"]
+    assert list(rows.columns) == ["path", "predicted", "confidence", "best_guess", "in_distribution", "error"]
     names = sorted(Path(p).name for p in rows["path"])
     assert names == sorted(
         [
@@ -104,7 +104,7 @@ def test_predict_csv_rows_and_labels(served, predicted) -> None:
     )
     good = rows[rows["error"] == ""]
     assert len(good) == 7
-    assert set(good["predicted"]) <= set(CLASSES)
+    assert set(good["best_guess"]) <= set(CLASSES)
     probs = good["confidence"].astype(float)
     assert ((probs >= 1 / len(CLASSES)) & (probs <= 1.0)).all()
 
@@ -145,7 +145,7 @@ def test_predict_agrees_with_torch(served, predicted) -> None:
     x = load_batch(list(good["path"]), bb.preprocess)
     with torch.no_grad():
         proba = model(torch.from_numpy(x)).numpy()
-    assert list(good["predicted"]) == [classes[i] for i in proba.argmax(1)]
+    assert list(good["best_guess"]) == [classes[i] for i in proba.argmax(1)]
     np.testing.assert_allclose(good["confidence"].astype(float), proba.max(1), atol=1e-4)
 
 
@@ -188,7 +188,8 @@ def test_predict_single_file(served, tmp_path: Path, capsys: pytest.CaptureFixtu
     rc = main(["predict", str(folder / "new 1-0.png"), "--model", params.export.out])
     assert rc == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 and out[0].split("\t")[1] in CLASSES
+    cells = out[0].split("\t")
+    assert len(out) == 1 and (cells[1] in CLASSES or (cells[1] == "unknown" and "best guess" in cells[3]))
 
 
 def test_model_without_metadata_is_refused(served, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -224,7 +225,29 @@ def test_quoted_label_roundtrips_through_csv(served, tmp_path: Path) -> None:
     rows = pd.read_csv(out, encoding="utf-8", keep_default_na=False)
     assert len(rows) == 14
     assert (rows["error"] == "").all()
-    assert set(rows["predicted"]) <= set(CLASSES)
-    assert (rows["predicted"] == 'chat "noir" é').any()
+    assert set(rows["best_guess"]) <= set(CLASSES)
+    assert (rows["best_guess"] == 'chat "noir" é').any()
     meta = {m.key: m.value for m in onnx.load(params.export.out).metadata_props}
     assert json.loads(meta["graft.classes"]) == sorted(CLASSES)
+
+
+def test_below_the_threshold_the_answer_is_unknown(served, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The exported graph's in-distribution score against graft.unknown's threshold: a model whose threshold
+    is above every score answers "unknown" for each image, with the best guess and the score beside it."""
+    import json as _json
+
+    _, params, folder = served
+    proto = onnx.load(params.export.out)
+    assert [o.name for o in proto.graph.output] == ["probabilities", "in_distribution"]
+    meta = {p.key: p for p in proto.metadata_props}
+    unknown = _json.loads(meta["graft.unknown"].value)
+    assert unknown["score"] in ("energy", "msp") and unknown["accept_rate"] == params.predict.accept_rate
+    meta["graft.unknown"].value = _json.dumps({**unknown, "threshold": 1e9})
+    strict = tmp_path / "strict.onnx"
+    onnx.save(proto, str(strict))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(folder), "--model", str(strict), "--out", str(out)]) == 0
+    rows = pd.read_csv(out, keep_default_na=False)
+    good = rows[rows["error"] == ""]
+    assert len(good) and (good["predicted"] == "unknown").all() and set(good["best_guess"]) <= set(CLASSES)
+    assert (good["in_distribution"].astype(float) < 1e9).all()

@@ -89,11 +89,21 @@ def test_out_format_follows_the_extension(
     if ext == "parquet":
         assert out.read_bytes()[:4] == b"PAR1"
     rows = read(out)
-    cols = ["path", "predicted", "confidence", "top2_label", "top2_confidence", "error"]
+    cols = [
+        "path",
+        "predicted",
+        "confidence",
+        "best_guess",
+        "top2_label",
+        "top2_confidence",
+        "in_distribution",
+        "error",
+    ]
     assert list(rows.columns) == cols and len(rows) == 7
     ok = rows[rows["error"].isna()]
-    assert len(ok) == 6 and set(ok["predicted"]) <= set(CLASSES)
-    assert (ok["confidence"] >= ok["top2_confidence"]).all() and (ok["predicted"] != ok["top2_label"]).all()
+    assert len(ok) == 6 and set(ok["best_guess"]) <= set(CLASSES) and set(ok["predicted"]) <= {*CLASSES, "unknown"}
+    assert ok["in_distribution"].isna().all()  # this hand-made graph has no in-distribution output
+    assert (ok["confidence"] >= ok["top2_confidence"]).all() and (ok["best_guess"] != ok["top2_label"]).all()
     bad = rows[rows["error"].notna()]
     assert list(bad["path"].map(lambda p: Path(p).name)) == ["zz-broken.png"] and bad["predicted"].isna().all()
 

@@ -368,7 +368,8 @@ def test_predict_over_cluster_matches_local_predict(tmp_path: Path, cluster, pre
     )
     assert rc == 0
     got = pd.read_parquet(out)
-    assert list(got.columns) == ["path", "predicted", "confidence", "error"] and len(got) == 10
+    assert list(got.columns) == ["path", "predicted", "confidence", "best_guess", "in_distribution", "error"]
+    assert len(got) == 10
     assert got["path"].is_monotonic_increasing
     want = pd.DataFrame(predict_files(OnnxClassifier(model), list_images(folder)))
     want["path"] = [str(Path(p).resolve()) for p in want["path"]]
