@@ -69,11 +69,30 @@ def parts(cache: Path, dim: int) -> list[Path]:
     return found
 
 
+def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
+    """A cache part's rows; data that cannot be decoded is a GraftError naming the part, not an I/O error
+    (which Prefect would retry as transient: an OSError from the storage keeps its errno and stays one)."""
+    try:
+        return pq.read_table(part, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GraftError(f"feature cache part {part} is corrupt ({why}): delete it and rerun featurize") from None
+
+
 def open_cache(cache: Path, description: dict) -> None:
     """Create the cache folder or check that its meta.json matches this backbone description."""
     meta = cache / "meta.json"
     if meta.exists():
-        if json.loads(meta.read_text()) != description:
+        try:
+            found = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # empty or damaged: which backbone made these features is unknown
+            why = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise GraftError(
+                f"feature cache {meta} is unreadable ({why}): remove {cache} and rerun featurize"
+            ) from None
+        if found != description:
             raise GraftError(f"feature cache {cache} was made by a different backbone config; remove it")
     else:
         write_json(meta, description)
@@ -87,7 +106,7 @@ def cached_keys(cache: Path, dim: int, among: Iterable[str] | None = None) -> se
     value_set = None if among is None else pa.array(sorted(set(among)), pa.string())
     keys: set[str] = set()
     for p in parts(cache, dim):
-        col = pq.read_table(p, columns=["sha256"]).column(0)
+        col = read_part(p, ["sha256"]).column(0)
         if value_set is not None:
             col = pc.filter(col, pc.is_in(col, value_set=value_set))
         keys.update(col.to_pylist())
@@ -103,7 +122,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
     value_set = pa.array(sorted(wanted), pa.string())
     seen: set[str] = set()
     for p in parts(cache, dim):
-        keys = pq.read_table(p, columns=["sha256"]).column(0)
+        keys = read_part(p, ["sha256"]).column(0)
         hits = pc.is_in(keys, value_set=value_set)
         if not pc.any(hits).as_py():
             continue  # nothing of ours in this part: skip reading its features
@@ -113,7 +132,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
                 seen.add(key)
                 keep.append(i)
         if keep:
-            yield pq.read_table(p).take(pa.array(keep, pa.int64()))
+            yield read_part(p).take(pa.array(keep, pa.int64()))
     if len(seen) != len(wanted):
         raise GraftError(f"{len(wanted) - len(seen)} image(s) missing from feature cache {cache}; rerun featurize")
 

@@ -147,6 +147,31 @@ def check_onnx(path: Path, model, size: int, tol: float | None = None) -> float:
     return worst
 
 
+WEIGHTS_KEY = "graft.graph_sha256"  # sha256 of the serialized graph (weights included), set at export
+
+
+def graph_sha256(proto) -> str:
+    """sha256 of an ONNX model's graph (nodes and weights; the metadata, which holds this hash, is outside it)."""
+    import hashlib
+
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def graph_verified(path: Path) -> bool:
+    """True if ``path`` carries the hash of its graph and matches it; False if it carries none (an older
+    export); a GraftError if the weights or nodes changed since export (a backbone silently off)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unloadable graph gets the same fix
+        raise GraftError(f"cannot load {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
+    recorded = {p.key: p.value for p in proto.metadata_props}.get(WEIGHTS_KEY)
+    if recorded is not None and recorded != graph_sha256(proto):
+        raise GraftError(f"{path} changed since it was exported (graph sha256 differs): delete it and rerun")
+    return recorded is not None
+
+
 def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> float:
     """Export a feature extractor to ``path`` (dynamic batch), check it against torch, publish atomically.
 
@@ -176,7 +201,7 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
             dynamo=False,
         )
         proto = onnx.load(str(tmp))
-        for k, v in metadata.items():
+        for k, v in {**metadata, WEIGHTS_KEY: graph_sha256(proto)}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, str(tmp))
@@ -206,6 +231,8 @@ def ort_engine(
         streams: sessions run side by side; 0 = one single-threaded session per thread.
     """
     path = cache / ONNX_FILE
+    if path.is_file() and not graph_verified(path):  # exported before graphs carried their hash: redo it
+        path.unlink()
     if not path.is_file():
         export_backbone(model_fn(), path, size, {**metadata, "graft.fingerprint": fingerprint})
     n, per = plan_threads(threads, streams)
