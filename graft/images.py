@@ -46,8 +46,13 @@ class RefusedFile(BadImage):
     """A path graft does not read: not a regular file, or larger than the read limit."""
 
 
-_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
-_SPECIAL += ((stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def _check_file(st: os.stat_result, max_bytes: int) -> None:
