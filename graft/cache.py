@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from graft import GraftError
 from graft.atomic import write_json, write_parquet, write_with
 from graft.images import Preprocess
+from graft.integrity import read_part
 
 if TYPE_CHECKING:
     from graft.backbones import Backbone
@@ -67,18 +68,6 @@ def parts(cache: Path, dim: int) -> list[Path]:
                 "delete it and rerun"
             )
     return found
-
-
-def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
-    """A cache part's rows; data that cannot be decoded is a GraftError naming the part, not an I/O error
-    (which Prefect would retry as transient: an OSError from the storage keeps its errno and stays one)."""
-    try:
-        return pq.read_table(part, columns=columns)
-    except (OSError, pa.ArrowException) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GraftError(f"feature cache part {part} is corrupt ({why}): delete it and rerun featurize") from None
 
 
 def open_cache(cache: Path, description: dict) -> None:

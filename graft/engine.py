@@ -30,6 +30,7 @@ from graft import GraftError
 from graft.atomic import atomic_path
 from graft.cache import PartWriter
 from graft.images import Preprocess, prefetch_map
+from graft.integrity import WEIGHTS_KEY, graph_sha256, graph_verified
 from graft.sources import decoded_batches
 
 if TYPE_CHECKING:
@@ -145,31 +146,6 @@ def check_onnx(path: Path, model, size: int, tol: float | None = None) -> float:
             f"use featurize.engine: torch"
         )
     return worst
-
-
-WEIGHTS_KEY = "graft.graph_sha256"  # sha256 of the serialized graph (weights included), set at export
-
-
-def graph_sha256(proto) -> str:
-    """sha256 of an ONNX model's graph (nodes and weights; the metadata, which holds this hash, is outside it)."""
-    import hashlib
-
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
-
-
-def graph_verified(path: Path) -> bool:
-    """True if ``path`` carries the hash of its graph and matches it; False if it carries none (an older
-    export); a GraftError if the weights or nodes changed since export (a backbone silently off)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - any unloadable graph gets the same fix
-        raise GraftError(f"cannot load {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
-    recorded = {p.key: p.value for p in proto.metadata_props}.get(WEIGHTS_KEY)
-    if recorded is not None and recorded != graph_sha256(proto):
-        raise GraftError(f"{path} changed since it was exported (graph sha256 differs): delete it and rerun")
-    return recorded is not None
 
 
 def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> float:
