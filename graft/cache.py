@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from graft import GraftError
 from graft.atomic import write_json, write_with
 from graft.images import Preprocess
+from graft.integrity import read_part
 
 if TYPE_CHECKING:
     from graft.backbones import Backbone
@@ -83,7 +84,14 @@ def open_cache(cache: Path, description: dict) -> None:
     """Create the cache folder or check that its meta.json matches this backbone description."""
     meta = cache / "meta.json"
     if meta.exists():
-        if json.loads(meta.read_text()) != description:
+        try:
+            found = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # empty or damaged: which backbone made these features is unknown
+            why = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise GraftError(
+                f"feature cache {meta} is unreadable ({why}): remove {cache} and rerun featurize"
+            ) from None
+        if found != description:
             raise GraftError(f"feature cache {cache} was made by a different backbone config; remove it")
     else:
         write_json(meta, description)
@@ -97,7 +105,7 @@ def cached_keys(cache: Path, dim: int, among: Iterable[str] | None = None) -> se
     value_set = None if among is None else pa.array(sorted(set(among)), pa.string())
     keys: set[str] = set()
     for p in parts(cache, dim):
-        col = pq.read_table(p, columns=["sha256"]).column(0)
+        col = read_part(p, ["sha256"]).column(0)
         if value_set is not None:
             col = pc.filter(col, pc.is_in(col, value_set=value_set))
         keys.update(col.to_pylist())
@@ -113,7 +121,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
     value_set = pa.array(sorted(wanted), pa.string())
     seen: set[str] = set()
     for p in parts(cache, dim):
-        keys = pq.read_table(p, columns=["sha256"]).column(0)
+        keys = read_part(p, ["sha256"]).column(0)
         hits = pc.is_in(keys, value_set=value_set)
         if not pc.any(hits).as_py():
             continue  # nothing of ours in this part: skip reading its features
@@ -123,7 +131,7 @@ def iter_features(cache: Path, dim: int, shas: Iterable[str]) -> Iterator[pa.Tab
                 seen.add(key)
                 keep.append(i)
         if keep:
-            yield pq.read_table(p).take(pa.array(keep, pa.int64()))
+            yield read_part(p).take(pa.array(keep, pa.int64()))
     if len(seen) != len(wanted):
         raise GraftError(f"{len(wanted) - len(seen)} image(s) missing from feature cache {cache}; rerun featurize")
 

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, features
 
-_AVIF = features.check_module("avif")  # Pillow >= 11.2 built with libavif
+_AVIF = "avif" in features.modules and bool(features.check_module("avif"))  # Pillow >= 11.2 with libavif
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
     | ({".avif"} if _AVIF else set())

@@ -25,6 +25,7 @@ import pandas as pd
 from graft import GraftError
 from graft.atomic import write_csv
 from graft.dataset import SPLITS, discover_folders, discover_manifest
+from graft.images import BadImage, read_regular
 from graft.params import Params
 from graft.text import md_cell
 
@@ -152,7 +153,7 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
         cands = (
             discover_manifest(root, Path(params.data.manifest))[0]
             if params.data.manifest
-            else discover_folders(root)[0]
+            else discover_folders(root, params.ingest.allow_links_outside_root)[0]
         )
     except GraftError:  # the data changed since ingest; the counts in ingest's summary still stand
         cands = []
@@ -162,8 +163,8 @@ def quarantined_conflicts(params: Params, quarantine: pd.DataFrame) -> pd.DataFr
     rows = []
     for p in paths:
         try:
-            sha = hashlib.sha256((root / p).read_bytes()).hexdigest()
-        except OSError:
+            sha = hashlib.sha256(read_regular(root / p, params.ingest.max_file_bytes)).hexdigest()
+        except (OSError, BadImage):  # gone, or no longer a regular file of a sane size: nothing to report
             continue
         mine = labels.get(p) or ["?"]
         rows.append(

@@ -111,7 +111,38 @@ def load_model(path: str | Path) -> dict:
         raise GraftError(f"cannot load model {p}: {str(exc).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise GraftError(f"{p} is not a graft model (format {MODEL_FORMAT})")
+    problem = _payload_problem(payload)
+    if problem:
+        raise GraftError(f"{p} is not a usable graft model: {problem}; retrain it or use another file")
     return payload
+
+
+_HEAD_KEYS = ("kind", "dim", "hidden", "dropout")
+
+
+def _payload_problem(payload: dict) -> str | None:
+    """What is wrong with a loaded model file's fields, or None: every reader may then index them freely
+    (a file like ``{"format": "graft-model/1"}`` or a state dict holding a number would otherwise fail deep
+    inside, as a KeyError or AttributeError)."""
+    for key, kind in (("kind", str), ("classes", list), ("backbone", dict), ("head", dict), ("state_dict", dict)):
+        if not isinstance(payload.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if payload["kind"] not in ("head", "finetune"):
+        return f"kind {str(payload['kind'])[:40]!r} is neither 'head' nor 'finetune'"
+    if not payload["classes"] or not all(isinstance(c, str) for c in payload["classes"]):
+        return "'classes' must be a non-empty list of names"
+    if not isinstance(payload["backbone"].get("name"), str):
+        return "'backbone' has no name"
+    parts = [("", payload)] + ([("final ", payload["final"])] if payload.get("final") else [])
+    for where, part in parts:
+        if not isinstance(part, dict) or not isinstance(part.get("state_dict"), dict):
+            return f"{where}'state_dict' is missing"
+        if not isinstance(part.get("head"), dict) or not all(k in part["head"] for k in _HEAD_KEYS):
+            return f"{where}'head' must name {', '.join(_HEAD_KEYS)}"
+        for name, value in part["state_dict"].items():
+            if not isinstance(value, torch.Tensor):
+                return f"{where}state_dict entry {str(name)[:60]!r} is a {type(value).__name__}, not a tensor"
+    return None
 
 
 def trained(payload: dict, final: bool = False) -> dict:

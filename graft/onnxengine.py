@@ -19,6 +19,7 @@ import numpy as np
 
 from graft import GraftError
 from graft.atomic import atomic_path
+from graft.integrity import WEIGHTS_KEY, graph_sha256, graph_verified
 
 log = logging.getLogger("graft.engine")
 
@@ -139,7 +140,7 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
             dynamo=False,
         )
         proto = onnx.load(str(tmp))
-        for k, v in metadata.items():
+        for k, v in {**metadata, WEIGHTS_KEY: graph_sha256(proto)}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, str(tmp))
@@ -169,6 +170,8 @@ def ort_engine(
         streams: sessions run side by side; 0 = one single-threaded session per thread.
     """
     path = cache / ONNX_FILE
+    if path.is_file() and not graph_verified(path):  # exported before graphs carried their hash: redo it
+        path.unlink()
     if not path.is_file():
         export_backbone(model_fn(), path, size, {**metadata, "graft.fingerprint": fingerprint})
     n, per = plan_threads(threads, streams)

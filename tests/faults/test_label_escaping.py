@@ -47,3 +47,25 @@ def test_csv_cells_never_start_a_formula_and_read_back_exactly(tmp_path: Path) -
     assert not any(v.startswith(("=", "+", "@")) or (v.startswith("-") and v != "-1") for v in raw["actual"])
     assert raw["actual"][2] == "'=cmd|' /C calc'!A0" and raw["actual"][4] == "-1"  # a number stays a number
     assert list(raw["actual"].map(csv_unescape)) == list(frame["actual"])
+
+
+def test_a_huge_label_is_cut_in_an_error_line(tmp_path: Path) -> None:
+    """A 100,000-character label that fails a check is shown cut, with its length, in a short line."""
+    import pytest
+
+    from graft import GraftError
+    from tests.conftest import write_tree
+    from tests.faults.conftest import run_ingest
+
+    write_tree(tmp_path / "raw", per_class=6)
+    rows = [
+        {"path": p.relative_to(tmp_path / "raw").as_posix(), "label": p.parent.name}
+        for p in sorted((tmp_path / "raw").rglob("*.png"))
+    ]
+    rows[0]["label"] = "x" * 100_000  # one image: under ingest.min_images_per_class
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+
+    with pytest.raises(GraftError) as info:
+        run_ingest(tmp_path, {"data": {"manifest": str(tmp_path / "labels.csv")}, "ingest": {"max_bad_fraction": 1}})
+
+    assert len(str(info.value)) < 300 and "... (100000 characters)" in str(info.value)
