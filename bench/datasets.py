@@ -1,0 +1,313 @@
+"""Real small image sets for the transfer benchmark, assembled offline from installed packages.
+
+    apt-get update && apt-get install -y oxygen-icon-theme tuxpaint-stamps-default fonts-noto-color-emoji unicode-data
+    python bench/datasets.py [--sets digits,icons,stamps,emoji] [--out cache/bench] [--seed 0] [--force]
+
+Each set becomes ``<out>/<set>/pool/<class>/*.png`` (what graft may see: it splits it into
+train/val/test itself) and ``<out>/<set>/heldout/<class>/*.png`` (a disjoint part graft never sees,
+scored once at the end), plus ``<out>/<set>/sources.json`` (source, installed version, counts).
+Images are deduplicated by decoded pixels before splitting: an image that occurs under two labels
+is dropped everywhere, one that occurs twice under one label is kept once, so no held-out image is
+a copy of a pool image. Nothing is downloaded: digits ship with scikit-learn, the rest with Debian.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from graft import GraftError  # noqa: E402 - after sys.path points at this checkout
+
+POOL_PER_CLASS = 100  # graft sees at most this many images per class
+HELDOUT_FRACTION = 0.3  # share of a small class held out ...
+HELDOUT_PER_CLASS = 100  # ... and at most this many (the rest of a big class is not used)
+MIN_PER_CLASS = 20  # classes with fewer unique images are left out (too few to learn or to score)
+
+OXYGEN = Path("/usr/share/icons/oxygen/base/48x48")
+TUXPAINT = Path("/usr/share/tuxpaint/stamps")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+STAMP_CLASSES = ("animals", "food", "plants", "vehicles", "household")  # object categories with >= 20 PNGs
+
+# Where each set comes from; `version` is what the numbers in docs/benchmarks.md were built with
+# (sources.json records the version actually installed when a set is built).
+SOURCES: dict[str, dict[str, str]] = {
+    "digits": {
+        "package": "scikit-learn (PyPI)",
+        "version": "1.9.1",
+        "apt": "",
+        "folder": "sklearn/datasets/data/digits.csv.gz via sklearn.datasets.load_digits",
+        "licence": "BSD-3-Clause (scikit-learn); data: UCI Optical Recognition of Handwritten Digits, CC BY 4.0",
+        "labels": "the digit 0-9: 8x8 grey scans written dark on white, 10 classes",
+    },
+    "icons": {
+        "package": "oxygen-icon-theme (Debian 12)",
+        "version": "5:5.103.0-1",
+        "apt": "oxygen-icon-theme",
+        "folder": str(OXYGEN) + "/<context>/*.png (regular files; symlinks skipped)",
+        "licence": "LGPL-3+",
+        "labels": "the icon's context folder (actions, apps, categories, devices, mimetypes, places, status): "
+        "48x48 RGBA cut-outs on transparency",
+    },
+    "stamps": {
+        "package": "tuxpaint-stamps-default (Debian 12)",
+        "version": "2022.06.04-1",
+        "apt": "tuxpaint-stamps-default",
+        "folder": str(TUXPAINT) + "/<category>/**/*.png (*_mirror.png skipped)",
+        "licence": "GPL-2",
+        "labels": "the top-level stamp category (" + ", ".join(STAMP_CLASSES) + "): "
+        "mostly cut-out photos of real objects, 50-400 px RGBA",
+    },
+    "emoji": {
+        "package": "fonts-noto-color-emoji + unicode-data (Debian 12)",
+        "version": "2.042-0+deb12u1 / 15.0.0-1",
+        "apt": "fonts-noto-color-emoji unicode-data",
+        "folder": f"{EMOJI_FONT} (embedded colour bitmaps, drawn at their 109 px strike); groups from {EMOJI_TEST}",
+        "licence": "Apache-2.0 (images) / OFL-1.1 (font); Unicode data: Unicode License",
+        "labels": "the Unicode emoji group (smileys-emotion, people-body, animals-nature, food-drink, travel-places, "
+        "activities, objects, symbols, flags): fully-qualified emoji without skin-tone variants",
+    },
+}
+
+Item = tuple[str, str, bytes]  # (label, file stem, PNG bytes)
+
+
+def _need(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise GraftError(f"{path} not found: install it with `apt-get install -y {package}`")
+    return path
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def digits_items() -> Iterator[Item]:
+    """scikit-learn's 1,797 digit scans, written dark on white like ``graft demo-data``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i, (img, target) in enumerate(zip(d.images, d.target, strict=True)):
+        pixels = (255 - np.clip(img * 16, 0, 255)).astype(np.uint8)
+        yield str(int(target)), f"digit-{i:04d}", _png(Image.fromarray(pixels, mode="L"))
+
+
+def icon_items() -> Iterator[Item]:
+    """Oxygen's 48x48 PNG icons, labelled by context folder; symlinks (aliases of other icons) skipped."""
+    for context in sorted(p for p in _need(OXYGEN, "oxygen-icon-theme").iterdir() if p.is_dir()):
+        for f in sorted(context.glob("*.png")):
+            if f.is_file() and not f.is_symlink():
+                yield context.name, f.stem, f.read_bytes()
+
+
+def stamp_items() -> Iterator[Item]:
+    """Tux Paint's stamps of the object categories, labelled by top-level folder; mirrored copies skipped."""
+    root = _need(TUXPAINT, "tuxpaint-stamps-default")
+    for label in STAMP_CLASSES:
+        for f in sorted((root / label).rglob("*.png")):
+            if f.is_file() and not f.is_symlink() and not f.stem.endswith("_mirror"):
+                yield label, "__".join(f.relative_to(root / label).with_suffix("").parts), f.read_bytes()
+
+
+def _emoji_groups() -> Iterator[tuple[str, str, str]]:
+    """(group slug, emoji string, name) for each fully-qualified emoji without a skin-tone modifier."""
+    group = ""
+    for line in _need(EMOJI_TEST, "unicode-data").read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = re.sub(r"[^a-z]+", "-", line.split(":", 1)[1].strip().lower()).strip("-")
+        elif line and not line.startswith("#") and "; fully-qualified" in line and group != "component":
+            points = [int(c, 16) for c in line.split(";")[0].split()]
+            if not any(0x1F3FB <= c <= 0x1F3FF for c in points):  # skin tones: near-copies of the base emoji
+                name = line.split("#", 1)[1].split(None, 2)[2]  # "# 😀 E1.0 grinning face"
+                yield group, "".join(map(chr, points)), name
+
+
+def emoji_items() -> Iterator[Item]:
+    """Noto Color Emoji's bitmaps, drawn one per 136x128 canvas, labelled by Unicode emoji group."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(_need(EMOJI_FONT, "fonts-noto-color-emoji")), 109)  # the bitmap strike size
+
+    def draw(text: str) -> Image.Image:
+        img = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
+        ImageDraw.Draw(img).text((0, 0), text, font=font, embedded_color=True)
+        return img
+
+    missing = draw("\U0010fffd").tobytes()  # what the font draws for a code point it lacks
+    for group, text, name in _emoji_groups():
+        x0, _, x1, _ = font.getbbox(text)
+        img = draw(text)
+        if x1 - x0 > 136 or img.getbbox() is None or img.tobytes() == missing:
+            continue  # a sequence the font draws as several glyphs, or not at all
+        stem = "-".join(f"{ord(c):x}" for c in text if ord(c) not in (0x200D, 0xFE0F))
+        yield group, f"{stem}_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}", _png(img)
+
+
+BUILDERS: dict[str, Callable[[], Iterator[Item]]] = {
+    "digits": digits_items,
+    "icons": icon_items,
+    "stamps": stamp_items,
+    "emoji": emoji_items,
+}
+
+
+def _pixel_key(data: bytes) -> str:
+    """Content key by decoded pixels: catches byte copies and the same picture encoded twice."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+
+
+def dedupe(items: list[Item]) -> tuple[dict[str, list[Item]], dict[str, int]]:
+    """Group items by label, dropping pixel-identical copies: all of them if the labels disagree."""
+    labels: dict[str, set[str]] = {}
+    first: dict[str, Item] = {}
+    for item in items:
+        key = _pixel_key(item[2])
+        labels.setdefault(key, set()).add(item[0])
+        first.setdefault(key, item)
+    by_label: dict[str, list[Item]] = {}
+    for key, item in first.items():
+        if len(labels[key]) == 1:
+            by_label.setdefault(item[0], []).append(item)
+    dropped = {
+        "copies_same_label": len(items) - len(first),
+        "conflicting_labels": sum(len(v) > 1 for v in labels.values()),
+    }
+    return by_label, dropped
+
+
+def split_counts(
+    n: int, pool_cap: int = POOL_PER_CLASS, frac: float = HELDOUT_FRACTION, heldout_cap: int = HELDOUT_PER_CLASS
+) -> tuple[int, int]:
+    """(pool, heldout) sizes for a class of ``n`` unique images."""
+    heldout = min(heldout_cap, max(math.ceil(n * frac), n - pool_cap))
+    return min(pool_cap, n - heldout), heldout
+
+
+def _installed_version(name: str) -> str:
+    if name == "digits":
+        import sklearn
+
+        return f"scikit-learn {sklearn.__version__}"
+    pkgs = SOURCES[name]["apt"].split()
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${Version}\\n", *pkgs], check=False, capture_output=True, text=True
+    )
+    found = "; ".join(out.stdout.split("\n")[:-1]) or "unknown (dpkg-query failed)"
+    if name == "emoji":  # without libraqm Pillow draws ZWJ sequences as several glyphs: fewer emoji qualify
+        import PIL
+        from PIL import features
+
+        found += f"; Pillow {PIL.__version__} (raqm {'yes' if features.check('raqm') else 'no'})"
+    return found
+
+
+def build_set(name: str, out: str | os.PathLike[str], seed: int = 0, force: bool = False) -> dict:
+    """Materialise one set under ``out/name`` (rebuilt atomically); return its sources.json record.
+
+    Reuses an existing build made with the same seed and caps unless ``force``.
+    """
+    if name not in BUILDERS:
+        raise GraftError(f"unknown set {name!r}: choose from {', '.join(BUILDERS)}")
+    final = Path(out) / name
+    spec = {
+        "set": name,
+        "seed": seed,
+        "pool_per_class": POOL_PER_CLASS,
+        "heldout_fraction": HELDOUT_FRACTION,
+        "heldout_per_class": HELDOUT_PER_CLASS,
+        "min_per_class": MIN_PER_CLASS,
+    }
+    record_path = final / "sources.json"
+    if not force and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("spec") == spec:
+            return record
+    by_label, dropped = dedupe(list(BUILDERS[name]()))
+    small = sorted(c for c, v in by_label.items() if len(v) < MIN_PER_CLASS)
+    counts: dict[str, dict[str, int]] = {}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
+    try:
+        for ci, label in enumerate(sorted(set(by_label) - set(small))):
+            items = sorted(by_label[label], key=lambda it: it[1])
+            order = np.random.default_rng([seed, ci]).permutation(len(items))
+            n_pool, n_held = split_counts(len(items))
+            for part, idx in (("heldout", order[:n_held]), ("pool", order[n_held : n_held + n_pool])):
+                folder = tmp / part / label
+                folder.mkdir(parents=True)
+                for i in idx:
+                    (folder / f"{items[i][1]}.png").write_bytes(items[i][2])
+            counts[label] = {"pool": n_pool, "heldout": n_held, "unused": len(items) - n_pool - n_held}
+        if len(counts) < 2:
+            raise GraftError(f"{name}: fewer than 2 classes with >= {MIN_PER_CLASS} unique images")
+        record = {
+            "spec": spec,
+            "source": SOURCES[name],
+            "installed": _installed_version(name),
+            "classes": counts,
+            "dropped": {**dropped, "classes_under_min": small},
+        }
+        (tmp / "sources.json").write_text(json.dumps(record, indent=1, ensure_ascii=False))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the set appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def format_counts(record: dict) -> str:
+    """One line per class: pool / heldout / unused, then the totals and what was dropped."""
+    rows = [
+        f"  {c:<16} pool {v['pool']:>4}  heldout {v['heldout']:>4}  unused {v['unused']:>4}"
+        for c, v in record["classes"].items()
+    ]
+    tot = {k: sum(v[k] for v in record["classes"].values()) for k in ("pool", "heldout", "unused")}
+    d = record["dropped"]
+    rows.append(
+        f"  {'total':<16} pool {tot['pool']:>4}  heldout {tot['heldout']:>4}  unused {tot['unused']:>4}"
+        f"   (dropped: {d['copies_same_label']} same-label copies, {d['conflicting_labels']} images under "
+        f"two labels, classes under {MIN_PER_CLASS}: {', '.join(d['classes_under_min']) or 'none'})"
+    )
+    return "\n".join([f"{record['spec']['set']}: {record['installed']}", *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(BUILDERS))
+    ap.add_argument("--out", default=str(REPO / "cache" / "bench"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    args = ap.parse_args(argv)
+    try:
+        for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+            print(format_counts(build_set(name, args.out, args.seed, args.force)))
+    except GraftError as exc:
+        print(f"datasets: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Transfer benchmark: raw pixels, a scikit-learn probe and graft's modes, scored on held-out real images.
+
+    python bench/transfer.py                                    # all sets, all rows (fine-tune rows take minutes)
+    python bench/transfer.py --sets digits,icons --modes pixels,probe,head
+    python bench/transfer.py --budget-minutes 30 --out cache/bench
+
+Builds the sets with bench/datasets.py (see its docstring for the apt-get line). Per set, each row
+learns from ``pool/`` only and is scored once on ``heldout/``:
+  pixels    16x16 grey pixels, StandardScaler + LogisticRegression, C by 5-fold CV on the pool
+  probe     the same scikit-learn probe on EfficientNet-Lite0 features from graft's own backbone
+  head, finetune, auto
+            graft's CLI stages (ingest, featurize, train, evaluate, export) in a fresh project per row
+            (``<out>/<set>/runs/<mode>``, its own feature cache, so wall times are comparable), then
+            ``graft predict`` on the held-out folder: the score reads only models/model.onnx.
+A mode that params validation rejects (``auto`` until it lands) is reported as n/a. Prints one table
+per set and the targets; writes every row to ``<out>/transfer.json`` (merged by set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from graft import GraftError  # noqa: E402 - after sys.path points at this checkout
+from graft.atomic import write_json, write_text, write_with  # noqa: E402
+from graft.images import load_rgb, preprocess  # noqa: E402
+
+
+def _bench_datasets():
+    """bench/datasets.py, loaded by path: a plain ``import datasets`` could pick up Hugging Face's package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("graft_bench_datasets", REPO / "bench" / "datasets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_DATASETS = _bench_datasets()
+BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
+
+ROWS = ("pixels", "probe", "head", "finetune", "auto")
+STAGES = ("ingest", "featurize", "train", "evaluate", "export")
+CS = np.logspace(-4, 2, 7)  # C grid for both scikit-learn rows
+PIXELS = 16  # graft's evaluate baseline uses the same 16x16 grey pixels
+
+
+def class_files(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """The images under ``folder/<class>/`` in a stable order, with their class names."""
+    paths = sorted(p for p in folder.glob("*/*") if p.is_file() and not p.name.startswith("."))
+    return paths, np.array([p.parent.name for p in paths])
+
+
+def pixel_features(paths: list[Path]) -> np.ndarray:
+    """16x16 grey pixels in [0, 1], decoded by graft (alpha over white), resampled as graft's baseline does."""
+    out = np.empty((len(paths), PIXELS * PIXELS), np.float32)
+    for i, p in enumerate(paths):
+        img = load_rgb(p, min_side=PIXELS)[0].convert("L").resize((PIXELS, PIXELS), resample=3, reducing_gap=2.0)
+        out[i] = np.asarray(img, np.float32).ravel() / 255.0
+    return out
+
+
+def lite0_features(paths: list[Path], cache: Path, batch: int = 32) -> tuple[np.ndarray, float]:
+    """1280-d EfficientNet-Lite0 features from graft's backbone (torch, eval mode, channels_last).
+
+    Vectors are kept in ``cache`` (npz keyed by file sha256 and the backbone fingerprint) with the
+    seconds each one took, so a rerun is quick and still reports what computing them cost.
+
+    Returns:
+        The features, and the seconds spent computing them (now or when they were cached).
+    """
+    import hashlib
+
+    import torch
+
+    from graft.backbones import build_backbone
+
+    bb = build_backbone("efficientnet_lite0")
+    keys = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    known: dict[str, tuple[np.ndarray, float]] = {}
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["fingerprint"]) == bb.fingerprint:
+                known = {k: (v, float(s)) for k, v, s in zip(z["keys"], z["features"], z["seconds"], strict=True)}
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    model = bb.model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for i in range(0, len(todo), batch):
+            t0 = time.perf_counter()
+            chunk = todo[i : i + batch]
+            x = np.stack(
+                [preprocess(load_rgb(paths[j], min_side=bb.preprocess.resize)[0], bb.preprocess) for j in chunk]
+            )
+            feats = model(torch.from_numpy(x).to(memory_format=torch.channels_last)).numpy()
+            per = (time.perf_counter() - t0) / len(chunk)
+            known.update({keys[j]: (f, per) for j, f in zip(chunk, feats, strict=True)})
+    if todo:
+        ks = sorted(known)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a path
+                np.savez(
+                    fh,
+                    fingerprint=bb.fingerprint,
+                    keys=np.array(ks),
+                    features=np.stack([known[k][0] for k in ks]),
+                    seconds=np.array([known[k][1] for k in ks]),
+                )
+
+        write_with(cache, save)
+    return np.stack([known[k][0] for k in keys]), sum(known[k][1] for k in keys)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, seed: int):
+    """StandardScaler + LogisticRegression with C chosen by stratified 5-fold CV; returns (model, C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    search = GridSearchCV(pipe, {"logisticregression__C": CS}, cv=StratifiedKFold(5, shuffle=True, random_state=seed))
+    with threadpool_limits(1, user_api="blas"):  # small problems: threaded BLAS on a busy 2-core box is ~50x slower
+        search.fit(x, y)
+    return search.best_estimator_, float(search.best_params_["logisticregression__C"])
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
+    """Accuracy with a Wilson 95% interval, macro-F1 with a bootstrap 95% interval (1,000 resamples)."""
+    from scipy.stats import binomtest, bootstrap
+    from sklearn.metrics import f1_score
+
+    labels = sorted(set(y_true))  # an unreadable file's prediction ("") counts as wrong, not as a class
+    n, k = len(y_true), int((y_true == y_pred).sum())
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+
+    def f1(t: np.ndarray, p: np.ndarray) -> float:
+        return f1_score(t, p, labels=labels, average="macro", zero_division=0)
+
+    boot = bootstrap(
+        (y_true, y_pred), f1, paired=True, vectorized=False, n_resamples=1000, method="percentile", random_state=seed
+    ).confidence_interval
+    return {
+        "accuracy": k / n,
+        "accuracy_ci": [ci.low, ci.high],
+        "macro_f1": float(f1(y_true, y_pred)),
+        "macro_f1_ci": [float(boot.low), float(boot.high)],
+        "n": n,
+    }
+
+
+def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
+    """The pixels or probe row: features of pool and held-out images, probe fit on the pool.
+
+    Wall time counts decoding, features (cached Lite0 vectors count the seconds they took), fit and predict.
+    """
+    t0, feature_s = time.perf_counter(), 0.0
+    (pool, y_pool), (held, y_held) = class_files(set_dir / "pool"), class_files(set_dir / "heldout")
+    if kind == "pixels":
+        x_pool, x_held = pixel_features(pool), pixel_features(held)
+    else:
+        t1 = time.perf_counter()
+        x, feature_s = lite0_features(pool + held, set_dir / "lite0_features.npz")
+        t0 += time.perf_counter() - t1  # replaced by the recorded compute seconds
+        x_pool, x_held = x[: len(pool)], x[len(pool) :]
+    model, c = fit_probe(x_pool, y_pool, seed)
+    pred = model.predict(x_held)
+    return {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"C={c:g}"}
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _last_line(text: str) -> str:
+    return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "no output")[:160]
+
+
+AUTO_BUDGET_MINUTES: float | None = None  # --auto-budget-minutes: train.budget_minutes of the auto rows
+
+
+def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dict:
+    """Run graft's stages on the pool in a fresh project, then score its ONNX model on the held-out folder."""
+    work = set_dir / "runs" / mode
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw["seed"] = seed
+    raw["data"]["root"] = str((set_dir / "pool").resolve())
+    raw["train"]["mode"] = mode
+    if mode == "auto" and AUTO_BUDGET_MINUTES is not None:
+        raw["train"]["budget_minutes"] = AUTO_BUDGET_MINUTES
+    write_text(work / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
+    from graft.params import load_params
+
+    try:
+        load_params(work / "params.yaml")
+    except GraftError as exc:
+        if "train.mode" in str(exc):
+            return {"status": "n/a (mode not available)", "note": str(exc)}
+        raise
+    stage_s: dict[str, float] = {}
+    t0, stage = time.perf_counter(), STAGES[0]
+    try:
+        for stage in STAGES:
+            ts = time.perf_counter()
+            left = None if timeout is None else max(1.0, timeout - (ts - t0))
+            done = _run([sys.executable, "-m", "graft.cli", stage, "--params", "params.yaml"], work, left)
+            stage_s[stage] = round(time.perf_counter() - ts, 1)
+            if done.returncode != 0:
+                return {"status": f"failed at {stage}: {_last_line(done.stderr)}", "stage_s": stage_s}
+        ts = time.perf_counter()
+        done = _run(
+            [
+                sys.executable,
+                "-m",
+                "graft.cli",
+                "predict",
+                str((set_dir / "heldout").resolve()),
+                "--model",
+                "models/model.onnx",
+                "--out",
+                "heldout_preds.csv",
+            ],
+            work,
+            None,
+        )
+        stage_s["predict"] = round(time.perf_counter() - ts, 1)
+        if done.returncode != 0:
+            return {"status": f"failed at predict: {_last_line(done.stderr)}", "stage_s": stage_s}
+    except subprocess.TimeoutExpired:
+        return {"status": f"stopped at {stage}: over the time budget", "stage_s": stage_s}
+    with open(work / "heldout_preds.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    y_true = np.array([Path(r["path"]).parent.name for r in rows])
+    y_pred = np.array([r["label"] or "" for r in rows])
+    train = (
+        json.loads((work / "metrics" / "train.json").read_text()) if (work / "metrics" / "train.json").is_file() else {}
+    )
+    shown = (
+        ("mode", "strategy", "image_size", "epochs")
+        if train.get("mode") != mode
+        else ("strategy", "image_size", "epochs")
+    )
+    note = ", ".join(
+        [f"{k}={train[k]}" for k in shown if k in train]
+        + [f"{k} {stage_s[k]:.0f}s" for k in ("featurize", "train", "export")]
+    )
+    return {**score(y_true, y_pred, seed), "wall_s": time.perf_counter() - t0, "stage_s": stage_s, "note": note}
+
+
+def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
+    """PASS/FAIL of auto against the best single mode (-0.5 pt), raw pixels and the probe, on ``metric``."""
+    val = {k: r[metric] for k, r in rows.items() if metric in r}
+    best = max((k for k in ("head", "finetune") if k in val), key=val.get, default=None)
+    checks = {
+        "auto >= best single - 0.5 pt": (f"{best} - 0.005", val[best] - 0.005 if best else None),
+        "auto >= raw-pixel LR": ("pixels", val.get("pixels")),
+        "auto >= sklearn probe": ("probe", val.get("probe")),
+    }
+    if "auto" not in val:
+        return {k: "n/a (no auto row)" for k in checks}
+    return {
+        k: "n/a (row not run)"
+        if ref is None
+        else ("PASS" if val["auto"] >= ref - 1e-12 else "FAIL") + f" (auto {val['auto']:.4f} vs {name} {ref:.4f})"
+        for k, (name, ref) in checks.items()
+    }
+
+
+NAMES = {
+    "pixels": f"raw pixels {PIXELS}x{PIXELS} + LR",
+    "probe": "sklearn probe on Lite0",
+    "head": "graft head",
+    "finetune": "graft finetune",
+    "auto": "graft auto",
+}
+
+
+def format_table(name: str, result: dict) -> str:
+    """One set's rows: accuracy and macro-F1 with 95% intervals, wall seconds, a note; then the targets."""
+    lines = [
+        f"== {name}: pool {result['pool']} images, heldout {result['heldout']} images, {result['classes']} classes",
+        f"{'row':<24} {'accuracy [95% CI]':<23} {'macro-F1 [95% CI]':<23} {'wall s':>7}  note",
+    ]
+    for key, r in result["rows"].items():
+        if "accuracy" not in r:
+            lines.append(f"{NAMES[key]:<24} {r['status']}")
+            continue
+        acc = f"{r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]"
+        f1 = f"{r['macro_f1']:.3f} [{r['macro_f1_ci'][0]:.3f}, {r['macro_f1_ci'][1]:.3f}]"
+        note = (f"[earlier run {r['time']}] " if r.get("earlier") else "") + r.get("note", "")
+        lines.append(f"{NAMES[key]:<24} {acc:<23} {f1:<23} {r['wall_s']:>7.1f}  {note}")
+    auto = result["rows"].get("auto", {})
+    lines.append(f"auto wall time: {auto['wall_s']:.1f} s" if "wall_s" in auto else "auto wall time: n/a")
+    lines += [f"target ({result['target_metric']}) {k}: {v}" for k, v in result["targets"].items()]
+    return "\n".join(lines)
+
+
+def run_set(
+    name: str, out: Path, modes: list[str], seed: int, deadline: float | None, metric: str, earlier: dict | None = None
+) -> dict:
+    """Build the set, run the rows in ``modes``; rows of an earlier run of the same set build are kept."""
+    record = build_set(name, out, seed)
+    set_dir = out / name
+    stamp = {
+        "commit": _run(["git", "describe", "--always", "--dirty"], REPO, 30).stdout.strip(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows: dict[str, dict] = {}
+    if earlier and earlier.get("spec") == record["spec"]:
+        rows = {k: {**r, "earlier": True} for k, r in earlier["rows"].items() if k not in modes}
+    for mode in modes:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            rows[mode] = {"status": "skipped: over the time budget"}
+        elif mode in ("pixels", "probe"):
+            rows[mode] = sklearn_row(mode, set_dir, seed)
+        else:
+            rows[mode] = graft_row(mode, set_dir, seed, left)
+        rows[mode].update(stamp)
+        print(f"  {name}/{mode}: {rows[mode].get('status') or f'{rows[mode][metric]:.4f} {metric}'}", flush=True)
+    tot = {k: sum(v[k] for v in record["classes"].values()) for k in ("pool", "heldout")}
+    rows = {k: rows[k] for k in ROWS if k in rows}
+    return {
+        **tot,
+        "classes": len(record["classes"]),
+        "spec": record["spec"],
+        "source": record["source"],
+        "installed": record["installed"],
+        "rows": rows,
+        "target_metric": metric,
+        "targets": targets(rows, metric),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(BUILDERS), help=f"comma list of {', '.join(BUILDERS)}")
+    ap.add_argument("--modes", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--out", default=str(REPO / "cache" / "bench"), help="sets, row projects and transfer.json")
+    ap.add_argument(
+        "--budget-minutes", type=float, default=None, help="start no row after this; stop a graft row at it"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--auto-budget-minutes", type=float, default=None, help="train.budget_minutes of the auto rows")
+    ap.add_argument("--target-metric", choices=("macro_f1", "accuracy"), default="macro_f1")
+    ap.add_argument("--show", action="store_true", help="print the tables of <out>/transfer.json; run nothing")
+    args = ap.parse_args(argv)
+    global AUTO_BUDGET_MINUTES
+    AUTO_BUDGET_MINUTES = args.auto_budget_minutes
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    out = Path(args.out).resolve()
+    deadline = None if args.budget_minutes is None else time.monotonic() + 60 * args.budget_minutes
+    try:
+        bad = [m for m in modes if m not in ROWS] + [s for s in sets if s not in BUILDERS]
+        if bad:
+            raise GraftError(f"unknown set or mode {bad[0]!r}: sets {', '.join(BUILDERS)}; modes {', '.join(ROWS)}")
+        results_path = out / "transfer.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        if args.show:
+            print("\n\n".join(format_table(k, v) for k, v in results.items() if k in sets))
+            return 0
+        for name in sets:
+            results[name] = run_set(name, out, modes, args.seed, deadline, args.target_metric, results.get(name))
+            write_json(results_path, results)  # after each set: a later failure keeps the finished ones
+            print(format_table(name, results[name]) + "\n", flush=True)
+    except GraftError as exc:
+        print(f"transfer: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"rows written to {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
