@@ -24,7 +24,7 @@ from graft.cacheparts import feature_table
 from graft.model import head_from_payload, load_model
 from graft.select import to_torch_head
 from graft.tasks.auto import auto
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 CLASSES = ["a", "b", "c"]
 TAPS = ("raw", "stages", "last")

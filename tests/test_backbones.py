@@ -25,7 +25,7 @@ from graft.backbones import (
 from graft.bodies import _load_state_dict, _TinyCNN, map_lite0_keys
 from graft.images import Preprocess, preprocess
 from graft.weights import embedded_lite0_path
-from tests.conftest import make_params
+from tests.helpers import make_params
 
 LITE0_TENSORS = 247  # parameters + buffers of timm's efficientnet_lite0, num_batches_tracked excluded
 

@@ -15,7 +15,7 @@ import yaml
 import graft
 from graft.cli import build_parser, main
 from graft.console import missing_hint, stage_line
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 
 def _params_file(ws: Path, overrides: dict | None = None) -> Path:

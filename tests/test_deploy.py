@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_params, write_tree
+from tests.helpers import REPO, make_params, write_tree
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from graft.drift import class_mix_shift, drift_markdown, feature_drift, permutations_for, unknown_rate
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 
 def test_feature_drift_separates_a_shifted_batch_from_an_ordinary_one() -> None:

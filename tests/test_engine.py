@@ -24,7 +24,7 @@ from graft.engine import TorchEngine, resolve_engine
 from graft.onnxengine import ONNX_FILE, ort_engine, plan_threads
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.conftest import class_image, make_params, write_tree
+from tests.helpers import class_image, make_params, write_tree
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 CLASSES = ("cat", "dog", "bird")
 METRIC_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "n"}

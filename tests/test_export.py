@@ -25,7 +25,7 @@ from graft.tasks.export import calibration_paths, export, int8_path
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import make_params, run_stages, write_tree
+from tests.helpers import make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")  # a label with spaces, quotes and non-ASCII must survive
 

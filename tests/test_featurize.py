@@ -23,7 +23,7 @@ from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.conftest import class_image, make_params, write_tree
+from tests.helpers import class_image, make_params, write_tree
 
 DIM = 32  # tiny_cnn feature width
 

@@ -15,7 +15,7 @@ from graft.model import Classifier, head_config, initial_model, load_model, make
 from graft.params import FinetuneParams, Params, parse_params
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 pytestmark = pytest.mark.prefect
 

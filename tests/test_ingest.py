@@ -18,7 +18,7 @@ from graft import GraftError
 from graft.dataset import MANIFEST_COLUMNS, SPLITS
 from graft.params import SplitParams
 from graft.tasks.ingest import hash_split, ingest
-from tests.conftest import class_image, make_params, write_tree
+from tests.helpers import class_image, make_params, write_tree
 
 
 def run(ws: Path, overrides: dict | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:

@@ -16,7 +16,7 @@ from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import class_image, make_params, write_tree
+from tests.helpers import class_image, make_params, write_tree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,7 +27,7 @@ from graft.tasks.evaluate import evaluate
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import make_params, run_stages, write_tree
+from tests.helpers import make_params, run_stages, write_tree
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 

@@ -16,7 +16,7 @@ import pytest
 
 from graft import GraftError
 from graft.lock import CACHE_LOCK, ENV_HELD, WORKSPACE_LOCK, cache_lock, holder, workspace_lock
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from packaging.requirements import Requirement
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from graft import GraftError
 from graft.params import CANDIDATES, Params, dump_params, load_params, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _one_line_error(exc_info: pytest.ExceptionInfo) -> str:

@@ -19,7 +19,7 @@ from graft.tasks.evaluate import evaluate
 from graft.tasks.export import export
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.conftest import REPO, make_params, run_stages, write_tree
+from tests.helpers import REPO, make_params, run_stages, write_tree
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 

@@ -22,7 +22,7 @@ from graft.tasks.export import export
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import class_image, make_params, run_stages, write_tree
+from tests.helpers import class_image, make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")
 

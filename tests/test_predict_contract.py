@@ -13,7 +13,7 @@ import pytest
 
 from graft.cli import main
 from graft.predict import read_metadata
-from tests.conftest import class_image
+from tests.helpers import class_image
 
 CLASSES = ["red", "green", "blue"]
 SPEC = {"crop": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}

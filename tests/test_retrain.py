@@ -16,7 +16,7 @@ from graft import GraftError
 from graft.baseline import gate
 from graft.params import RetrainParams
 from graft.tasks.retrain import diff_manifests, gate_test_set, load_champion, promote
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 
 def manifest(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:

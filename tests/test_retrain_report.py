@@ -6,7 +6,7 @@ from pathlib import Path
 
 from graft.flows.retrain import auto_rows, challenger_rows
 from graft.tasks.retrain import DataDiff, comparison_markdown
-from tests.conftest import make_params
+from tests.helpers import make_params
 
 ROW = {"decision": "promoted", "reason": "macro-F1 0.9 vs champion 0.8", "gate_test_images": 40}
 

@@ -32,7 +32,7 @@ from graft.sources import resolve_url
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.shard import FeaturizeJob, make_shards, plan_featurize, run_featurize_shard, shard_id
-from tests.conftest import REPO, class_image, make_params, write_tree
+from tests.helpers import REPO, class_image, make_params, write_tree
 
 TOL = 1e-5  # features of the same pixels through the same ONNX graph, batched differently
 

@@ -16,7 +16,7 @@ from graft.tasks.export import export
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import REPO, class_image, make_params, run_stages
+from tests.helpers import REPO, class_image, make_params, run_stages
 
 SCANNED = ("graft", "tasks", "flows", "bench")
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}

@@ -24,7 +24,7 @@ from graft.params import TrainParams
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import make_params, write_tree
+from tests.helpers import make_params, write_tree
 
 K = 4
 

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from graft import GraftError
 from graft.tasks.featurize import featurize
-from tests.conftest import class_image, write_tree
-from tests.faults.conftest import params_for, run_ingest
+from tests.faults.helpers import params_for, run_ingest
+from tests.helpers import class_image, write_tree
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from graft import GraftError
 from graft.cli import main
 from graft.images import load_rgb
 from graft.tasks.ingest import ingest
-from tests.conftest import REPO, class_image, write_tree
-from tests.faults.conftest import (
+from tests.faults.helpers import (
     encode,
     params_for,
     png_bytes,
@@ -29,9 +28,10 @@ from tests.faults.conftest import (
     truncated_jpeg,
     write_params,
 )
+from tests.helpers import REPO, class_image, write_tree
 
 
-def test_row01_truncated_jpeg_is_quarantined(ws: Path) -> None:
+def test_truncated_jpeg_is_quarantined(ws: Path) -> None:
     """A JPEG cut in half opens (its header is whole) but ingest's full decode catches it."""
     write_tree(ws / "raw", per_class=12)
     data = truncated_jpeg()
@@ -45,7 +45,7 @@ def test_row01_truncated_jpeg_is_quarantined(ws: Path) -> None:
     assert summary["quarantined"] == 1 and len(m) == 24
 
 
-def test_row02_zero_byte_text_and_unknown_format_are_quarantined(ws: Path) -> None:
+def test_zero_byte_text_and_unknown_format_are_quarantined(ws: Path) -> None:
     """Empty file, text named .jpg, a PCX named .png and a bare PNG signature each get a reason."""
     write_tree(ws / "raw", per_class=12)
     (ws / "raw/cat/empty.jpg").write_bytes(b"")
@@ -65,7 +65,7 @@ def test_row02_zero_byte_text_and_unknown_format_are_quarantined(ws: Path) -> No
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_row03_decompression_bomb_is_quarantined_without_decoding(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decompression_bomb_is_quarantined_without_decoding(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Headers claiming 1e10 and 1e8 pixels are refused from the header alone: no pixels are ever decoded."""
     write_tree(ws / "raw", per_class=12)
     rows = b"\0" + b"\0" * 3 * 4  # one scanline of a tiny image; the header lies about the size
@@ -85,7 +85,7 @@ def test_row03_decompression_bomb_is_quarantined_without_decoding(ws: Path, monk
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_row03_image_just_over_the_pixel_limit_is_quarantined(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_just_over_the_pixel_limit_is_quarantined(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; ingest still refuses (a warning filter is global)."""
     write_tree(ws / "raw", per_class=12)  # 40x32 = 1280 px each
     (ws / "raw/cat/big.png").write_bytes(encode(Image.new("RGB", (150, 100), (5, 6, 7)), "PNG"))
@@ -97,7 +97,7 @@ def test_row03_image_just_over_the_pixel_limit_is_quarantined(ws: Path, monkeypa
     assert len(m) == 24
 
 
-def test_row04_mostly_unreadable_fails_with_the_count_and_threshold(ws: Path, capsys: pytest.CaptureFixture) -> None:
+def test_mostly_unreadable_fails_with_the_count_and_threshold(ws: Path, capsys: pytest.CaptureFixture) -> None:
     """5 bad of 11 files fails with the count and the param name, as one CLI line; the quarantine is kept."""
     write_tree(ws / "raw", per_class=3)
     for i in range(3):
@@ -117,7 +117,7 @@ def test_row04_mostly_unreadable_fails_with_the_count_and_threshold(ws: Path, ca
 
 
 @pytest.mark.timeout(60)
-def test_row12_hidden_non_image_symlink_loops_and_unicode_names_never_crash(ws: Path) -> None:
+def test_hidden_non_image_symlink_loops_and_unicode_names_never_crash(ws: Path) -> None:
     """Hidden entries and non-images are skipped, links looping back are not followed, odd names kept exactly."""
     classes = ("Chat noir é", 'l\'oiseau "bleu" 🐦')
     for ci, c in enumerate(classes):
@@ -175,7 +175,7 @@ def _peak_decode(path: Path, min_side: int) -> tuple[tuple[int, int], tuple[int,
 
 
 @pytest.mark.timeout(120)
-def test_row23_huge_jpeg_is_decoded_at_reduced_size_with_bounded_memory(ws: Path) -> None:
+def test_huge_jpeg_is_decoded_at_reduced_size_with_bounded_memory(ws: Path) -> None:
     """An 8000x6000 JPEG: ingest records its true size, decoding uses a few MiB instead of ~140, pixels are right."""
     write_tree(ws / "raw", per_class=12)
     arr = np.zeros((6000, 8000, 3), np.uint8)

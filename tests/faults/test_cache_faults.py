@@ -15,8 +15,8 @@ from graft.backbones import build_backbone
 from graft.cache import load_feature_table
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for
+from tests.faults.helpers import params_for
+from tests.helpers import write_tree
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def _foreign_part(cache: Path, dim: int, value_type: pa.DataType) -> Path:
     ],
     ids=["dimension", "dtype"],
 )
-def test_row16_feature_dimension_or_dtype_drift_is_detected_by_schema(
+def test_feature_dimension_or_dtype_drift_is_detected_by_schema(
     featurized, dim: int, value_type: pa.DataType, shown: str
 ) -> None:
     """A part of another width or dtype in the cache stops featurize naming the file; nothing is mixed or replaced."""
@@ -67,7 +67,7 @@ def test_row16_feature_dimension_or_dtype_drift_is_detected_by_schema(
     assert Path(params.featurize.out).read_bytes() == before
 
 
-def test_row16_unreadable_part_is_named(featurized) -> None:
+def test_unreadable_part_is_named(featurized) -> None:
     """A part whose footer is garbage is named as unreadable, with the fix."""
     ws, params, cache = featurized
     bad = cache / "part-00000000T000000-garbage.parquet"
@@ -78,7 +78,7 @@ def test_row16_unreadable_part_is_named(featurized) -> None:
 
 
 @pytest.mark.parametrize("change", [{"featurize": {"image_size": 48}}, "weights"], ids=["preprocessing", "weights"])
-def test_row17_changed_backbone_or_preprocessing_gets_a_new_fingerprint(featurized, tmp_path: Path, change) -> None:
+def test_changed_backbone_or_preprocessing_gets_a_new_fingerprint(featurized, tmp_path: Path, change) -> None:
     """A new input size or new weights is a new cache folder: every image is recomputed, nothing stale is reused."""
     ws, params, cache = featurized
     old_feats, old_meta = load_feature_table(params.featurize.out)
@@ -103,7 +103,7 @@ def test_row17_changed_backbone_or_preprocessing_gets_a_new_fingerprint(featuriz
     assert all(not np.allclose(new_feats[k], old_feats[k]) for k in new_feats)
 
 
-def test_row17_cache_folder_of_another_config_is_refused(featurized) -> None:
+def test_cache_folder_of_another_config_is_refused(featurized) -> None:
     """A cache folder whose meta.json describes another config (copied or hand-edited) is not reused."""
     ws, params, cache = featurized
     meta = cache / "meta.json"

@@ -21,8 +21,8 @@ from graft.cli import main
 from graft.lock import ENV_HELD, WORKSPACE_LOCK, cache_lock, holder, workspace_lock
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.conftest import REPO, class_image, write_tree
-from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.faults.helpers import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.helpers import REPO, class_image, write_tree
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +47,7 @@ def _workspace(root: Path, shared_cache: Path, own: range) -> Path:
 
 
 @pytest.mark.slow
-def test_row15_two_featurize_processes_on_one_cache_store_every_key_once(tmp_path: Path) -> None:
+def test_two_featurize_processes_on_one_cache_store_every_key_once(tmp_path: Path) -> None:
     """Two `graft featurize` runs started together on one cache: they queue on the cache lock, the second
     computes only what the first did not, every key sits in the cache once, both tables read back whole."""
     cache = tmp_path / "shared-cache"
@@ -75,7 +75,7 @@ def test_row15_two_featurize_processes_on_one_cache_store_every_key_once(tmp_pat
     assert tmp_files(cache) == []
 
 
-def test_row15_unlocked_writers_racing_still_read_one_row_per_key(ws: Path) -> None:
+def test_unlocked_writers_racing_still_read_one_row_per_key(ws: Path) -> None:
     """Library callers that bypass the CLI's cache lock may both compute an image; readers still see it once."""
     write_tree(ws / "raw", per_class=10)
     # torch engine: torch.onnx.export is not thread-safe, so two threads may not both build the ORT engine
@@ -130,7 +130,7 @@ def _one_error_line(capsys: pytest.CaptureFixture) -> str:
 
 
 @pytest.mark.slow
-def test_row26_overlapping_run_is_refused_naming_the_running_graft(ws: Path, capsys: pytest.CaptureFixture) -> None:
+def test_overlapping_run_is_refused_naming_the_running_graft(ws: Path, capsys: pytest.CaptureFixture) -> None:
     """While a real `graft featurize` runs, `graft train` on the same workspace is refused in one line naming it."""
     write_tree(ws / "raw", per_class=12)
     params = params_for(ws, {"featurize": {"part_rows": 4, "batch_size": 4}})
@@ -149,7 +149,7 @@ def test_row26_overlapping_run_is_refused_naming_the_running_graft(ws: Path, cap
     assert running.wait(timeout=120) == 0, output_of(running)
 
 
-def test_row26_waiting_run_starts_when_the_other_finishes(ws: Path, capsys: pytest.CaptureFixture) -> None:
+def test_waiting_run_starts_when_the_other_finishes(ws: Path, capsys: pytest.CaptureFixture) -> None:
     """With --wait the second run says it is waiting, then runs as soon as the lock is free."""
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))
@@ -166,7 +166,7 @@ def test_row26_waiting_run_starts_when_the_other_finishes(ws: Path, capsys: pyte
     assert (ws / "data/manifest.parquet").is_file()
 
 
-def test_row26_wait_that_runs_out_is_a_clear_error(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_wait_that_runs_out_is_a_clear_error(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """GRAFT_LOCK_WAIT sets the default wait; when it runs out the message says how long it waited."""
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))
@@ -179,7 +179,7 @@ def test_row26_wait_that_runs_out_is_a_clear_error(ws: Path, monkeypatch: pytest
     assert rc == 2 and "after waiting 0.5 s" in _one_error_line(capsys)
 
 
-def test_row26_prefect_flow_is_refused_while_the_workspace_is_locked(ws: Path) -> None:
+def test_prefect_flow_is_refused_while_the_workspace_is_locked(ws: Path) -> None:
     """The pipeline flow takes the same lock before any task runs."""
     from graft.flows.pipeline import pipeline
 
@@ -194,7 +194,7 @@ def test_row26_prefect_flow_is_refused_while_the_workspace_is_locked(ws: Path) -
     assert not (ws / "data").exists()
 
 
-def test_row26_killed_holder_leaves_no_stale_lock(ws: Path) -> None:
+def test_killed_holder_leaves_no_stale_lock(ws: Path) -> None:
     """The kernel drops the lock with its holder: after a SIGKILL the next run proceeds at once."""
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))
@@ -205,7 +205,7 @@ def test_row26_killed_holder_leaves_no_stale_lock(ws: Path) -> None:
     assert main(["ingest", "--params", str(path)]) == 0
 
 
-def test_row26_lock_is_reentrant_in_process_and_for_children(ws: Path) -> None:
+def test_lock_is_reentrant_in_process_and_for_children(ws: Path) -> None:
     """Nested locks in one process and a child started by the holder do not wait; an unrelated process does."""
     path = write_params(ws, params_for(ws))
     probe = (
@@ -238,7 +238,7 @@ def test_row26_lock_is_reentrant_in_process_and_for_children(ws: Path) -> None:
         pass
 
 
-def test_row26_missing_params_file_makes_no_lock_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_params_file_makes_no_lock_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A mistyped --params fails on the params, and the lock does not create the folder it names."""
     missing = tmp_path / "typo" / "params.yaml"
 
@@ -248,7 +248,7 @@ def test_row26_missing_params_file_makes_no_lock_folder(tmp_path: Path, capsys: 
     assert not missing.parent.exists()
 
 
-def test_row26_unwritable_workspace_runs_with_a_warning(
+def test_unwritable_workspace_runs_with_a_warning(
     ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """params.yaml on a read-only mount: the lock file cannot be made, the run goes ahead and says so."""

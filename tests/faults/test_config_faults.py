@@ -24,8 +24,8 @@ from graft.model import MODEL_FORMAT, load_model
 from graft.params import Params
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, write_params
+from tests.faults.helpers import params_for, write_params
+from tests.helpers import write_tree
 
 # --- row 18: params -----------------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ def params_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=bad_params())
-def test_row18_bad_params_fail_with_one_line_naming_the_key(params_dir: Path, case: tuple[dict, str]) -> None:
+def test_bad_params_fail_with_one_line_naming_the_key(params_dir: Path, case: tuple[dict, str]) -> None:
     """Unknown keys, wrong types and out-of-range values: `graft ingest` exits 2 with one line naming the key."""
     raw, key = case
     path = params_dir / "params.yaml"
@@ -163,7 +163,7 @@ def test_row18_bad_params_fail_with_one_line_naming_the_key(params_dir: Path, ca
         ),
     ],
 )
-def test_row19_missing_pretrained_weights_name_the_file_and_where_to_put_it(
+def test_missing_pretrained_weights_name_the_file_and_where_to_put_it(
     ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, featurize: dict, expected: str
 ) -> None:
     """Offline and without the weights, `graft featurize` says which file is missing and where it goes, in one line."""
@@ -203,7 +203,7 @@ def _evil(path: Path, marker: Path, wrap: dict | None = None) -> Path:
     return path
 
 
-def test_row20_untrusted_model_file_is_refused_without_running_it(ws: Path, capsys: pytest.CaptureFixture) -> None:
+def test_untrusted_model_file_is_refused_without_running_it(ws: Path, capsys: pytest.CaptureFixture) -> None:
     """A model.pt that would run code under plain pickle: load_model and `graft evaluate` refuse it, nothing runs."""
     marker = ws / "pwned"
     _evil(ws / "models/model.pt", marker, {"format": MODEL_FORMAT})
@@ -222,7 +222,7 @@ def test_row20_untrusted_model_file_is_refused_without_running_it(ws: Path, caps
     assert not marker.exists()
 
 
-def test_row20_untrusted_weights_file_is_refused_without_running_it(ws: Path) -> None:
+def test_untrusted_weights_file_is_refused_without_running_it(ws: Path) -> None:
     """featurize.weights pointing at a hostile file: a one-line error, nothing runs."""
     marker = ws / "pwned"
     weights = _evil(ws / "weights.pt", marker)
@@ -237,7 +237,7 @@ def test_row20_untrusted_weights_file_is_refused_without_running_it(ws: Path) ->
     assert not marker.exists()
 
 
-def test_row20_untrusted_init_from_and_checkpoint_are_refused_without_running_them(ws: Path) -> None:
+def test_untrusted_init_from_and_checkpoint_are_refused_without_running_them(ws: Path) -> None:
     """A hostile train.init_from model and a hostile resume checkpoint: refused, nothing runs."""
     marker = ws / "pwned"
     write_tree(ws / "raw", per_class=6)

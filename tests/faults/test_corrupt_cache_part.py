@@ -13,8 +13,8 @@ from graft import GraftError
 from graft.cli import main
 from graft.sources import is_transient
 from graft.tasks.featurize import featurize
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, run_ingest, write_params
+from tests.faults.helpers import params_for, run_ingest, write_params
+from tests.helpers import write_tree
 
 
 def _corrupt_feature_page(part: Path) -> None:

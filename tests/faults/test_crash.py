@@ -27,8 +27,8 @@ from graft.tasks.featurize import featurize
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import REPO, write_tree
-from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.faults.helpers import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.helpers import REPO, write_tree
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -65,7 +65,7 @@ def _twin_workspaces(tmp_path: Path, per_class: int) -> tuple[Path, Path]:
     return ref, ws
 
 
-def test_row13_stage_failing_midway_exits_nonzero_leaves_no_partial_file_and_reruns_clean(
+def test_stage_failing_midway_exits_nonzero_leaves_no_partial_file_and_reruns_clean(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """featurize meets a file changed since ingest after some parts: exit 2, one line, no features.parquet;
@@ -95,7 +95,7 @@ def test_row13_stage_failing_midway_exits_nonzero_leaves_no_partial_file_and_rer
 
 
 @pytest.mark.slow
-def test_row14_sigkill_during_featurize_then_rerun_matches_an_uninterrupted_run(tmp_path: Path, capsys) -> None:
+def test_sigkill_during_featurize_then_rerun_matches_an_uninterrupted_run(tmp_path: Path, capsys) -> None:
     """Kill `graft featurize` while a cache part is being published: finished parts stay whole, the final
     path is untouched, and the rerun computes only the rest and equals an uninterrupted run."""
     ref, ws = _twin_workspaces(tmp_path, per_class=16)
@@ -127,7 +127,7 @@ FINETUNE = {
 
 
 @pytest.mark.slow
-def test_row14_sigkill_during_finetune_then_rerun_resumes_to_identical_weights(tmp_path: Path, capsys) -> None:
+def test_sigkill_during_finetune_then_rerun_resumes_to_identical_weights(tmp_path: Path, capsys) -> None:
     """Kill `graft train` (finetune) while it publishes the epoch-2 checkpoint: the epoch-1 checkpoint is whole,
     no model.pt appears, and the rerun resumes and ends with the weights of an uninterrupted run."""
     ref, ws = _twin_workspaces(tmp_path, per_class=8)
@@ -157,7 +157,7 @@ def test_row14_sigkill_during_finetune_then_rerun_resumes_to_identical_weights(t
 
 
 @pytest.mark.slow
-def test_row14_sigkill_during_head_training_keeps_the_previous_model(tmp_path: Path) -> None:
+def test_sigkill_during_head_training_keeps_the_previous_model(tmp_path: Path) -> None:
     """Kill `graft train` (head) while model.pt is being published: the old model.pt is byte-identical, and the
     rerun writes the same model as an uninterrupted run."""
     ws = tmp_path / "ws"
@@ -315,7 +315,7 @@ def _direct_writes(rel: str, source: str) -> list[str]:
     return [line for *_, line in sorted(bad)]
 
 
-def test_row13_every_artifact_write_goes_through_graft_atomic() -> None:
+def test_every_artifact_write_goes_through_graft_atomic() -> None:
     """No file in graft/, tasks/ or flows/ writes a file except through graft.atomic (or a listed exception)."""
     files = sorted(
         p for d in SOURCES for p in (REPO / d).rglob("*.py") if p.name != "atomic.py" or p.parent.name != "graft"
@@ -327,7 +327,7 @@ def test_row13_every_artifact_write_goes_through_graft_atomic() -> None:
     assert bad == [], "writes that bypass graft.atomic:\n" + "\n".join(bad)
 
 
-def test_row13_the_write_audit_catches_direct_writes() -> None:
+def test_the_write_audit_catches_direct_writes() -> None:
     """The audit itself: direct writes are flagged, the atomic forms are not."""
     flagged = _direct_writes(
         "x.py",

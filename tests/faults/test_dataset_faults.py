@@ -22,8 +22,8 @@ from graft.tasks.featurize import featurize
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import hash_split, ingest
 from graft.tasks.train_head import train
-from tests.conftest import class_image, write_tree
-from tests.faults.conftest import encode, params_for, png_bytes, reasons, run_ingest
+from tests.faults.helpers import encode, params_for, png_bytes, reasons, run_ingest
+from tests.helpers import class_image, write_tree
 
 
 def _empty_class(raw: Path) -> None:
@@ -53,7 +53,7 @@ def _empty_class(raw: Path) -> None:
         ),
     ],
 )
-def test_row08_empty_class_one_class_or_no_images_is_a_clear_error(ws: Path, make, message: str) -> None:
+def test_empty_class_one_class_or_no_images_is_a_clear_error(ws: Path, make, message: str) -> None:
     """Each malformed tree stops ingest with a one-line message saying what is wrong; no manifest is written."""
     make(ws / "raw")
 
@@ -75,7 +75,7 @@ def trained(ws: Path):
     return ws, params
 
 
-def test_row09_unseen_class_is_a_clear_error_against_the_class_map(trained) -> None:
+def test_unseen_class_is_a_clear_error_against_the_class_map(trained) -> None:
     """New data with a class the model never saw: evaluate names the new class and the two ways forward."""
     ws, params = trained
     write_tree(ws / "raw", classes=("cat", "dog", "bird"), per_class=12)
@@ -90,7 +90,7 @@ def test_row09_unseen_class_is_a_clear_error_against_the_class_map(trained) -> N
         evaluate(params)
 
 
-def test_row09_renamed_class_is_a_clear_error_against_the_class_map(trained) -> None:
+def test_renamed_class_is_a_clear_error_against_the_class_map(trained) -> None:
     """A class folder renamed after training (dog -> hound) is named on both sides."""
     ws, params = trained
     (ws / "raw/dog").rename(ws / "raw/hound")
@@ -101,7 +101,7 @@ def test_row09_renamed_class_is_a_clear_error_against_the_class_map(trained) -> 
         evaluate(params)
 
 
-def test_row09_init_from_is_the_explicit_option_for_new_classes(trained) -> None:
+def test_init_from_is_the_explicit_option_for_new_classes(trained) -> None:
     """Fine-tuning from the old model with train.init_from rebuilds the head for the new class map."""
     ws, params = trained
     shutil.copytree(ws / "models", ws / "old-models")
@@ -124,7 +124,7 @@ def test_row09_init_from_is_the_explicit_option_for_new_classes(trained) -> None
     assert json.loads((ws / "data/classes.json").read_text())["classes"] == ["bird", "cat", "dog"]
 
 
-def test_row10_same_image_under_two_labels_is_quarantined_and_reported(ws: Path) -> None:
+def test_same_image_under_two_labels_is_quarantined_and_reported(ws: Path) -> None:
     """By default both copies are quarantined (so neither is in train or test) and leakage.csv names the pair."""
     write_tree(ws / "raw", per_class=12)
     shutil.copyfile(ws / "raw/cat/cat-003.png", ws / "raw/dog/looks-like-a-dog.png")
@@ -142,7 +142,7 @@ def test_row10_same_image_under_two_labels_is_quarantined_and_reported(ws: Path)
     ]
 
 
-def test_row10_keep_puts_both_labels_in_one_split_and_reports_them(ws: Path) -> None:
+def test_keep_puts_both_labels_in_one_split_and_reports_them(ws: Path) -> None:
     """With ingest.label_conflicts: keep, both rows stay, always in the same split, and the pair is reported."""
     write_tree(ws / "raw", per_class=12)
     shutil.copyfile(ws / "raw/cat/cat-003.png", ws / "raw/dog/looks-like-a-dog.png")
@@ -157,7 +157,7 @@ def test_row10_keep_puts_both_labels_in_one_split_and_reports_them(ws: Path) -> 
     assert leak.loc[0, "split_a"] == leak.loc[0, "split_b"] == both["split"].iloc[0]
 
 
-def test_row11_exact_duplicate_across_split_folders_is_kept_in_one_split(ws: Path) -> None:
+def test_exact_duplicate_across_split_folders_is_kept_in_one_split(ws: Path) -> None:
     """The same bytes in train/ and test/ both end up in train, and the move is counted."""
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         for ci, c in enumerate(("cat", "dog")):
@@ -186,7 +186,7 @@ def _copy_in_another_split(original: bytes) -> bytes:
     raise AssertionError("no variant landed in another split")
 
 
-def test_row11_near_duplicate_across_splits_is_reported(ws: Path) -> None:
+def test_near_duplicate_across_splits_is_reported(ws: Path) -> None:
     """A one-pixel edit of an image, hashed into another split, is listed in leakage.csv with its similarity."""
     write_tree(ws / "raw", per_class=12)
     original = (ws / "raw/cat/cat-005.png").read_bytes()
@@ -207,7 +207,7 @@ def test_row11_near_duplicate_across_splits_is_reported(ws: Path) -> None:
     assert (leak["split_a"] != leak["split_b"]).all()
 
 
-def test_row22_two_images_per_class_trains_and_reports_honestly(ws: Path) -> None:
+def test_two_images_per_class_trains_and_reports_honestly(ws: Path) -> None:
     """2 images per class (one train, one test): the whole pipeline runs and the report says n = 2."""
     for split in ("train", "test"):
         for ci, c in enumerate(("cat", "dog")):
@@ -230,7 +230,7 @@ def _split_of(path: Path) -> str:
     return hash_split(hashlib.sha256(path.read_bytes()).hexdigest(), SplitParams())
 
 
-def test_row22_two_images_per_class_by_hash_split_runs_honestly(ws: Path) -> None:
+def test_two_images_per_class_by_hash_split_runs_honestly(ws: Path) -> None:
     """With hash splits, 3 classes x 2 images give 3 train, 1 val, 2 test images: it runs and reports n = 2."""
     write_tree(ws / "raw", classes=("cat", "dog", "emu"), per_class=2)
     splits = sorted(_split_of(p) for p in (ws / "raw").rglob("*.png"))
@@ -245,7 +245,7 @@ def test_row22_two_images_per_class_by_hash_split_runs_honestly(ws: Path) -> Non
     assert metrics["model"]["n"] == 2 and metrics["counts"] == {"train": 3, "val": 1, "test": 2}
 
 
-def test_row22_class_whose_two_images_hash_out_of_train_is_a_clear_error(ws: Path) -> None:
+def test_class_whose_two_images_hash_out_of_train_is_a_clear_error(ws: Path) -> None:
     """If neither image of a class hashes into train, ingest says so instead of training without it."""
     write_tree(ws / "raw", classes=("cat", "dog"), per_class=4)
     (ws / "raw/emu").mkdir()

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import graft.images
-from tests.conftest import write_tree
-from tests.faults.conftest import run_ingest
+from tests.faults.helpers import run_ingest
+from tests.helpers import write_tree
 
 BIG = (1200, 1000)
 

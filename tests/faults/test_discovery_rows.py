@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import write_tree
-from tests.faults.conftest import reasons, run_ingest
+from tests.faults.helpers import reasons, run_ingest
+from tests.helpers import write_tree
 
 
 def test_a_folder_that_cannot_be_listed_gets_a_row(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:

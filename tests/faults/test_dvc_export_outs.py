@@ -20,7 +20,7 @@ from graft.params import dump_params, load_params, parse_params
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import REPO, write_tree
+from tests.helpers import REPO, write_tree
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -24,8 +24,8 @@ from graft.tasks.export import check_against_torch, check_images, export
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import class_image
-from tests.faults.conftest import params_for, tmp_files
+from tests.faults.helpers import params_for, tmp_files
+from tests.helpers import class_image
 
 CLASSES = ('chat "noir" é', "l'oiseau 🐦 bleu", "back\\slash & <tag>")
 NO_INT8 = {"export": {"quantize": None}, "train": {"max_epochs": 60}}
@@ -49,7 +49,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     return root, params, metrics, summary
 
 
-def test_row27_odd_labels_and_paths_work_end_to_end_including_onnx_metadata(exported, capsys) -> None:
+def test_odd_labels_and_paths_work_end_to_end_including_onnx_metadata(exported, capsys) -> None:
     """Every stage keeps the exact labels; ONNX metadata holds them as JSON; `graft predict` writes them back."""
     root, params, metrics, _ = exported
     manifest = pd.read_parquet(root / "data/manifest.parquet")
@@ -93,7 +93,7 @@ def _perturbing(real_export_onnx):
     return export_onnx
 
 
-def test_row21_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(
+def test_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(
     exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A graph that drifts from torch is caught by the onnxruntime check; the published model is untouched."""
@@ -125,7 +125,7 @@ class _DriftsAtBatchN(torch.nn.Module):
         return p if x.shape[0] == 1 else p + 1e-3
 
 
-def test_row21_drift_only_at_batch_n_is_caught_too(exported) -> None:
+def test_drift_only_at_batch_n_is_caught_too(exported) -> None:
     """The check runs batch 1 and batch N: a difference that shows only in a batch is still an error."""
     root, params, _, _ = exported
     model, bb = classifier_from_payload(load_model(Path(params.train.model_dir) / "model.pt"))

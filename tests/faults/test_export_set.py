@@ -21,8 +21,8 @@ from graft.tasks.export import export
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import write_tree
-from tests.faults.conftest import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.faults.helpers import output_of, params_for, start_graft, tmp_files, wait_until, write_params
+from tests.helpers import write_tree
 
 pytestmark = pytest.mark.timeout(300)
 SMALL = {"export": {"calibration_images": 8}, "train": {"max_epochs": 20}}

@@ -17,8 +17,8 @@ from graft import GraftError
 from graft.cli import main
 from graft.params import RetrainParams
 from graft.tasks.retrain import load_champion, promote
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, write_params
+from tests.faults.helpers import params_for, write_params
+from tests.helpers import write_tree
 
 
 def _promoted(tmp_path: Path) -> tuple[RetrainParams, Path]:

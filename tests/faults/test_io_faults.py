@@ -17,8 +17,8 @@ from graft.cli import main
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, tmp_files, write_params
+from tests.faults.helpers import params_for, tmp_files, write_params
+from tests.helpers import write_tree
 
 # --- row 24: disk full ---------------------------------------------------------------------------
 
@@ -74,9 +74,7 @@ WRITERS = {
 
 
 @pytest.mark.parametrize("kind", list(WRITERS))
-def test_row24_disk_full_while_writing_is_a_clear_error_and_keeps_the_previous_file(
-    tmp_path: Path, dev_full, kind
-) -> None:
+def test_disk_full_while_writing_is_a_clear_error_and_keeps_the_previous_file(tmp_path: Path, dev_full, kind) -> None:
     """A real ENOSPC from the kernel, for every kind of artifact writer: a one-line error, the old file intact."""
     path = tmp_path / "out" / "artifact.bin"
     path.parent.mkdir()
@@ -119,7 +117,7 @@ def _enospc_on_replace(monkeypatch: pytest.MonkeyPatch, under: Path) -> None:
         ("featurize", "data", "features.parquet"),
     ],
 )
-def test_row24_disk_full_during_a_stage_exits_2_and_keeps_previous_outputs(
+def test_disk_full_during_a_stage_exits_2_and_keeps_previous_outputs(
     trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, stage: str, folder: str, final: str
 ) -> None:
     """`graft <stage>` on a full disk: exit 2, one line naming the file, every earlier output byte-identical."""
@@ -139,7 +137,7 @@ def test_row24_disk_full_during_a_stage_exits_2_and_keeps_previous_outputs(
     assert tmp_files(ws) == []
 
 
-def test_row24_disk_full_outside_an_atomic_write_is_still_one_line(ws: Path, monkeypatch, capsys) -> None:
+def test_disk_full_outside_an_atomic_write_is_still_one_line(ws: Path, monkeypatch, capsys) -> None:
     """ENOSPC before the write starts (creating the temp file) is one line naming the file, not a traceback."""
     write_tree(ws / "raw", per_class=6)
     path = write_params(ws, params_for(ws))
@@ -157,7 +155,7 @@ def test_row24_disk_full_outside_an_atomic_write_is_still_one_line(ws: Path, mon
     ]
 
 
-def test_row24_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
+def test_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
     """A writer that dies half way leaves the old file and no temp file."""
     path = tmp_path / "a.txt"
     path.write_text("old")
@@ -182,7 +180,7 @@ def test_row24_atomic_path_never_leaves_a_partial_file(tmp_path: Path) -> None:
         (ValueError("bad value"), False),
     ],
 )
-def test_row25_transient_io_errors_are_retried_and_bad_inputs_are_not(exc: BaseException, retry: bool) -> None:
+def test_transient_io_errors_are_retried_and_bad_inputs_are_not(exc: BaseException, retry: bool) -> None:
     """The stage tasks' retry condition: OS-level I/O errors retry, expected failures (GraftError) do not."""
     from prefect.states import Failed
 
@@ -191,7 +189,7 @@ def test_row25_transient_io_errors_are_retried_and_bad_inputs_are_not(exc: BaseE
     assert _transient(None, None, Failed(data=exc)) is retry
 
 
-def test_row25_every_stage_task_retries_with_backoff() -> None:
+def test_every_stage_task_retries_with_backoff() -> None:
     """All stage tasks (those the flows call) carry the retry policy: 2 retries after 2 s and 10 s."""
     from graft.tasks import retry_transient as _transient
     from graft.tasks.evaluate import evaluate_task
@@ -206,7 +204,7 @@ def test_row25_every_stage_task_retries_with_backoff() -> None:
 
 
 @pytest.mark.prefect
-def test_row25_prefect_retries_a_transient_error_and_not_a_graft_error(prefect_harness) -> None:
+def test_prefect_retries_a_transient_error_and_not_a_graft_error(prefect_harness) -> None:
     """In a real flow run, an OSError is retried until it passes; a GraftError fails at once."""
     from prefect import flow
 

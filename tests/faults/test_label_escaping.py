@@ -54,8 +54,8 @@ def test_a_huge_label_is_cut_in_an_error_line(tmp_path: Path) -> None:
     import pytest
 
     from graft import GraftError
-    from tests.conftest import write_tree
-    from tests.faults.conftest import run_ingest
+    from tests.faults.helpers import run_ingest
+    from tests.helpers import write_tree
 
     write_tree(tmp_path / "raw", per_class=6)
     rows = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tests.conftest import write_tree
-from tests.faults.conftest import reasons, run_ingest
+from tests.faults.helpers import reasons, run_ingest
+from tests.helpers import write_tree
 
 
 def _rows(root: Path) -> list[dict]:

@@ -13,8 +13,8 @@ from graft.cli import main
 from graft.model import initial_model
 from graft.tasks.featurize import featurize
 from graft.tasks.train_head import train
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, run_ingest, write_params
+from tests.faults.helpers import params_for, run_ingest, write_params
+from tests.helpers import write_tree
 
 
 @pytest.mark.parametrize("text", ["", "{", "[1, 2"], ids=["empty", "truncated", "unclosed"])

@@ -15,8 +15,8 @@ from graft.backbones import build_backbone
 from graft.cache import load_feature_table
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
-from tests.conftest import write_tree
-from tests.faults.conftest import encode, params_for, raw_png, run_ingest
+from tests.faults.helpers import encode, params_for, raw_png, run_ingest
+from tests.helpers import write_tree
 
 
 def _rgb(data: bytes) -> np.ndarray:
@@ -80,7 +80,7 @@ def _palette(transparent: bool) -> bytes:
         pytest.param(_palette(False), "P", [[255, 0, 0], [0, 255, 0], [10, 20, 30]], 0, id="palette-opaque"),
     ],
 )
-def test_row05_colour_modes_convert_to_rgb_deterministically(data: bytes, mode: str, expected: list, atol: int) -> None:
+def test_colour_modes_convert_to_rgb_deterministically(data: bytes, mode: str, expected: list, atol: int) -> None:
     """Each mode decodes to the expected RGB values (alpha composited over white), the same every time."""
     assert Image.open(io.BytesIO(data)).mode == mode  # the file really is in that mode
     px = _rgb(data).reshape(-1, 3)
@@ -90,7 +90,7 @@ def test_row05_colour_modes_convert_to_rgb_deterministically(data: bytes, mode: 
         np.testing.assert_allclose(px, expected, atol=atol)
 
 
-def test_row05_modes_in_a_tree_are_ingested_and_featurized_as_rgb(ws: Path) -> None:
+def test_modes_in_a_tree_are_ingested_and_featurized_as_rgb(ws: Path) -> None:
     """CMYK, LA, RGBA and palette files go through ingest and featurize like RGB ones (no quarantine)."""
     write_tree(ws / "raw", per_class=8)
     odd = {
@@ -116,7 +116,7 @@ def test_row05_modes_in_a_tree_are_ingested_and_featurized_as_rgb(ws: Path) -> N
             np.testing.assert_allclose(feats[sha], bb.model(x)[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_row06_16_bit_grey_png_is_scaled_not_clipped() -> None:
+def test_16_bit_grey_png_is_scaled_not_clipped() -> None:
     """I;16 values 65535, 32768, 25700, 0 become 255, 128, 100, 0 (not everything white)."""
     data = encode(Image.fromarray(np.array([[65535, 32768, 25700, 0]], np.uint16)), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
@@ -127,7 +127,7 @@ def test_row06_16_bit_grey_png_is_scaled_not_clipped() -> None:
     assert (px == px[:, :1]).all()  # grey stays grey
 
 
-def test_row06_16_bit_rgb_png_is_scaled_not_clipped() -> None:
+def test_16_bit_rgb_png_is_scaled_not_clipped() -> None:
     """A 48-bit RGB PNG (written by hand: Pillow cannot write one) keeps its colours at 8 bits."""
     samples = [(65535, 0, 0), (32768, 32768, 32768), (0, 25700, 65535)]
     row = b"\0" + b"".join(struct.pack(">HHH", *s) for s in samples)
@@ -154,7 +154,7 @@ def _marked_jpeg(orientation: int) -> tuple[bytes, Image.Image]:
     ("orientation", "turn"),
     [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
 )
-def test_row07_exif_orientation_rotated_upright(orientation: int, turn: Image.Transpose) -> None:
+def test_exif_orientation_rotated_upright(orientation: int, turn: Image.Transpose) -> None:
     """The decoded pixels are exactly the stored pixels turned as the EXIF tag says; the mark moves with them."""
     data, stored = _marked_jpeg(orientation)
 
@@ -166,7 +166,7 @@ def test_row07_exif_orientation_rotated_upright(orientation: int, turn: Image.Tr
     assert red[corner]
 
 
-def test_row07_features_are_computed_on_the_upright_image(ws: Path) -> None:
+def test_features_are_computed_on_the_upright_image(ws: Path) -> None:
     """featurize's cached vector of an EXIF-6 photo equals the upright pixels' features, not the stored ones."""
     write_tree(ws / "raw", per_class=8)
     data, stored = _marked_jpeg(6)

@@ -13,8 +13,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from tests.conftest import class_image, write_tree
-from tests.faults.conftest import png_bytes, reasons, run_ingest
+from tests.faults.helpers import png_bytes, reasons, run_ingest
+from tests.helpers import class_image, write_tree
 
 OUTSIDE = "symbolic link leading outside the data root (set ingest.allow_links_outside_root to read it)"
 

@@ -24,8 +24,8 @@ from graft import GraftError
 from graft.images import Preprocess
 from graft.predict import list_images, predict_files
 from graft.tasks.featurize import featurize
-from tests.conftest import write_tree
-from tests.faults.conftest import params_for, reasons, run_ingest
+from tests.faults.helpers import params_for, reasons, run_ingest
+from tests.helpers import write_tree
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,7 +18,7 @@ import pytest
 from graft.cli import main
 from graft.lock import ENV_HELD, WORKSPACE_LOCK, holder, workspace_lock
 from graft.params import parse_params
-from tests.conftest import REPO, write_tree
+from tests.helpers import REPO, write_tree
 
 # Relative outputs (the defaults) and a relative data root: everything resolves against the current folder.
 RELATIVE = "data: {root: raw}\n"
