@@ -17,7 +17,7 @@ from onnx import numpy_helper
 import graft.tasks.export
 from graft import GraftError
 from graft.cli import main
-from graft.model import classifier_from_payload, load_model
+from graft.model import Serving, classifier_from_payload, load_model
 from graft.predict import OnnxClassifier, list_images, predict_files
 from graft.tasks.evaluate import evaluate
 from graft.tasks.export import check_against_torch, check_images, export
@@ -67,14 +67,14 @@ def test_odd_labels_and_paths_work_end_to_end_including_onnx_metadata(exported, 
     assert rc == 0
     with open(out_csv, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 30 and {r["predicted"] for r in rows} <= set(CLASSES)
-    by_path = {Path(r["path"]).relative_to(root / "raw").as_posix(): r["predicted"] for r in rows}
+    assert len(rows) == 30 and {r["best_guess"] for r in rows} <= set(CLASSES)
+    by_path = {Path(r["path"]).relative_to(root / "raw").as_posix(): r["best_guess"] for r in rows}
     assert set(by_path) == set(manifest["path"])
     assert (
         sum(by_path[p] == lbl for p, lbl in zip(manifest["path"], manifest["label"], strict=True)) >= 20
     )  # it learned something
     recs = list(predict_files(served, list_images(root / "raw")[:3]))
-    assert all(r["error"] is None and r["predicted"] in CLASSES for r in recs)
+    assert all(r["error"] is None and r["best_guess"] in CLASSES for r in recs)
     capsys.readouterr()
 
 
@@ -114,15 +114,16 @@ def test_onnx_numeric_drift_fails_loudly_and_keeps_the_previous_model(
 
 
 class _DriftsAtBatchN(torch.nn.Module):
-    """The real classifier, except that batches of more than one image get shifted probabilities."""
+    """The real exported graph (probabilities, score), except that batches of more than one image get
+    shifted probabilities."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.model(x)
-        return p if x.shape[0] == 1 else p + 1e-3
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p, score = self.model(x)
+        return (p, score) if x.shape[0] == 1 else (p + 1e-3, score)
 
 
 def test_drift_only_at_batch_n_is_caught_too(exported) -> None:
@@ -131,8 +132,10 @@ def test_drift_only_at_batch_n_is_caught_too(exported) -> None:
     model, bb = classifier_from_payload(load_model(Path(params.train.model_dir) / "model.pt"))
     images = check_images(pd.read_parquet(root / "data/manifest.parquet"), root / "raw", bb.preprocess, 8)
 
-    report = check_against_torch(Path(params.export.out), model, images, 1e-4)
+    payload = load_model(Path(params.train.model_dir) / "model.pt")
+    serving = Serving(model, payload["calibration"]["unknown"]["score"]).eval()  # what export writes
+    report = check_against_torch(Path(params.export.out), serving, images, 1e-4)
     with pytest.raises(GraftError, match=r"drifts from torch at batch_8: max \|dp\| = 1\.00e-03"):
-        check_against_torch(Path(params.export.out), _DriftsAtBatchN(model), images, 1e-4)
+        check_against_torch(Path(params.export.out), _DriftsAtBatchN(serving), images, 1e-4)
 
     assert set(report) == {"batch_1", "batch_8"} and max(report.values()) <= 1e-4

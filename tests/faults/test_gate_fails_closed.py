@@ -56,7 +56,7 @@ def test_a_corrupt_champion_meta_is_one_line_naming_the_file(tmp_path: Path) -> 
 
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A git repository whose first commit holds metrics/metrics.json; the workspace's metrics are a bit better."""
+    """A git repository whose first commit holds metrics/evaluation.json; the workspace's metrics are a bit better."""
     for key, value in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@t")
@@ -64,11 +64,11 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "params.yaml").write_text("seed: 0\n", encoding="utf-8")
     (tmp_path / "metrics").mkdir()
     metrics = {"model": {"macro_f1": 0.80, "per_class": {"a": {"recall": 0.8, "support": 5}}}}
-    (tmp_path / "metrics/metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (tmp_path / "metrics/evaluation.json").write_text(json.dumps(metrics), encoding="utf-8")
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "base"]):
         subprocess.run(["git", *cmd], check=True, capture_output=True)
     metrics["model"]["macro_f1"] = 0.85
-    (tmp_path / "metrics/metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (tmp_path / "metrics/evaluation.json").write_text(json.dumps(metrics), encoding="utf-8")
     return tmp_path
 
 
@@ -84,7 +84,7 @@ def test_gate_against_a_missing_revision_fails_unless_a_first_run_is_allowed(rep
     assert "gate: PASS: macro-F1 0.8500 vs champion 0.8000" in capsys.readouterr().out
 
     assert main(["gate", "--against", "no-such-rev"]) == 2
-    assert _error(capsys).startswith("graft: error: no baseline metrics/metrics.json at no-such-rev (")
+    assert _error(capsys).startswith("graft: error: no baseline metrics/evaluation.json at no-such-rev (")
 
     assert main(["gate", "--against", "no-such-rev", "--allow-missing"]) == 0
     assert "allowed by --allow-missing" in capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_gate_outside_git_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above either
     (tmp_path / "params.yaml").write_text("seed: 0\n", encoding="utf-8")
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/metrics.json").write_text('{"model": {"macro_f1": 0.9, "per_class": {}}}')
+    (tmp_path / "metrics/evaluation.json").write_text('{"model": {"macro_f1": 0.9, "per_class": {}}}')
 
     assert main(["gate"]) == 2
     assert "not a git repository" in _error(capsys)

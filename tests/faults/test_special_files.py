@@ -102,8 +102,13 @@ class _StubModel:
     preprocess = Preprocess(8, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     classes = ["cat", "dog"]
 
+    unknown_below = None  # no in-distribution output
+
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         return np.tile(np.array([[0.75, 0.25]], np.float32), (len(batch), 1))
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.predict_arrays(batch), None
 
 
 def test_predict_on_a_folder_holding_a_fifo_reports_it_and_goes_on(ws: Path) -> None:
@@ -115,7 +120,7 @@ def test_predict_on_a_folder_holding_a_fifo_reports_it_and_goes_on(ws: Path) -> 
     assert rescued == []
     by_name = {Path(r["path"]).name: r for r in records}
     assert by_name["live.png"]["error"] == "not a regular file (a FIFO): only regular files are read"
-    assert sum(r["error"] is None and r["label"] == "cat" for r in records) == 4
+    assert sum(r["error"] is None and r["predicted"] == "cat" for r in records) == 4
 
 
 def test_featurize_refuses_a_fifo_swapped_in_after_ingest(ws: Path) -> None:
