@@ -249,7 +249,7 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
     with open(work / "heldout_preds.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     y_true = np.array([Path(r["path"]).parent.name for r in rows])
-    y_pred = np.array([r["label"] or "" for r in rows])
+    y_pred = np.array([r["best_guess"] or "" for r in rows])  # the class it would answer; "unknown" aside
     train = (
         json.loads((work / "metrics" / "train.json").read_text()) if (work / "metrics" / "train.json").is_file() else {}
     )
