@@ -82,6 +82,9 @@ def plot_reliability(path: Path, table: pd.DataFrame, calibration: dict) -> None
         f"-> {calibration['ece_after']:.3f}",
     )
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def plot_gallery(path: Path, images: list[Path], captions: list[str], title: str, cols: int = 8) -> None:

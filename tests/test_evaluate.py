@@ -138,10 +138,11 @@ def test_confusion_csv(evaluated) -> None:
         assert metrics["model"]["per_class"][c]["support"] == int((conf["actual"] == c).sum())
 
 
-def test_confusion_png(evaluated) -> None:
-    """plots/confusion.png is a valid PNG image."""
+@pytest.mark.parametrize("name", ["confusion.png", "reliability.png"])
+def test_evaluate_plots_are_pngs(evaluated, name: str) -> None:
+    """plots/confusion.png and plots/reliability.png (DVC outputs of evaluate) are valid PNG images."""
     root, _, _ = evaluated
-    path = root / "plots" / "confusion.png"
+    path = root / "plots" / name
     with Image.open(path) as img:
         assert img.format == "PNG"
         assert img.width > 100 and img.height > 100
