@@ -53,14 +53,13 @@ def onnx_metadata(
             }
         ),
         "graft.output": json.dumps(
-            [
-                {"name": "probabilities", "shape": ["batch", len(classes)], "calibrated": "temperature inside"},
-                {
-                    "name": "in_distribution",
+            {
+                "probabilities": {"shape": ["batch", len(classes)], "calibrated": "temperature inside the graph"},
+                "in_distribution": {
                     "shape": ["batch"],
-                    "meaning": "energy score; below graft.unknown's threshold the answer is unknown",
+                    "meaning": "higher = more like the training classes; below graft.unknown's threshold: unknown",
                 },
-            ]
+            }
         ),
         "graft.calibration": json.dumps(
             {"temperature": calibration.get("temperature", 1.0), "fitted_on_images": calibration.get("n", 0)}

@@ -91,7 +91,7 @@ def test_evaluate_lists_images_filed_under_the_wrong_class(tmp_path: Path) -> No
     assert set(table["path"].head(2)) == set(wrong)
     assert (table.set_index("path").loc[wrong, "suggested_label"] == "cat").all()
     assert table["label_quality"].is_monotonic_increasing
-    review = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["label_review"]
+    review = json.loads((tmp_path / "metrics" / "evaluation.json").read_text())["label_review"]
     assert review == metrics["label_review"] and review["suspects"] == len(table) and review["images"] == 62
     for name in ("label_issues.png", "top_losses.png"):
         with Image.open(tmp_path / "plots" / name) as img:
