@@ -54,7 +54,7 @@ def test_two_featurize_processes_on_one_cache_store_every_key_once(tmp_path: Pat
     pa_, pb = _workspace(tmp_path / "a", cache, range(600, 602)), _workspace(tmp_path / "b", cache, range(700, 703))
 
     with cache_lock(cache, wait_s=0):  # hold the gate until both processes are up and queued on it
-        runs = [start_graft("featurize", "--params", str(p), cwd=p.parent) for p in (pa_, pb)]
+        runs = [start_graft("featurize", "--json", "--params", str(p), cwd=p.parent) for p in (pa_, pb)]
         for run in runs:
             wait_until(lambda run=run: "waiting" in output_of(run), run)
     for run in runs:

@@ -113,7 +113,7 @@ def test_sigkill_during_featurize_then_rerun_matches_an_uninterrupted_run(tmp_pa
     assert all(pq.read_table(p).num_rows == 4 for p in _parts(ws))
     assert not (ws / "data/features.parquet").exists()
     assert [p.name.startswith(".") for p in tmp_files(ws)] == [True]  # the interrupted write: a hidden temp file
-    assert main(["featurize", "--params", str(params_path)]) == 0  # the rerun: same CLI entry, in this process
+    assert main(["featurize", "--json", "--params", str(params_path)]) == 0  # the rerun: same CLI entry, here
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])["featurize"]
     assert (summary["computed"], summary["from_cache"]) == (32 - len(published), len(published))
     _assert_same_features(ws / "data/features.parquet", ref / "data/features.parquet")
