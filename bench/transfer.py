@@ -262,7 +262,35 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
         [f"{k}={train[k]}" for k in shown if k in train]
         + [f"{k} {stage_s[k]:.0f}s" for k in ("featurize", "train", "export")]
     )
-    return {**score(y_true, y_pred, seed), "wall_s": time.perf_counter() - t0, "stage_s": stage_s, "note": note}
+    return {
+        **score(y_true, y_pred, seed),
+        "wall_s": time.perf_counter() - t0,
+        "stage_s": stage_s,
+        "note": note,
+        **evaluation_extras(work),
+    }
+
+
+def evaluation_extras(work: Path) -> dict:
+    """What graft's own evaluate measured on its test split: calibration, the "unknown" scores, and (auto)
+    the leaderboard. These are graft's figures on its internal test split, not on ``heldout/``."""
+    extras: dict = {}
+    path = work / "metrics" / "evaluation.json"
+    if path.is_file():
+        ev = json.loads(path.read_text())
+        extras["calibration"] = ev.get("calibration", {})
+        loco = ev.get("unknown", {}).get("leave_one_class_out", {})
+        photos = ev.get("unknown", {}).get("out_of_domain_photos", {})
+        extras["unknown"] = {k: v for k, v in loco.items() if k.startswith(("auroc_", "rejected"))} | (
+            {"photos_rejected": photos["rejected"]} if "rejected" in photos else {}
+        )
+    board = work / "metrics" / "leaderboard.csv"
+    if board.is_file():
+        with open(board, newline="", encoding="utf-8") as fh:
+            extras["leaderboard"] = [
+                {k: r[k] for k in ("candidate", "score", "se", "chosen", "note") if k in r} for r in csv.DictReader(fh)
+            ]
+    return extras
 
 
 def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
@@ -310,6 +338,30 @@ def format_table(name: str, result: dict) -> str:
     auto = result["rows"].get("auto", {})
     lines.append(f"auto wall time: {auto['wall_s']:.1f} s" if "wall_s" in auto else "auto wall time: n/a")
     lines += [f"target ({result['target_metric']}) {k}: {v}" for k, v in result["targets"].items()]
+    trust = [(k, r) for k, r in result["rows"].items() if r.get("calibration")]
+    if trust:
+        lines.append("graft's test split: temperature, ECE and NLL before -> after; unknown (LOCO AUROC, photos)")
+        for key, r in trust:
+            c, u = r["calibration"], r.get("unknown", {})
+            cal = (
+                f"T={c.get('temperature', 1.0):.2f} ECE {c.get('ece_before', float('nan')):.3f}->"
+                f"{c.get('ece_after', float('nan')):.3f} NLL {c.get('nll_before', float('nan')):.3f}->"
+                f"{c.get('nll_after', float('nan')):.3f}"
+            )
+            unk = " ".join(f"{k.removeprefix('auroc_')} {v:.3f}" for k, v in u.items() if k.startswith("auroc_"))
+            rej = f"rejected at threshold {u['rejected_at_threshold']:.2f}" if "rejected_at_threshold" in u else ""
+            pho = f"photos rejected {u['photos_rejected']:.2f}" if "photos_rejected" in u else ""
+            lines.append(f"  {NAMES[key]:<22} {cal}; AUROC {unk or 'n/a'}; {rej} {pho}".rstrip())
+    board = result["rows"].get("auto", {}).get("leaderboard")
+    if board:
+        lines.append(
+            "auto leaderboard (val score +- se): "
+            + "; ".join(
+                f"{b['candidate']}{'*' if str(b.get('chosen')).lower() == 'true' else ''} "
+                + (f"{float(b['score']):.3f}+-{float(b['se'] or 0):.3f}" if b.get("score") else (b.get("note") or "-"))
+                for b in board
+            )
+        )
     return "\n".join(lines)
 
 
