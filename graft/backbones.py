@@ -12,15 +12,17 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from graft import GraftError
-from graft.bodies import build_body
 from graft.images import Preprocess
-from graft.registry import REGISTRY, BackboneConfig, backbone_config
-from graft.taps import FeatureExtractor, TapExtractor, canonical_taps, check_raw_size, tap_slices
+from graft.registry import REGISTRY, BackboneConfig, backbone_config, canonical_taps, check_raw_size, tap_slices
 from graft.weights import weights_digest, weights_path
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from graft.taps import FeatureExtractor
 
 FEATURE_VERSION = 2  # 2: centre box resampled in one pass. Bump when the pooling or preprocessing code changes meaning
 RAW_SIZE = 16  # raw-pixel tap side: 256 grey values, enough for a linear baseline on small images
@@ -146,6 +148,9 @@ def build_backbone(
             baseline with the same input contract. ``("last",)`` is the plain pooled features.
         raw_size: side of the grey area-averaged raw-pixel tap.
     """
+    from graft.bodies import build_body  # torch and timm: only here, so describing a backbone stays light
+    from graft.taps import FeatureExtractor, TapExtractor
+
     cfg, taps = backbone_config(name), canonical_taps(taps)
     pp = cfg.preprocess(image_size)
     dim, stages = _layout(cfg, taps, raw_size, pp.crop)

@@ -174,7 +174,7 @@ def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.n
 
     A table written before taps existed holds the plain ``last`` features only.
     """
-    from graft.taps import canonical_taps, tap_slices
+    from graft.registry import canonical_taps, tap_slices
 
     description = json.loads(meta.get("graft.description", "{}")) or {"taps": ["last"]}
     slices = tap_slices(description) if "feature_dim" in description else {}

@@ -249,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "metrics":
         print(metrics_table(args.path))
     elif args.command == "backbones":
-        from graft.backbones import REGISTRY
+        from graft.registry import REGISTRY  # configs only: no torch
 
         print("\n".join([*REGISTRY, "timm:<any timm model name>"]))
     return 0

@@ -19,8 +19,9 @@ from torch import nn
 
 from graft import GraftError
 from graft.atomic import write_torch
-from graft.backbones import Backbone, FeatureExtractor, build_backbone
+from graft.backbones import Backbone, build_backbone
 from graft.params import FeaturizeParams, Params
+from graft.taps import FeatureExtractor
 
 MODEL_FORMAT = "graft-model/1"
 

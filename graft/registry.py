@@ -9,16 +9,54 @@ weights file (:mod:`graft.weights`) into a feature extractor.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
-
-import torch
 
 from graft import GraftError
 from graft.images import Preprocess
 
 if TYPE_CHECKING:
     from graft.taps import TimmModel
+
+TAP_ORDER = ("raw", "stages", "last")  # the fixed column order, whatever order the caller names them in
+
+
+def canonical_taps(taps: str | Sequence[str]) -> tuple[str, ...]:
+    """The taps in column order, duplicates dropped; an unknown or empty set is a GraftError."""
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    if unknown := sorted(set(taps) - set(TAP_ORDER)):
+        raise GraftError(f"unknown feature tap {unknown[0]!r}: choose from {', '.join(TAP_ORDER)}")
+    if not taps:
+        raise GraftError(f"no feature taps: name at least one of {', '.join(TAP_ORDER)}")
+    return tuple(t for t in TAP_ORDER if t in taps)
+
+
+def tap_slices(description: dict) -> dict[str, slice]:
+    """Column ranges of each tap in the features a backbone description names.
+
+    Keys: ``raw``, ``stages`` (all stage columns), ``stages/<stage name>`` (one each) and ``last``,
+    for the taps present. A description without ``taps`` is the plain ``last`` features.
+    """
+    taps = description.get("taps", ["last"])
+    widths: list[tuple[str, int]] = [("raw", description["raw_size"] ** 2)] if "raw" in taps else []
+    stages = description.get("stages", []) if "stages" in taps else []
+    widths += [(f"stages/{name}", dim) for name, dim in stages]
+    if "last" in taps:
+        widths.append(("last", description["feature_dim"] - sum(w for _, w in widths)))
+    out, start = {}, 0
+    for key, width in widths:
+        out[key], start = slice(start, start + width), start + width
+    if stages:
+        out["stages"] = slice(out[f"stages/{stages[0][0]}"].start, out[f"stages/{stages[-1][0]}"].stop)
+    return out
+
+
+def check_raw_size(size: int, crop: int) -> None:
+    """A raw tap side must be an integer from 1 to the crop side (GraftError otherwise)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= crop:
+        raise GraftError(f"raw_size {size!r} must be an integer from 1 to the crop size {crop}")
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,6 +202,7 @@ REGISTRY: dict[str, BackboneConfig] = {
 def _timm_config(model: str) -> BackboneConfig:
     """A config for any timm model, from timm's pretrained cfg and a weightless build on the meta device."""
     import timm
+    import torch
 
     if not timm.is_model(model):
         raise GraftError(

@@ -14,7 +14,6 @@ Everything is plain modules (no custom autograd), so an extractor exports to ONN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -22,39 +21,9 @@ import torch
 from torch import nn
 
 from graft import GraftError
+from graft.registry import check_raw_size
 
-TAP_ORDER = ("raw", "stages", "last")  # the fixed column order, whatever order the caller names them in
 LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey = weighted R, G, B
-
-
-def canonical_taps(taps: str | Sequence[str]) -> tuple[str, ...]:
-    """The taps in column order, duplicates dropped; an unknown or empty set is a GraftError."""
-    taps = (taps,) if isinstance(taps, str) else tuple(taps)
-    if unknown := sorted(set(taps) - set(TAP_ORDER)):
-        raise GraftError(f"unknown feature tap {unknown[0]!r}: choose from {', '.join(TAP_ORDER)}")
-    if not taps:
-        raise GraftError(f"no feature taps: name at least one of {', '.join(TAP_ORDER)}")
-    return tuple(t for t in TAP_ORDER if t in taps)
-
-
-def tap_slices(description: dict) -> dict[str, slice]:
-    """Column ranges of each tap in the features a backbone description names.
-
-    Keys: ``raw``, ``stages`` (all stage columns), ``stages/<stage name>`` (one each) and ``last``,
-    for the taps present. A description without ``taps`` is the plain ``last`` features.
-    """
-    taps = description.get("taps", ["last"])
-    widths: list[tuple[str, int]] = [("raw", description["raw_size"] ** 2)] if "raw" in taps else []
-    stages = description.get("stages", []) if "stages" in taps else []
-    widths += [(f"stages/{name}", dim) for name, dim in stages]
-    if "last" in taps:
-        widths.append(("last", description["feature_dim"] - sum(w for _, w in widths)))
-    out, start = {}, 0
-    for key, width in widths:
-        out[key], start = slice(start, start + width), start + width
-    if stages:
-        out["stages"] = slice(out[f"stages/{stages[0][0]}"].start, out[f"stages/{stages[-1][0]}"].stop)
-    return out
 
 
 def area_matrix(n: int, size: int) -> torch.Tensor:
@@ -67,12 +36,6 @@ def area_matrix(n: int, size: int) -> torch.Tensor:
     j = np.arange(n)[None, :]
     overlap = np.minimum(edges[1:, None], j + 1) - np.maximum(edges[:-1, None], j)
     return torch.from_numpy(np.clip(overlap, 0.0, None) / (n / size)).float()
-
-
-def check_raw_size(size: int, crop: int) -> None:
-    """A raw tap side must be an integer from 1 to the crop side (GraftError otherwise)."""
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= crop:
-        raise GraftError(f"raw_size {size!r} must be an integer from 1 to the crop size {crop}")
 
 
 class RawPixels(nn.Module):
@@ -147,11 +110,11 @@ class TimmModel(Protocol):
 
 
 class TapExtractor(FeatureExtractor):
-    """Normalise once, run the body once, return the taps' columns concatenated in :data:`TAP_ORDER`.
+    """Normalise once, run the body once, return the taps' columns concatenated in :data:`graft.registry.TAP_ORDER`.
 
     Args:
         body: the network (with its classifier removed), or None for ``taps=("raw",)`` alone.
-        taps: canonical taps (see :func:`canonical_taps`).
+        taps: canonical taps (see :func:`graft.registry.canonical_taps`).
         crop: the input side the raw tap's area matrix is built for (other sizes still work).
         sequence: ``body`` submodule paths in forward order, ending at the pooled output; empty means
             the body is a timm model and its ``forward_intermediates`` gives the stages.

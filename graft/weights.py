@@ -12,10 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
-
 from graft import GraftError
-from graft.bodies import random_digest
 from graft.registry import BackboneConfig
 
 
@@ -53,6 +50,8 @@ def embedded_lite0_path() -> Path:
 
 
 def _hub_file(filename: str) -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
@@ -99,6 +98,8 @@ def weights_path(cfg: BackboneConfig, weights: str | None) -> Path | None:
 def weights_digest(cfg: BackboneConfig, path: Path | None, weights: str | None) -> str:
     """The content hash of the weights that go into the fingerprint (``path`` from :func:`weights_path`)."""
     if cfg.family == "random":
+        from graft.bodies import random_digest  # draws the test backbone's weights: torch
+
         return random_digest(cfg.seed, str(path or ""), path.stat().st_mtime if path else 0.0)
     if cfg.family == "timm" and not weights and not cfg.weights.startswith(("http://", "https://")):
         return hashlib.sha256(f"timm:{cfg.weights}".encode()).hexdigest()  # a hub id names immutable timm weights

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from graft.backbones import Backbone
 from graft.cache import plan_cache, write_features
 from graft.engine import compute_features, make_engine
 from graft.params import Params
 from graft.tasks import stage_task
+
+if TYPE_CHECKING:
+    from graft.backbones import Backbone
 
 
 def featurize(params: Params, backbone: Backbone | None = None) -> dict:

@@ -15,7 +15,6 @@ from PIL import Image
 from graft import GraftError
 from graft.backbones import (
     REGISTRY,
-    FeatureExtractor,
     build_backbone,
     describe_backbone,
     fingerprint_of,
@@ -24,6 +23,7 @@ from graft.backbones import (
 )
 from graft.bodies import _load_state_dict, _TinyCNN, map_lite0_keys
 from graft.images import Preprocess, preprocess
+from graft.taps import FeatureExtractor
 from graft.weights import embedded_lite0_path
 from tests.helpers import make_params
 
@@ -455,12 +455,12 @@ def test_raw_tap_equals_numpy_reference(crop: int, raw_size: int) -> None:
 
 def test_raw_tap_alone_builds_no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """taps=("raw",) needs no weights and never builds the body: the raw-pixel baseline model."""
-    import graft.backbones
+    import graft.bodies
 
     def refuse(*args, **kwargs):
         raise AssertionError("the network body was built")
 
-    monkeypatch.setattr(graft.backbones, "build_body", refuse)
+    monkeypatch.setattr(graft.bodies, "build_body", refuse)
     missing = str(tmp_path / "absent.pth")
     bb = build_backbone("efficientnet_lite0", weights=missing, taps=("raw",))
     assert bb.model.body is None and bb.imagenet_head is None and bb.weights_sha256 is None

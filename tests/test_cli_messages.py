@@ -151,3 +151,42 @@ def test_metrics_table_reads_the_headline_and_names_from_evaluation_json(tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:5] == ["tiny_cnn", "+", "logreg", "head", "0.9000"]
     assert lines[2].startswith("baseline: raw pixels 16px + logreg") and lines[3] == "wins."
+
+
+_PROBE = """
+import sys
+from graft.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "prefect", "onnxruntime", "timm") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+def _heavy_modules(args: list[str], cwd: Path) -> list[str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("HEAVY="))
+    return [m for m in line.removeprefix("HEAVY=").split(",") if m]
+
+
+def test_light_commands_start_without_torch_or_prefect(tmp_path: Path) -> None:
+    """`graft backbones`, `graft metrics` and a fully cached `graft featurize` (the embedded Lite0, described
+    from the registry and its weights file) import neither torch nor Prefect: they start in well under a second.
+    The first featurize computes features and does need torch: the probe sees it, so it can tell the two apart."""
+    ws = tmp_path
+    write_tree(ws / "raw", per_class=3)
+    params = _params_file(ws, {"featurize": {"backbone": "efficientnet_lite0", "engine": "torch"}})
+    assert main(["ingest", "--params", str(params)]) == 0
+    assert "torch" in _heavy_modules(["featurize", "--params", str(params)], ws)  # computes: needs torch
+    assert _heavy_modules(["featurize", "--params", str(params)], ws) == []  # fully cached
+    assert _heavy_modules(["backbones"], ws) == []
+    metrics = ws / "metrics.json"
+    row = {"accuracy": 0.9, "macro_f1": 0.9, "balanced_accuracy": 0.9, "ece": 0.05, "n": 10}
+    metrics.write_text(json.dumps({**row, "baseline": row}))
+    assert _heavy_modules(["metrics", "--path", str(metrics)], ws) == []
