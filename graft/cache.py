@@ -266,6 +266,8 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
         return built
 
     description = cheap or bb().describe()
+    if fp.precision != "fp32":  # another model computes these features: its own fingerprint and folder
+        description = {**description, "precision": fp.precision}
     plan = CachePlan(description, Path(), list(unique["sha256"]), [], bb)
     plan.cache = cache_dir_for(fp.cache_dir, plan.name, plan.fingerprint)
     open_cache(plan.cache, description)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from graft import GraftError
 from graft.cacheparts import PartWriter
 from graft.images import Preprocess, prefetch_map
 from graft.onnxengine import ort_engine
@@ -134,19 +135,48 @@ def compute_features(
 # --- the engine a featurize run asks for
 
 
-def make_engine(fp: FeaturizeParams, cache: Path, description: dict, backbone: Callable[[], Backbone]) -> Engine:
-    """The engine ``fp`` configures for the backbone ``description``; ``backbone`` is built only if needed."""
+def make_engine(
+    fp: FeaturizeParams,
+    cache: Path,
+    description: dict,
+    backbone: Callable[[], Backbone],
+    calibration: list[str] | None = None,
+) -> Engine:
+    """The engine ``fp`` configures for the backbone ``description``; ``backbone`` is built only if needed.
+
+    With ``fp.precision: int8`` the onnxruntime graph is statically quantized on the ``calibration`` image
+    files the first time (then kept in the cache folder, so every later image goes through the same graph).
+    """
     import json
 
     from graft.backbones import fingerprint_of
 
-    if resolve_engine(fp.engine) == "torch":
+    if fp.precision == "fp32" and resolve_engine(fp.engine) == "torch":
         return TorchEngine(backbone().model, fp.threads, fp.amp)
     meta = {
         "graft.kind": "backbone",
         "graft.backbone": description["name"],
         "graft.describe": json.dumps(description, sort_keys=True),
     }
+    quantize = None
+    if fp.precision == "int8":
+        from graft.cache import preprocess_of
+        from graft.quantize import CalibrationReader
+
+        pp = preprocess_of(description)
+
+        def quantize() -> CalibrationReader:
+            if not calibration:
+                raise GraftError("featurize.precision int8 needs images to calibrate on: none to featurize")
+            return CalibrationReader([Path(p) for p in calibration[: fp.calibration_images]], pp)
+
     return ort_engine(
-        cache, fingerprint_of(description), lambda: backbone().model, description["crop"], meta, fp.threads, fp.streams
+        cache,
+        fingerprint_of(description),
+        lambda: backbone().model,
+        description["crop"],
+        meta,
+        fp.threads,
+        fp.streams,
+        quantize,
     )

@@ -149,6 +149,29 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
     return drift
 
 
+def quantize_backbone(model, path: Path, size: int, metadata: dict[str, str], reader) -> None:
+    """Export the fp32 backbone (checked against torch), quantize it to int8 on ``reader``'s images, publish
+    the int8 graph at ``path`` with its hash; the fp32 graph is only a scratch file."""
+    import onnx
+
+    from graft.integrity import graph_sha256
+    from graft.quantize import quantize_int8
+
+    scratch = path.with_name(f".{path.stem}.fp32.onnx")
+    try:
+        export_backbone(model, scratch, size, metadata)
+        with atomic_path(path) as tmp:
+            meta = {**metadata, "graft.precision": "int8"}
+            quantize_int8(scratch, tmp, reader, meta, hint="set featurize.precision: fp32")
+            proto = onnx.load(str(tmp))
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = WEIGHTS_KEY, graph_sha256(proto)
+            onnx.save(proto, str(tmp))
+    finally:
+        scratch.unlink(missing_ok=True)
+    log.info("quantized %s to int8", path)
+
+
 def ort_engine(
     cache: Path,
     fingerprint: str,
@@ -157,6 +180,7 @@ def ort_engine(
     metadata: dict[str, str],
     threads: int = 0,
     streams: int = 0,
+    quantize: Callable[[], object] | None = None,
 ) -> OrtEngine:
     """The onnxruntime engine for the backbone cached in ``cache``, exporting it first if needed.
 
@@ -168,12 +192,18 @@ def ort_engine(
         metadata: recorded in a newly exported graph (``graft.fingerprint`` among them).
         threads: inference threads in total; 0 = all cores.
         streams: sessions run side by side; 0 = one single-threaded session per thread.
+        quantize: for an int8 cache, returns the calibration reader: the checked fp32 export is then
+            statically quantized (:func:`graft.quantize.quantize_int8`) into the graph the engine runs.
     """
     path = cache / ONNX_FILE
     if path.is_file() and not graph_verified(path):  # exported before graphs carried their hash: redo it
         path.unlink()
     if not path.is_file():
-        export_backbone(model_fn(), path, size, {**metadata, "graft.fingerprint": fingerprint})
+        meta = {**metadata, "graft.fingerprint": fingerprint}
+        if quantize is None:
+            export_backbone(model_fn(), path, size, meta)
+        else:
+            quantize_backbone(model_fn(), path, size, meta, quantize())
     n, per = plan_threads(threads, streams)
     try:
         engine = OrtEngine(path, n, per)

@@ -86,11 +86,23 @@ class FeaturizeParams(_Strict):
         0, ge=0, le=64
     )  # onnxruntime sessions run side by side; 0 = one per core, at most 4 (threads split among them)
     amp: bool = True  # torch engine on CUDA: fp16 autocast (features within ~1e-3 of fp32; same cache key)
+    # int8: a statically quantized backbone on onnxruntime (VNNI/AMX CPUs), calibrated once per cache on
+    # calibration_images of the first images it featurizes; its own fingerprint and cache folder
+    precision: Literal["fp32", "int8"] = "fp32"
+    calibration_images: int = Field(64, ge=1, le=10_000)
     runner: Literal["local", "dask"] = "local"  # dask: shards run as Prefect tasks on a Dask cluster (docs/scale.md)
     shard_size: int = Field(
         512, ge=1, le=1_000_000
     )  # images per dask shard (one Parquet part each): ~5 s of Lite0 on one core
     dask: DaskParams = DaskParams()
+
+    @model_validator(mode="after")
+    def _int8_runs_locally_on_onnxruntime(self) -> FeaturizeParams:
+        if self.precision == "int8" and self.engine == "torch":
+            raise ValueError("precision int8 runs on onnxruntime: set engine auto or onnxruntime")
+        if self.precision == "int8" and self.runner == "dask":  # workers must not calibrate graphs of their own
+            raise ValueError("precision int8 runs with runner local (Dask workers would each calibrate their own)")
+        return self
 
 
 class AugmentParams(_Strict):
@@ -131,6 +143,8 @@ class FinetuneParams(_Strict):
     )
     workers: int = Field(2, ge=1, le=64)  # decoder threads
     threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
+    # auto: bf16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16/AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     augment: AugmentParams = AugmentParams()
 
 

@@ -51,7 +51,9 @@ class CalibrationReader:
 QUANTIZED_OPS = ["Conv", "Add", "Clip", "Relu"]  # the backbone's body; the head and softmax stay float
 
 
-def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str]) -> None:
+def quantize_int8(
+    src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str], hint: str = "set export.quantize: null"
+) -> None:
     """Write the int8 QDQ model of ``src`` to ``dst`` with ``metadata`` (graft's keys) copied in.
 
     QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
@@ -87,7 +89,7 @@ def quantize_int8(src: Path, dst: Path, reader: CalibrationReader, metadata: dic
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean "cannot quantize this graph"
             raise GraftError(
                 f"int8 quantization failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                f"set export.quantize: null"
+                f"{hint}"
             ) from None
     proto = onnx.load(str(dst))
     del proto.metadata_props[:]

@@ -83,10 +83,28 @@ def image_batches(
     yield from prefetch_map(load, slices, workers)
 
 
-def device_and_amp() -> tuple[torch.device, torch.dtype | None]:
-    """CUDA with bf16 (or fp16) autocast when present; CPU in fp32 otherwise."""
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 or AMX): autocast pays."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def device_and_amp(precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """The training device and its autocast dtype (None: fp32).
+
+    ``auto``: CUDA with bf16 (fp16 where bf16 is missing); a CPU with native bf16 in bf16; any other CPU in
+    fp32 (emulated bf16 is slower than fp32). ``bf16`` asks for bf16 anywhere; ``fp32`` turns autocast off.
+    Weights, optimizer state and the loss stay fp32 either way (autocast only lowers matmuls and convolutions).
+    """
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        device = torch.device("cuda")
+        if precision == "fp32":
+            return device, None
+        return device, torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" or (precision == "auto" and cpu_bf16_native()):
+        return torch.device("cpu"), torch.bfloat16
     return torch.device("cpu"), None
 
 
@@ -99,23 +117,34 @@ def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(
-    model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
+    model: Classifier,
+    paths: list[str],
+    pp: Preprocess,
+    batch_size: int = 64,
+    workers: int = 2,
+    amp: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Logits for image files with the eval transform (used for val and test)."""
+    """Logits for image files with the eval transform (val during training, with its ``amp``; test in fp32)."""
     device = next(model.parameters()).device
     model.eval()
-    out = [
-        model.logits(to_device(x, device)).float().cpu().numpy()
-        for _, x in image_batches(paths, pp, batch_size, workers)
-    ]
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = [
+            model.logits(to_device(x, device)).float().cpu().numpy()
+            for _, x in image_batches(paths, pp, batch_size, workers)
+        ]
     return np.concatenate(out) if out else np.zeros((0, model.head.n_classes), np.float32)
 
 
 def predict_proba(
-    model: Classifier, paths: list[str], pp: Preprocess, batch_size: int = 64, workers: int = 2
+    model: Classifier,
+    paths: list[str],
+    pp: Preprocess,
+    batch_size: int = 64,
+    workers: int = 2,
+    amp: torch.dtype | None = None,
 ) -> np.ndarray:
     """Class probabilities (softmax of the logits over the model's temperature) for image files."""
-    z = torch.from_numpy(predict_logits(model, paths, pp, batch_size, workers)) / model.temperature
+    z = torch.from_numpy(predict_logits(model, paths, pp, batch_size, workers, amp)) / model.temperature
     return torch.softmax(z, 1).numpy()
 
 
@@ -150,7 +179,7 @@ def fit(
 
     Resumes from ``checkpoint`` when it holds a run with the same ``key``.
     """
-    device, amp = device_and_amp()
+    device, amp = device_and_amp(fp.precision)
     if fp.threads:
         torch.set_num_threads(fp.threads)
     model.to(device).to(memory_format=torch.channels_last)
@@ -209,7 +238,7 @@ def fit(
             correct += int((logits.argmax(1) == target).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         vp, vy = val_items if len(val_items[0]) else train_items
-        proba = predict_proba(judged, vp, pp, fp.batch_size * 2, fp.workers)
+        proba = predict_proba(judged, vp, pp, fp.batch_size * 2, fp.workers, amp)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), torch.tensor(vy)))
         row = {
             "epoch": epoch + 1,

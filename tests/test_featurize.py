@@ -479,3 +479,42 @@ def test_a_transient_read_error_stays_retryable_and_a_rerun_completes(setup, mon
     assert _transient(None, None, state)
     monkeypatch.undo()
     assert featurize(params)["images"] == 20  # the storage is back: the rerun finishes
+
+
+def test_int8_features_get_their_own_cache_calibrated_once(ws: Path) -> None:
+    """featurize.precision int8: a quantized onnxruntime graph (marked int8) in a cache folder of its own, whose
+    features stay close to fp32's (same ranking of images by feature), calibrated once: a later run with new
+    images reuses the very graph rather than calibrating another."""
+    import onnx
+
+    write_tree(ws / "raw", ("cat", "dog", "owl"), per_class=12)
+    fp32 = make_params(ws, {"featurize": {"engine": "onnxruntime"}})
+    int8 = make_params(ws, {"featurize": {"engine": "onnxruntime", "precision": "int8", "calibration_images": 16}})
+    ingest(fp32)
+    a, b = featurize(fp32), featurize(int8)
+    assert a["fingerprint"] != b["fingerprint"] and a["cache"] != b["cache"] and b["computed"] == 36
+    graph = Path(b["cache"]) / "backbone.onnx"
+    proto = onnx.load(str(graph))
+    assert {p.key: p.value for p in proto.metadata_props}["graft.precision"] == "int8"
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+
+    def features(cache: str) -> np.ndarray:
+        table = read_features(Path(cache), DIM, sorted(_unique(fp32))).sort_by("sha256")
+        return np.stack(table.column("feature").to_numpy(zero_copy_only=False))
+
+    fa, fb = features(a["cache"]), features(b["cache"])
+    assert not np.array_equal(fa, fb)  # really another model
+    corr = np.corrcoef(fa.ravel(), fb.ravel())[0, 1]
+    assert corr > 0.98, corr
+    before = graph.read_bytes()
+    class_image(0, 99).save(ws / "raw" / "cat" / "cat-new.png")
+    ingest(int8)
+    again = featurize(int8)
+    assert again["computed"] == 1 and graph.read_bytes() == before
+
+
+def test_int8_needs_onnxruntime_and_the_local_runner(ws: Path) -> None:
+    with pytest.raises(GraftError, match="int8 runs on onnxruntime"):
+        make_params(ws, {"featurize": {"engine": "torch", "precision": "int8"}})
+    with pytest.raises(GraftError, match="runner local"):
+        make_params(ws, {"featurize": {"precision": "int8", "runner": "dask"}})
