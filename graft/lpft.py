@@ -16,12 +16,24 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from graft import GraftError
 from graft.auto import Result, data_image_size, finetune_seconds, probe_features
 from graft.compare import score as metric_score
 from graft.dataset import split_items
+from graft.images import Preprocess
 from graft.model import Classifier, head_config, initial_model, make_head, run_key
 from graft.params import Params
-from graft.select import Candidate, bootstrap_se, fit_linear, head_spec, to_torch_head
+from graft.select import (
+    LINEAR_C_GRID,
+    Candidate,
+    bootstrap_se,
+    cv_grid,
+    cv_splits,
+    fit_linear,
+    head_spec,
+    one_se_choice,
+    to_torch_head,
+)
 from graft.tune import fit, predict_logits
 
 
@@ -111,6 +123,20 @@ def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int,
     head = make_head(head_spec(pipe), n_classes)
     head.load_state_dict(to_torch_head(pipe, n_classes))
     model.head = head
+
+
+def probe_start(
+    model: Classifier, items: tuple[list[str], np.ndarray], n_classes: int, pp: Preprocess, workers: int, seed: int
+) -> float:
+    """LP-FT's first step for ``train.mode: finetune``: start the classifier from a logistic-regression probe on the
+    frozen features at the fine-tune size, C chosen by 5-fold CV with the one-SE rule. Returns that C."""
+    x, _ = probe_features(model.features, items[0], pp, workers=workers)
+    try:
+        c = one_se_choice(cv_grid("linear", x, items[1], LINEAR_C_GRID, cv_splits(items[1], 5, seed))).settings["C"]
+    except GraftError:  # a class with a single image: no CV, the library default
+        c = 1.0
+    _probe_head(model, x, items[1], n_classes, c)
+    return float(c)
 
 
 def refit_finetune(

@@ -24,6 +24,7 @@ from graft.atomic import write_json
 from graft.auto import data_image_size
 from graft.backbones import Backbone
 from graft.dataset import read_classes, read_manifest, split_items
+from graft.lpft import probe_start
 from graft.model import Classifier, head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
@@ -57,6 +58,13 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     elif resume and (read_checkpoint(checkpoint) or {}).get("key") != key:
         raise GraftError(f"--resume: no checkpoint of this configuration at {checkpoint}")
     fp = fp.model_copy(update={"image_size": bb.preprocess.crop})  # the size it runs at (and its run key)
+    if fp.init == "probe" and note["head"] != "loaded" and (read_checkpoint(checkpoint) or {}).get("key") != key:
+        # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed (a resumed
+        # run has the head in its checkpoint already)
+        note["probe_C"] = probe_start(model, train_items, len(classes), bb.preprocess, fp.workers, params.seed)
+        note["head"] = "linear probe (LP-FT)"
+    if fp.init == "probe" and note["head"] != "loaded":
+        fp = fp.model_copy(update={"head_epochs": 0})
     best, history = fit(
         model,
         train_items,

@@ -214,3 +214,19 @@ def test_finetuned_model_evaluates_and_exports_like_a_head_model(ws: Path) -> No
     meta = {p.key: p.value for p in onnx.load(params.export.out).metadata_props}
     assert meta["graft.kind"] == "finetune" and json.loads(meta["graft.classes"]) == ["a", "b", "c"]
     assert json.loads(meta["graft.input"])["crop"] == 32
+
+
+def test_finetune_mode_starts_from_the_linear_probe(ws: Path) -> None:
+    """``finetune.init: probe`` (LP-FT) in ``train.mode: finetune``: the classifier starts from a probe fitted on the
+    frozen features (C by CV), so with a vanishing learning rate the model already separates the classes; a new
+    random head (``init: random``) does not."""
+    from graft.select import LINEAR_C_GRID
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=10)
+    probe = ft_params(ws, epochs=1, lr=1e-9, ema=None, init="probe", strategy="full")
+    ingest(probe)
+    lp = finetune(probe)
+    assert lp["head"] == "linear probe (LP-FT)" and lp["probe_C"] in LINEAR_C_GRID
+    fresh = finetune(ft_params(ws, epochs=1, lr=1e-9, ema=None, init="random", strategy="full"))
+    assert fresh["head"] == "new" and "probe_C" not in fresh
+    assert lp["val_accuracy"] >= 0.8 and fresh["val_accuracy"] <= 0.6, (lp, fresh)
