@@ -8,10 +8,11 @@ Builds the sets with bench/datasets.py (see its docstring for the apt-get line).
 learns from ``pool/`` only and is scored once on ``heldout/``:
   pixels    16x16 grey pixels, StandardScaler + LogisticRegression, C by 5-fold CV on the pool
   probe     the same scikit-learn probe on EfficientNet-Lite0 features from graft's own backbone
-  head, finetune, auto
+  head, finetune, auto, head_int8
             graft's CLI stages (ingest, featurize, train, evaluate, export) in a fresh project per row
             (``<out>/<set>/runs/<mode>``, its own feature cache, so wall times are comparable), then
             ``graft predict`` on the held-out folder: the score reads only models/model.onnx.
+``head_int8`` is graft's head on features from the int8-quantized backbone (``featurize.precision: int8``).
 A mode that params validation rejects (``auto`` until it lands) is reported as n/a. Prints one table
 per set and the targets; writes every row to ``<out>/transfer.json`` (merged by set).
 """
@@ -52,7 +53,7 @@ def _bench_datasets():
 _DATASETS = _bench_datasets()
 BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
 
-ROWS = ("pixels", "probe", "head", "finetune", "auto")
+ROWS = ("pixels", "probe", "head", "head_int8", "finetune", "auto")
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 CS = np.logspace(-4, 2, 7)  # C grid for both scikit-learn rows
 PIXELS = 16  # graft's evaluate baseline uses the same 16x16 grey pixels
@@ -203,7 +204,9 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["seed"] = seed
     raw["data"]["root"] = str((set_dir / "pool").resolve())
-    raw["train"]["mode"] = mode
+    raw["train"]["mode"] = "head" if mode == "head_int8" else mode
+    if mode == "head_int8":
+        raw["featurize"]["precision"] = "int8"
     if mode == "auto" and AUTO_BUDGET_MINUTES is not None:
         raw["train"]["budget_minutes"] = AUTO_BUDGET_MINUTES
     write_text(work / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
@@ -255,7 +258,7 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
     )
     shown = (
         ("mode", "strategy", "image_size", "epochs")
-        if train.get("mode") != mode
+        if train.get("mode") != raw["train"]["mode"]
         else ("strategy", "image_size", "epochs")
     )
     note = ", ".join(
@@ -302,20 +305,25 @@ def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
         "auto >= raw-pixel LR": ("pixels", val.get("pixels")),
         "auto >= sklearn probe": ("probe", val.get("probe")),
     }
-    if "auto" not in val:
-        return {k: "n/a (no auto row)" for k in checks}
-    return {
+    out = {
         k: "n/a (row not run)"
-        if ref is None
+        if ref is None or "auto" not in val
         else ("PASS" if val["auto"] >= ref - 1e-12 else "FAIL") + f" (auto {val['auto']:.4f} vs {name} {ref:.4f})"
         for k, (name, ref) in checks.items()
     }
+    if "head_int8" in val and "head" in val:  # issue 14: heads on int8 features within 0.5 pt of fp32's
+        gap = val["head_int8"] - val["head"]
+        out["head on int8 features >= head - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
+            f" ({val['head_int8']:.4f} vs {val['head']:.4f}, {100 * gap:+.1f} pt)"
+        )
+    return out
 
 
 NAMES = {
     "pixels": f"raw pixels {PIXELS}x{PIXELS} + LR",
     "probe": "sklearn probe on Lite0",
     "head": "graft head",
+    "head_int8": "graft head, int8 feats",
     "finetune": "graft finetune",
     "auto": "graft auto",
 }

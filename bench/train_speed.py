@@ -1,0 +1,379 @@
+"""Training and start-up speed on CPU, in one run: graft's fine-tune against a plain loop, bf16 against fp32,
+``last_n`` against ``full``, int8 against fp32 featurize, and how fast the light commands start.
+
+    python bench/train_speed.py             # everything (~12-15 min on 2 cores)
+    python bench/train_speed.py --quick     # fewer images and epochs, no demo accuracy runs: a smoke test
+
+Rows (all measured in this one process's run, so the ratios share the machine's state):
+  plain loop     EfficientNet-Lite0 (timm, the same body graft builds) + a linear layer, NCHW fp32, AdamW,
+                 batch 32, on tensors already in memory (no decoding, no validation): the usual hand-written
+                 loop's training step. Its img/s is the reference the targets divide by.
+  graft train    whole ``graft train`` processes (``train.mode: finetune``, ``strategy: full``) on photo-like
+                 JPEGs at 224 px and at the demo's 96 px: start-up, the LP-FT probe pass, decoding and
+                 augmentation, every validation pass and the checkpoints are all inside the wall time;
+                 img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
+  step anatomy   one training step at 224 px: every layer trains, ``last_n: 2`` by ``requires_grad`` alone
+                 (autograd then records nothing below the first trainable block), and the same with the
+                 frozen prefix run under ``torch.no_grad`` explicitly: what the explicit step adds.
+  last_n         whole ``graft train`` with ``strategy: last_n, last_n: 2`` against ``full`` (same precision).
+  featurize      ``graft featurize`` on a fresh cache, fp32 against ``precision: int8`` (onnxruntime), img/s of
+                 the computed part; the int8 graph's one-off export + calibration + quantization beside it.
+  start-up       wall seconds of ``graft --help``, ``graft backbones``, ``graft metrics`` and a fully cached
+                 ``graft featurize`` as fresh processes (best of 3).
+  demo accuracy  the demo digits with the demo's fine-tune settings (bench/finetune.py), fp32 and bf16:
+                 final test accuracy side by side (skipped by --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGETS = {
+    "vs_plain_224": 2.5,
+    "last_n_vs_full": 2.0,
+    "int8_vs_fp32": 1.5,
+    "cached_featurize_s": 1.5,
+    "backbones_s": 0.5,
+}
+
+
+def write_images(root: Path, classes: int, per_class: int, size: tuple[int, int] = (320, 256)) -> None:
+    """Photo-like JPEGs: class k = random crops of scikit-image photo k, recoloured and noised."""
+    from PIL import Image
+    from skimage import data
+
+    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    sources += [np.stack([g] * 3, -1) for g in (data.camera(), data.moon(), data.brick(), data.grass(), data.gravel())]
+    rng = np.random.default_rng(0)
+    w, h = size
+    for k in range(classes):
+        src = sources[k % len(sources)]
+        (root / f"c{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            crop = Image.fromarray(np.ascontiguousarray(src[..., :3])).resize((w * 2, h * 2))
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            arr = np.asarray(crop.crop((x0, y0, x0 + w, y0 + h)), np.float32)
+            arr = arr * rng.uniform(0.7, 1.3, 3) + rng.normal(0, 8, arr.shape)
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"c{k}" / f"{i:04d}.jpg", quality=90)
+
+
+def run_cli(args: list[str], cwd: Path) -> tuple[float, dict | str]:
+    """Wall seconds of a fresh ``graft`` process and its --json summary (or its output)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "graft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"graft {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    try:
+        return wall, json.loads(last)
+    except json.JSONDecodeError:
+        return wall, done.stdout
+
+
+def workspace(ws: Path, data_root: Path, train: dict | None = None, featurize: dict | None = None) -> Path:
+    """A params file in ``ws`` over ``data_root`` with overrides; returns its path."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["root"] = str(data_root)
+    for section, over in (("train", train or {}), ("featurize", featurize or {})):
+        for k, v in over.items():
+            if isinstance(v, dict):
+                raw[section].setdefault(k, {}).update(v)
+            else:
+                raw[section][k] = v
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return ws / "params.yaml"
+
+
+def plain_loop(size: int, steps: int, batch: int = 32, classes: int = 10, layout: str = "nchw") -> float:
+    """img/s of the hand-written loop: timm Lite0 + linear, fp32, AdamW, on in-memory tensors."""
+    import torch
+
+    from graft.backbones import build_backbone
+
+    bb = build_backbone("efficientnet_lite0")
+    model = torch.nn.Sequential(bb.model, torch.nn.Linear(bb.feature_dim, classes)).train()
+    model.requires_grad_(True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, classes, (batch,))
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()  # the first step (allocations, oneDNN primitive creation) is warm-up
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
+    """img/s of one graft training step configuration (see :func:`step_anatomy`)."""
+    import torch
+
+    from graft.backbones import build_backbone
+    from graft.layerwise import layer_groups, set_trainable, train_mode
+    from graft.model import Classifier, head_config, make_head
+    from graft.tune import device_and_amp
+
+    _, amp = device_and_amp("auto")
+    bb = build_backbone("efficientnet_lite0")
+    model = Classifier(bb.model, make_head(head_config("logreg", bb.feature_dim, 0, 0.0), 10))
+    groups = layer_groups(model.features.net)
+    set_trainable(model, groups, len(groups) if mode == "full" else 2)
+    train_mode(model, groups)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    body = cast(Any, model.features.net)
+
+    def flat(gs: list) -> torch.nn.Sequential:
+        return torch.nn.Sequential(*[m for g in gs for m in (g if isinstance(g, torch.nn.ModuleList) else [g])])
+
+    prefix, top = flat(groups[:-2]), flat(groups[-2:])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if "no_grad" not in mode:
+            return model.logits(x)
+        with torch.no_grad():  # timm EfficientNet: stem, blocks[:-1] (the frozen groups)
+            h = prefix(model.features.normalize(x))
+        return model.head(body.forward_head(top(h)))
+
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
+    """img/s of graft's training step (channels_last, bf16 where native): every layer trains; ``last_n: 2`` by
+    ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
+    modes = ("full", "last_n 2 (requires_grad)", "last_n 2 (+ no_grad prefix)")
+    return {mode: _step_rate(mode, size, steps, batch) for mode in modes}
+
+
+def graft_train(ws: Path, data_root: Path, size: int, epochs: int, precision: str, strategy: dict) -> dict:
+    """One whole ``graft train`` (finetune) process; img/s = training images x epochs run / wall seconds."""
+    params = workspace(
+        ws,
+        data_root,
+        train={
+            "mode": "finetune",
+            "finetune": {"image_size": size, "epochs": epochs, "patience": 100, "precision": precision, **strategy},
+        },
+    )
+    if not (ws / "data" / "manifest.parquet").is_file():
+        run_cli(["ingest", "--params", str(params)], ws)
+    wall, summary = run_cli(["train", "--params", str(params), "--fresh", "--json"], ws)
+    s = summary["train"] if isinstance(summary, dict) else {}
+    images = s["train_images"] * s["epochs"]
+    return {"wall_s": wall, "img_per_s": images / wall, "val_accuracy": s["val_accuracy"], "epochs": s["epochs"]}
+
+
+def featurize_speed(ws: Path, data_root: Path, precision: str) -> dict:
+    """A fresh-cache ``graft featurize`` (onnxruntime): img/s of the computed part and the engine's one-off set-up."""
+    params = workspace(ws, data_root, featurize={"precision": precision, "engine": "onnxruntime"})
+    run_cli(["ingest", "--params", str(params)], ws)
+    wall, summary = run_cli(["featurize", "--params", str(params), "--json"], ws)
+    s = summary["featurize"] if isinstance(summary, dict) else {}
+    return {
+        "img_per_s": s["img_per_s"],
+        "wall_s": wall,
+        "setup_s": wall - s["seconds"],
+        "computed": s["computed"],
+        "fingerprint": s["fingerprint"],
+    }
+
+
+def startup(ws: Path) -> dict[str, float]:
+    """Best-of-3 wall seconds of the light commands as fresh processes (``ws`` holds a fully cached featurize)."""
+    metrics = ws / "metrics.json"
+    row = {"accuracy": 0.9, "macro_f1": 0.9, "balanced_accuracy": 0.9, "ece": 0.05, "n": 10}
+    metrics.write_text(json.dumps({**row, "baseline": row}))
+    commands = {
+        "graft --help": ["--help"],
+        "graft backbones": ["backbones"],
+        "graft metrics": ["metrics", "--path", str(metrics)],
+        "graft featurize (cached)": ["featurize", "--params", "params.yaml"],
+        "python -c pass (interpreter)": None,
+    }
+    out = {}
+    for name, args in commands.items():
+        times = []
+        for _ in range(3):
+            if args is None:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", "pass"], check=True)
+                times.append(time.perf_counter() - t0)
+            else:
+                times.append(run_cli(args, ws)[0])
+        out[name] = min(times)
+    return out
+
+
+def demo_accuracy(ws: Path, precision: str) -> dict:
+    """The demo digits fine-tuned with the demo's settings at ``precision``: test accuracy and wall time."""
+    from finetune import DEMO_FINETUNE  # bench/finetune.py: the demo's own fine-tune settings
+
+    from graft.demo import write_digits
+    from graft.params import load_params, parse_params
+    from graft.tasks.evaluate import evaluate
+    from graft.tasks.finetune import finetune
+    from graft.tasks.ingest import ingest
+
+    if not (ws / "raw").is_dir():
+        write_digits(ws / "raw")
+    raw = load_params(REPO / "params.yaml").model_dump(mode="json")
+    raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
+    raw["featurize"].update(cache_dir=str(ws / "cache"), out=str(ws / "data/features.parquet"))
+    raw["train"].update(mode="finetune", model_dir=str(ws / precision))
+    raw["train"]["finetune"].update({**DEMO_FINETUNE, "precision": precision})
+    raw["evaluate"].update(
+        metrics_dir=str(ws / precision / "metrics"),
+        plots_dir=str(ws / precision / "plots"),
+        report=str(ws / precision / "report.md"),
+    )
+    params = parse_params(raw)
+    ingest(params)
+    t0 = time.perf_counter()
+    summary = finetune(params)
+    wall = time.perf_counter() - t0
+    m = evaluate(params)["model"]
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "wall_s": wall, "epochs": summary["epochs"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and epochs, no demo accuracy runs")
+    ap.add_argument("--dir", help="keep the images and workspaces here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from graft.tune import cpu_bf16_native
+
+    per_class, epochs, steps = (12, 1, 3) if args.quick else (30, 2, 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.dir or tmp)
+        data_root = base / "images"
+        if not data_root.is_dir():
+            write_images(data_root, 8, per_class)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, native CPU bf16: {cpu_bf16_native()}; "
+            f"{8 * per_class} photo-like JPEGs 320x256 in 8 classes",
+            flush=True,
+        )
+        res: dict = {"plain": {}, "graft": {}, "anatomy": {}, "featurize": {}, "startup": {}, "demo": {}}
+        for size in (224, 96):
+            res["plain"][size] = plain_loop(size, steps)
+            print(f"  plain loop {size}px: {res['plain'][size]:.1f} img/s", flush=True)
+            for precision in ("fp32", "bf16"):
+                r = graft_train(base / f"ft{size}", data_root, size, epochs, precision, {"strategy": "full"})
+                res["graft"][(size, precision, "full")] = r
+                print(f"  graft train {size}px {precision} full: {r['img_per_s']:.1f} img/s", flush=True)
+        for precision in ("fp32", "bf16"):
+            r = graft_train(base / "ft224", data_root, 224, epochs, precision, {"strategy": "last_n", "last_n": 2})
+            res["graft"][(224, precision, "last_n 2")] = r
+            print(f"  graft train 224px {precision} last_n 2: {r['img_per_s']:.1f} img/s", flush=True)
+        res["anatomy"] = step_anatomy(224, steps)
+        for precision in ("fp32", "int8"):
+            res["featurize"][precision] = featurize_speed(base / f"feat-{precision}", data_root, precision)
+            print(f"  featurize {precision}: {res['featurize'][precision]['img_per_s']} img/s", flush=True)
+        res["startup"] = startup(base / "feat-fp32")
+        if not args.quick:
+            for precision in ("fp32", "bf16"):
+                res["demo"][precision] = demo_accuracy(base / "demo", precision)
+                print(f"  demo {precision}: {res['demo'][precision]}", flush=True)
+    print(report(res))
+    return 0
+
+
+def report(res: dict) -> str:
+    g, plain = res["graft"], res["plain"]
+    lines = ["", "== fine-tune throughput (img/s; graft = whole `graft train` processes, start-up and val included)"]
+    lines.append(f"{'':<28}{'224 px':>10}{'96 px':>10}")
+    lines.append(f"{'plain loop NCHW fp32':<28}{plain[224]:>10.1f}{plain[96]:>10.1f}")
+    for precision in ("fp32", "bf16"):
+        row = [g[(s, precision, "full")]["img_per_s"] for s in (224, 96)]
+        lines.append(f"{'graft full ' + precision:<28}{row[0]:>10.1f}{row[1]:>10.1f}")
+    for precision in ("fp32", "bf16"):
+        row = [g[(s, precision, "full")]["img_per_s"] / plain[s] for s in (224, 96)]
+        lines.append(f"{'  x plain loop, ' + precision:<28}{row[0]:>9.2f}x{row[1]:>9.2f}x")
+    lines.append("")
+    lines.append("== last_n: 2 against full (224 px, whole graft train)")
+    for precision in ("fp32", "bf16"):
+        full, top = g[(224, precision, "full")]["img_per_s"], g[(224, precision, "last_n 2")]["img_per_s"]
+        lines.append(f"{precision}: full {full:.1f}, last_n 2 {top:.1f} img/s: {top / full:.2f}x")
+    a = res["anatomy"]
+    full = a["full"]
+    lines.append(
+        "one training step at 224 px (channels_last, bf16 where native): "
+        + "; ".join(f"{k} {v:.1f} img/s ({v / full:.2f}x)" for k, v in a.items())
+    )
+    f = res["featurize"]
+    lines.append("")
+    lines.append("== featurize, fresh cache (onnxruntime)")
+    for precision in ("fp32", "int8"):
+        r = f[precision]
+        lines.append(
+            f"{precision}: {r['img_per_s']:.1f} img/s over {r['computed']} images; set-up {r['setup_s']:.1f} s"
+        )
+    lines.append(f"int8 / fp32: {f['int8']['img_per_s'] / f['fp32']['img_per_s']:.2f}x")
+    lines.append("")
+    lines.append("== start-up (fresh processes, best of 3)")
+    lines += [f"{k:<32}{v:>6.2f} s" for k, v in res["startup"].items()]
+    if res["demo"]:
+        lines.append("")
+        lines.append("== demo digits, the demo's fine-tune settings: fp32 against bf16 (test split)")
+        for precision, r in res["demo"].items():
+            lines.append(
+                f"{precision}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+                f"{r['epochs']} epochs in {r['wall_s']:.0f} s"
+            )
+    checks = {
+        f"graft full (best precision) >= {TARGETS['vs_plain_224']}x plain at 224 px": max(
+            g[(224, p, "full")]["img_per_s"] for p in ("fp32", "bf16")
+        )
+        / plain[224]
+        >= TARGETS["vs_plain_224"],
+        f"last_n 2 >= {TARGETS['last_n_vs_full']}x full": g[(224, "bf16", "last_n 2")]["img_per_s"]
+        / g[(224, "bf16", "full")]["img_per_s"]
+        >= TARGETS["last_n_vs_full"],
+        f"int8 featurize >= {TARGETS['int8_vs_fp32']}x fp32": f["int8"]["img_per_s"] / f["fp32"]["img_per_s"]
+        >= TARGETS["int8_vs_fp32"],
+        f"cached featurize <= {TARGETS['cached_featurize_s']} s": res["startup"]["graft featurize (cached)"]
+        <= TARGETS["cached_featurize_s"],
+        f"graft backbones <= {TARGETS['backbones_s']} s": res["startup"]["graft backbones"] <= TARGETS["backbones_s"],
+    }
+    lines.append("")
+    lines += [f"target {k}: {'PASS' if ok else 'FAIL'}" for k, ok in checks.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
