@@ -56,12 +56,19 @@ def set_trainable(model: Classifier, groups: list[nn.Module], n_top: int) -> Non
         g.requires_grad_(True)
 
 
-def train_mode(model: Classifier, groups: list[nn.Module]) -> None:
-    """Training mode for trainable parts only: frozen groups stay in eval (BatchNorm stats fixed)."""
+def train_mode(model: Classifier, groups: list[nn.Module], freeze_bn: bool = False) -> None:
+    """Training mode for trainable parts only: frozen groups stay in eval (BatchNorm stats fixed).
+
+    ``freeze_bn``: every BatchNorm keeps its pretrained running statistics (eval mode) while its weights train.
+    """
     model.train()
     for g in groups:
         if not any(p.requires_grad for p in g.parameters()):
             g.eval()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def param_groups(model: Classifier, groups: list[nn.Module], fp: FinetuneParams) -> list[dict]:

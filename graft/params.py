@@ -143,6 +143,10 @@ class FinetuneParams(_Strict):
     )
     workers: int = Field(2, ge=1, le=64)  # decoder threads
     threads: int = Field(0, ge=0, le=256)  # torch threads; 0 = all cores
+    # BatchNorm keeps its pretrained running statistics while its weights train. On small data the batch
+    # statistics move the features away from what the LP-FT probe was fitted on (measured on 8x8 digits:
+    # val accuracy 0.95 frozen against 0.59 after 3 epochs); false: the usual train-mode BatchNorm
+    freeze_bn: bool = True
     # auto: bf16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16/AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     augment: AugmentParams = AugmentParams()

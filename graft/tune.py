@@ -210,7 +210,7 @@ def fit(
         t_epoch = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: the same draws after a resume
         set_trainable(model, groups, trainable_groups(len(groups), fp, epoch))
-        train_mode(model, groups)
+        train_mode(model, groups, fp.freeze_bn)
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
         shuffled = [paths[i] for i in order]
         total, correct = 0.0, 0

@@ -69,20 +69,26 @@ def test_strategies_set_requires_grad(strategy: str, extra: dict, epoch: int, ex
         assert trains == {i >= len(groups) - expected_groups}
 
 
-def test_frozen_batchnorm_statistics_do_not_move(ws: Path) -> None:
-    """With last_n=1 the first block's BatchNorm running stats stay put; the trained block's move."""
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_batchnorm_statistics_do_not_move(ws: Path, freeze_bn: bool) -> None:
+    """With last_n=1 the first block's BatchNorm running stats stay put; the trained block's move unless
+    ``freeze_bn`` (the default) keeps every BatchNorm's pretrained statistics, while its weights still train."""
     write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
-    params = ft_params(ws, strategy="last_n", last_n=1, epochs=1)
+    params = ft_params(ws, strategy="last_n", last_n=1, epochs=1, freeze_bn=freeze_bn, ema=None)
     ingest(params)
     model, _, _ = initial_model(params, ["a", "b", "c"])
-    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k or k.endswith("4.weight")}
     finetune(params)
     after = load_model(Path(params.train.model_dir))["state_dict"]
-    frozen = [k for k in before if k.startswith("features.body.1.")]
-    trained = [k for k in before if k.startswith("features.body.4.")]
+    frozen = [k for k in before if k.startswith("features.body.1.") and "running_mean" in k]
+    trained = [k for k in before if k.startswith("features.body.4.") and "running_mean" in k]
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
-    assert all(not torch.equal(before[k], after[k]) for k in trained)
+    assert not torch.equal(before["features.body.4.weight"], after["features.body.4.weight"])  # BN weights train
+    if freeze_bn:
+        assert all(torch.equal(before[k], after[k]) for k in trained)
+    else:
+        assert all(not torch.equal(before[k], after[k]) for k in trained)
 
 
 def test_train_mode_keeps_frozen_groups_in_eval() -> None:
