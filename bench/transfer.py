@@ -284,8 +284,10 @@ def evaluation_extras(work: Path) -> dict:
         extras["calibration"] = ev.get("calibration", {})
         loco = ev.get("unknown", {}).get("leave_one_class_out", {})
         photos = ev.get("unknown", {}).get("out_of_domain_photos", {})
-        extras["unknown"] = {k: v for k, v in loco.items() if k.startswith(("auroc_", "rejected"))} | (
-            {"photos_rejected": photos["rejected"]} if "rejected" in photos else {}
+        extras["unknown"] = (
+            {k: v for k, v in loco.items() if k.startswith(("auroc_", "rejected"))}
+            | ({"photos_rejected": photos["rejected"]} if "rejected" in photos else {})
+            | {f"photos_rejected_{k}": v for k, v in photos.get("rejected_by_score", {}).items()}
         )
     board = work / "metrics" / "leaderboard.csv"
     if board.is_file():
@@ -359,6 +361,8 @@ def format_table(name: str, result: dict) -> str:
             unk = " ".join(f"{k.removeprefix('auroc_')} {v:.3f}" for k, v in u.items() if k.startswith("auroc_"))
             rej = f"rejected at threshold {u['rejected_at_threshold']:.2f}" if "rejected_at_threshold" in u else ""
             pho = f"photos rejected {u['photos_rejected']:.2f}" if "photos_rejected" in u else ""
+            by = [(k.removeprefix("photos_rejected_"), v) for k, v in u.items() if k.startswith("photos_rejected_")]
+            pho += f" ({', '.join(f'{k} {v:.2f}' for k, v in by)} at test-split thresholds)" if by else ""
             lines.append(f"  {NAMES[key]:<22} {cal}; AUROC {unk or 'n/a'}; {rej} {pho}".rstrip())
     board = result["rows"].get("auto", {}).get("leaderboard")
     if board:

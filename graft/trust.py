@@ -212,7 +212,13 @@ def trust_metrics(logits: np.ndarray, y: np.ndarray, calibration: dict, bins: in
 
 
 def unknown_report(
-    params: Params, payload: dict, manifest: pd.DataFrame, classes: list[str], feats: dict, meta: dict
+    params: Params,
+    payload: dict,
+    manifest: pd.DataFrame,
+    classes: list[str],
+    feats: dict,
+    meta: dict,
+    test_logits: np.ndarray | None = None,
 ) -> dict:
     """The "unknown" answer measured two ways: leave-one-class-out on the cached features (the model's own head
     kind and settings when it is a feature candidate of this backbone; a logistic-regression probe on the
@@ -265,4 +271,18 @@ def unknown_report(
             "rejected": round(float((scores < threshold).mean()), 4),
             "source": "scikit-image bundled photos",
         }
+        if test_logits is not None and len(test_logits):  # every score at its own threshold on the test split
+            t, rate = model.temperature, params.predict.accept_rate
+            out["out_of_domain_photos"]["rejected_by_score"] = {
+                s: round(
+                    float(
+                        (
+                            in_distribution_score(z, t, s)
+                            < threshold_for(in_distribution_score(test_logits, t, s), rate)
+                        ).mean()
+                    ),
+                    4,
+                )
+                for s in SCORES
+            }
     return out

@@ -241,7 +241,7 @@ def evaluate(params: Params) -> dict:
         "baseline_size": ep.baseline_size,
         "counts": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
         "calibration": (trust := trust_metrics(logits, y, calibration, ep.ece_bins)),
-        "unknown": unknown_report(params, payload, manifest, classes, *_all_features(params.featurize.out)),
+        "unknown": unknown_report(params, payload, manifest, classes, *_all_features(params.featurize.out), logits),
     }
     mdir, pdir = Path(ep.metrics_dir), Path(ep.plots_dir)
     leakage = leakage_report(params, manifest, _read_quarantine(out), _features_if_any(params.featurize.out))

@@ -192,3 +192,13 @@ def test_class_map_mismatch_is_an_error(tmp_path: Path, evaluated) -> None:
     (work / "data" / "classes.json").write_text(json.dumps({"classes": ["ant", "bee", "cow"]}))
     with pytest.raises(GraftError, match="model classes differ"):
         evaluate(make_params(work))
+
+
+def test_out_of_domain_photos_are_scored_by_every_unknown_score(evaluated) -> None:
+    """The real photos go through the model; the shipped score's rejection uses the shipped threshold, and every
+    score is also compared at its own threshold on the test split (so energy and msp can be chosen by data)."""
+    root, params, m = evaluated
+    photos = m["unknown"]["out_of_domain_photos"]
+    assert photos["images"] >= 4 and 0.0 <= photos["rejected"] <= 1.0
+    assert set(photos["rejected_by_score"]) == {"energy", "msp"}
+    assert all(0.0 <= v <= 1.0 for v in photos["rejected_by_score"].values())
