@@ -114,8 +114,9 @@ def one_se_choice(rows: Sequence[Candidate]) -> Candidate:
 
     best = the highest score (ties: lower cost, then name). Eligible = every row with
     ``score >= best.score - best.se`` (when the best has a single held-out score and others were
-    cross-validated, the tolerance is at most the SE of the best cross-validated row). Chosen = the eligible row with the lowest cost (ties: higher
-    score, then name), so the result never depends on the order of ``rows``. NaN scores are never eligible.
+    cross-validated, the tolerance is at most the SE of the best cross-validated row). Chosen = the
+    eligible row with the lowest cost (ties: higher score, then name), so the result never depends on the
+    order of ``rows``. NaN scores are never eligible.
     """
     valid = [r for r in rows if np.isfinite(r.score)]
     if not valid:
