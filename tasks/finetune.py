@@ -62,7 +62,9 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed (a resumed
         # run has the head in its checkpoint already)
         note["probe_C"] = probe_start(model, train_items, len(classes), bb.preprocess, fp.workers, params.seed)
-        note["head"] = "linear probe (LP-FT)"
+        note["head"] = (
+            "linear probe (LP-FT)" if note["head"] == "new" else f"{note['head']}, from a linear probe (LP-FT)"
+        )
     if fp.init == "probe" and note["head"] != "loaded":
         fp = fp.model_copy(update={"head_epochs": 0})
     best, history = fit(

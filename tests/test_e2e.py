@@ -138,12 +138,10 @@ def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tup
             "train.finetune.batch_size=16",
             "-S",
             "train.finetune.image_size=64",
-            # the demo's own fine-tune settings (bench/finetune.py): params.yaml's generic defaults (staged, EMA,
-            # flips) are tuned for real sets and need more than 4 epochs of 84 digits
-            *("-S", "train.finetune.strategy=full", "-S", "train.finetune.lr=0.003"),
-            *("-S", "train.finetune.backbone_lr_mult=0.5", "-S", "train.finetune.layer_decay=0.85"),
-            *("-S", "train.finetune.augment.hflip=false", "-S", "train.finetune.augment.scale_min=0.7"),
-            *("-S", "train.finetune.ema=null"),
+            # params.yaml's generic fine-tune (staged LP-FT, EMA, frozen BatchNorm statistics); digits are not
+            # mirror-symmetric. On 84 digits x 4 epochs it reached val accuracy 0.54 here (0.15 without frozen
+            # BatchNorm statistics; the old demo settings, full at lr 0.003 without EMA, 0.00 from the probe)
+            *("-S", "train.finetune.augment.hflip=false"),
         ],
         repo,
         env,
@@ -152,7 +150,7 @@ def test_exp_run_finetune_mode_feeds_the_same_evaluate_and_export(repo_copy: tup
     metrics = json.loads((repo / "metrics/evaluation.json").read_text())
     assert metrics["model_name"] == "efficientnet_lite0 fine-tuned at 64 px"
     trained = json.loads((repo / "metrics/train.json").read_text())
-    # 4 short epochs on 84 images: the best epoch's val accuracy is above twice the 10% chance level (0.39 measured)
+    # 4 short epochs on 84 images: the best epoch's val accuracy is above twice the 10% chance level
     assert trained["mode"] == "finetune" and trained["val_accuracy"] > 0.2
     assert metrics["model"]["n"] == metrics["counts"]["test"] > 0
     curves = (repo / "metrics/curves.csv").read_text().splitlines()
