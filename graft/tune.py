@@ -91,11 +91,15 @@ def cpu_bf16_native() -> bool:
         return False
 
 
-def device_and_amp(precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+CPU_BF16_MIN_SIZE = 160  # bench/train_speed.py on AVX512-BF16: bf16 +8 % at 224 px, -7 % at 96 px (whole runs)
+
+
+def device_and_amp(precision: str = "auto", size: int = 224) -> tuple[torch.device, torch.dtype | None]:
     """The training device and its autocast dtype (None: fp32).
 
-    ``auto``: CUDA with bf16 (fp16 where bf16 is missing); a CPU with native bf16 in bf16; any other CPU in
-    fp32 (emulated bf16 is slower than fp32). ``bf16`` asks for bf16 anywhere; ``fp32`` turns autocast off.
+    ``auto``: CUDA with bf16 (fp16 where bf16 is missing); a CPU with native bf16 in bf16 at input sizes from
+    :data:`CPU_BF16_MIN_SIZE` (below it the casts cost more than the smaller convolutions save); any other
+    CPU in fp32 (emulated bf16 is slower than fp32). ``bf16`` asks for bf16 anywhere; ``fp32`` turns autocast off.
     Weights, optimizer state and the loss stay fp32 either way (autocast only lowers matmuls and convolutions).
     """
     if torch.cuda.is_available():
@@ -103,7 +107,7 @@ def device_and_amp(precision: str = "auto") -> tuple[torch.device, torch.dtype |
         if precision == "fp32":
             return device, None
         return device, torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" or (precision == "auto" and cpu_bf16_native()):
+    if precision == "bf16" or (precision == "auto" and size >= CPU_BF16_MIN_SIZE and cpu_bf16_native()):
         return torch.device("cpu"), torch.bfloat16
     return torch.device("cpu"), None
 
@@ -179,7 +183,7 @@ def fit(
 
     Resumes from ``checkpoint`` when it holds a run with the same ``key``.
     """
-    device, amp = device_and_amp(fp.precision)
+    device, amp = device_and_amp(fp.precision, pp.crop)
     if fp.threads:
         torch.set_num_threads(fp.threads)
     model.to(device).to(memory_format=torch.channels_last)

@@ -236,3 +236,17 @@ def test_finetune_mode_starts_from_the_linear_probe(ws: Path) -> None:
     fresh = finetune(ft_params(ws, epochs=1, lr=1e-9, ema=None, init="random", strategy="full"))
     assert fresh["head"] == "new" and "probe_C" not in fresh
     assert lp["val_accuracy"] >= 0.8 and fresh["val_accuracy"] <= 0.6, (lp, fresh)
+
+
+def test_precision_auto_uses_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU with native bf16: auto trains in bf16 from 160 px, in fp32 below (measured slower there); fp32 and
+    bf16 force either; a CPU without native bf16 stays fp32 under auto."""
+    import graft.tune as tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tune, "cpu_bf16_native", lambda: True)
+    assert tune.device_and_amp("auto", 224) == (torch.device("cpu"), torch.bfloat16)
+    assert tune.device_and_amp("auto", 96) == (torch.device("cpu"), None)
+    assert tune.device_and_amp("fp32", 224)[1] is None and tune.device_and_amp("bf16", 96)[1] is torch.bfloat16
+    monkeypatch.setattr(tune, "cpu_bf16_native", lambda: False)
+    assert tune.device_and_amp("auto", 224)[1] is None
