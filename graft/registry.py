@@ -3,7 +3,9 @@
 A :class:`BackboneConfig` holds the architecture, preprocessing, feature width, stage taps and where
 the weights live. The registry names the built-in backbones; ``timm:<model>`` describes any timm
 model from timm's pretrained cfg. :func:`graft.backbones.build_backbone` turns a config plus its
-weights file (:mod:`graft.weights`) into a feature extractor.
+weights file (:mod:`graft.weights`) into a feature extractor. The tap layout (which columns a set of
+taps fills, in what order) lives here too. Nothing here imports torch, so describing and fingerprinting
+a backbone, and so a fully cached featurize, stays light.
 """
 
 from __future__ import annotations
