@@ -203,12 +203,13 @@ def backbone_features(fp: Any, manifest: Any, root: str) -> tuple[dict[str, np.n
 
     plan = plan_cache(fp, manifest)
     if plan.todo:
-        engine = make_engine(fp, plan.cache, plan.description, plan.backbone)
+        todo = [(s, str(Path(root) / p)) for s, p in plan.todo]
+        engine = make_engine(fp, plan.cache, plan.description, plan.backbone, todo)  # int8 calibrates on these
         compute_features(
             engine,
             plan.preprocess,
             plan.dim,
-            [(s, str(Path(root) / p)) for s, p in plan.todo],
+            todo,
             plan.cache,
             fp.batch_size,
             fp.workers,

@@ -140,12 +140,13 @@ def make_engine(
     cache: Path,
     description: dict,
     backbone: Callable[[], Backbone],
-    calibration: list[str] | None = None,
+    calibration: list[tuple[str, str]] | None = None,
 ) -> Engine:
     """The engine ``fp`` configures for the backbone ``description``; ``backbone`` is built only if needed.
 
-    With ``fp.precision: int8`` the onnxruntime graph is statically quantized on the ``calibration`` image
-    files the first time (then kept in the cache folder, so every later image goes through the same graph).
+    With ``fp.precision: int8`` the onnxruntime graph is statically quantized the first time, on the first
+    ``fp.calibration_images`` of the ``calibration`` (sha256, path) items in content-hash order (a random
+    sample, reproducible), then kept in the cache folder, so every later image goes through the same graph.
     """
     import json
 
@@ -168,7 +169,8 @@ def make_engine(
         def quantize() -> CalibrationReader:
             if not calibration:
                 raise GraftError("featurize.precision int8 needs images to calibrate on: none to featurize")
-            return CalibrationReader([Path(p) for p in calibration[: fp.calibration_images]], pp)
+            chosen = sorted(calibration)[: fp.calibration_images]
+            return CalibrationReader([Path(p) for _, p in chosen], pp)
 
     return ort_engine(
         cache,

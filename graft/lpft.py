@@ -139,15 +139,23 @@ def _probe_head(model: Classifier, x: np.ndarray, y: np.ndarray, n_classes: int,
 
 
 def probe_start(
-    model: Classifier, items: tuple[list[str], np.ndarray], n_classes: int, pp: Preprocess, workers: int, seed: int
+    model: Classifier,
+    items: tuple[list[str], np.ndarray],
+    n_classes: int,
+    pp: Preprocess,
+    workers: int,
+    seed: int,
+    c: float | None = None,
 ) -> float:
-    """LP-FT's first step for ``train.mode: finetune``: start the classifier from a logistic-regression probe on the
-    frozen features at the fine-tune size, C chosen by 5-fold CV with the one-SE rule. Returns that C."""
+    """LP-FT's first step: start the classifier from a logistic-regression probe on the frozen features at the
+    fine-tune size, with ``c``, or C chosen by 5-fold CV with the one-SE rule. Returns the C used."""
     x, _ = probe_features(model.features, items[0], pp, workers=workers)
-    try:
-        c = one_se_choice(cv_grid("linear", x, items[1], LINEAR_C_GRID, cv_splits(items[1], 5, seed))).settings["C"]
-    except GraftError:  # a class with a single image: no CV, the library default
-        c = 1.0
+    if c is None:
+        try:
+            splits = cv_splits(items[1], 5, seed)
+            c = one_se_choice(cv_grid("linear", x, items[1], LINEAR_C_GRID, splits)).settings["C"]
+        except GraftError:  # a class with a single image: no CV, the library default
+            c = 1.0
     _probe_head(model, x, items[1], n_classes, c)
     return float(c)
 
@@ -165,13 +173,7 @@ def refit_finetune(
     y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
     model, bb, note = initial_model(params, classes, s["image_size"])
     if ft.init == "probe" and note["head"] != "loaded":
-        _probe_head(
-            model,
-            probe_features(model.features, paths, bb.preprocess, workers=ft.workers)[0],
-            y,
-            len(classes),
-            result.extra["probe_c"],
-        )
+        probe_start(model, (paths, y), len(classes), bb.preprocess, ft.workers, params.seed, result.extra["probe_c"])
     ftp = ft.model_copy(
         update={
             "image_size": s["image_size"],

@@ -152,9 +152,6 @@ def export_backbone(model, path: Path, size: int, metadata: dict[str, str]) -> f
 def quantize_backbone(model, path: Path, size: int, metadata: dict[str, str], reader) -> None:
     """Export the fp32 backbone (checked against torch), quantize it to int8 on ``reader``'s images, publish
     the int8 graph at ``path`` with its hash; the fp32 graph is only a scratch file."""
-    import onnx
-
-    from graft.integrity import graph_sha256
     from graft.quantize import quantize_int8
 
     scratch = path.with_name(f".{path.stem}.fp32.onnx")
@@ -162,11 +159,7 @@ def quantize_backbone(model, path: Path, size: int, metadata: dict[str, str], re
         export_backbone(model, scratch, size, metadata)
         with atomic_path(path) as tmp:
             meta = {**metadata, "graft.precision": "int8"}
-            quantize_int8(scratch, tmp, reader, meta, hint="set featurize.precision: fp32")
-            proto = onnx.load(str(tmp))
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = WEIGHTS_KEY, graph_sha256(proto)
-            onnx.save(proto, str(tmp))
+            quantize_int8(scratch, tmp, reader, meta, hint="set featurize.precision: fp32", graph_hash=True)
     finally:
         scratch.unlink(missing_ok=True)
     log.info("quantized %s to int8", path)

@@ -52,7 +52,12 @@ QUANTIZED_OPS = ["Conv", "Add", "Clip", "Relu"]  # the backbone's body; the head
 
 
 def quantize_int8(
-    src: Path, dst: Path, reader: CalibrationReader, metadata: dict[str, str], hint: str = "set export.quantize: null"
+    src: Path,
+    dst: Path,
+    reader: CalibrationReader,
+    metadata: dict[str, str],
+    hint: str = "set export.quantize: null",
+    graph_hash: bool = False,
 ) -> None:
     """Write the int8 QDQ model of ``src`` to ``dst`` with ``metadata`` (graft's keys) copied in.
 
@@ -93,6 +98,10 @@ def quantize_int8(
             ) from None
     proto = onnx.load(str(dst))
     del proto.metadata_props[:]
+    if graph_hash:  # a graph graft reuses later (the int8 backbone): its hash, checked before each use
+        from graft.integrity import WEIGHTS_KEY, graph_sha256
+
+        metadata = {**metadata, WEIGHTS_KEY: graph_sha256(proto)}
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

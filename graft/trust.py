@@ -272,17 +272,11 @@ def unknown_report(
             "source": "scikit-image bundled photos",
         }
         if test_logits is not None and len(test_logits):  # every score at its own threshold on the test split
-            t, rate = model.temperature, params.predict.accept_rate
-            out["out_of_domain_photos"]["rejected_by_score"] = {
-                s: round(
-                    float(
-                        (
-                            in_distribution_score(z, t, s)
-                            < threshold_for(in_distribution_score(test_logits, t, s), rate)
-                        ).mean()
-                    ),
-                    4,
-                )
-                for s in SCORES
-            }
+
+            def rejected(kind: str) -> float:
+                t = model.temperature
+                cut = threshold_for(in_distribution_score(test_logits, t, kind), params.predict.accept_rate)
+                return round(float((in_distribution_score(z, t, kind) < cut).mean()), 4)
+
+            out["out_of_domain_photos"]["rejected_by_score"] = {s: rejected(s) for s in SCORES}
     return out

@@ -139,19 +139,6 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros((0, model.head.n_classes), np.float32)
 
 
-def predict_proba(
-    model: Classifier,
-    paths: list[str],
-    pp: Preprocess,
-    batch_size: int = 64,
-    workers: int = 2,
-    amp: torch.dtype | None = None,
-) -> np.ndarray:
-    """Class probabilities (softmax of the logits over the model's temperature) for image files."""
-    z = torch.from_numpy(predict_logits(model, paths, pp, batch_size, workers, amp)) / model.temperature
-    return torch.softmax(z, 1).numpy()
-
-
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict | None:
     """A training checkpoint (``weights_only=True``), None if absent; one clear error if unreadable."""
     if not path.is_file():
@@ -242,14 +229,14 @@ def fit(
             correct += int((logits.argmax(1) == target).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         vp, vy = val_items if len(val_items[0]) else train_items
-        proba = predict_proba(judged, vp, pp, fp.batch_size * 2, fp.workers, amp)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), torch.tensor(vy)))
+        z = torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp)) / judged.temperature
+        val_loss = float(nn.functional.cross_entropy(z, torch.as_tensor(vy)))
         row = {
             "epoch": epoch + 1,
             "train_loss": total / len(paths),
             "train_accuracy": correct / len(paths),
             "val_loss": val_loss,
-            "val_accuracy": float((proba.argmax(1) == vy).mean()),
+            "val_accuracy": float((z.argmax(1).numpy() == vy).mean()),
             "trainable_groups": trainable_groups(len(groups), fp, epoch),
         }
         history.append(row)

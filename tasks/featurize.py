@@ -50,8 +50,7 @@ def featurize(params: Params, backbone: Backbone | None = None) -> dict:
     todo = [(sha, str(root / path)) for sha, path in plan.todo]
     engine_name, computed, seconds = None, 0, 0.0
     if todo:
-        # int8: calibrated on the first calibration_images in content-hash order (a random sample, reproducible)
-        engine = make_engine(fp, plan.cache, plan.description, plan.backbone, [p for _, p in sorted(todo)])
+        engine = make_engine(fp, plan.cache, plan.description, plan.backbone, todo)
         engine_name = engine.name
         t0 = time.perf_counter()
         computed = compute_features(

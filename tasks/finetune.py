@@ -55,17 +55,17 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     checkpoint = Path(tp.model_dir) / "checkpoints" / "last.pt"
     if resume is False:
         checkpoint.unlink(missing_ok=True)
-    elif resume and (read_checkpoint(checkpoint) or {}).get("key") != key:
+    resuming = (read_checkpoint(checkpoint) or {}).get("key") == key
+    if resume and not resuming:
         raise GraftError(f"--resume: no checkpoint of this configuration at {checkpoint}")
     fp = fp.model_copy(update={"image_size": bb.preprocess.crop})  # the size it runs at (and its run key)
-    if fp.init == "probe" and note["head"] != "loaded" and (read_checkpoint(checkpoint) or {}).get("key") != key:
-        # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed (a resumed
-        # run has the head in its checkpoint already)
-        note["probe_C"] = probe_start(model, train_items, len(classes), bb.preprocess, fp.workers, params.seed)
-        note["head"] = (
-            "linear probe (LP-FT)" if note["head"] == "new" else f"{note['head']}, from a linear probe (LP-FT)"
-        )
     if fp.init == "probe" and note["head"] != "loaded":
+        # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed; a resumed run
+        # has that head in its checkpoint already
+        if not resuming:
+            note["probe_C"] = probe_start(model, train_items, len(classes), bb.preprocess, fp.workers, params.seed)
+        new = note["head"] == "new"
+        note["head"] = "linear probe (LP-FT)" if new else f"{note['head']}, from a linear probe (LP-FT)"
         fp = fp.model_copy(update={"head_epochs": 0})
     best, history = fit(
         model,
