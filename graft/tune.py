@@ -230,7 +230,7 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         vp, vy = val_items if len(val_items[0]) else train_items
         z = torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp)) / judged.temperature
-        val_loss = float(nn.functional.cross_entropy(z, torch.as_tensor(vy)))
+        val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
         row = {
             "epoch": epoch + 1,
             "train_loss": total / len(paths),
