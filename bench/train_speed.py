@@ -8,12 +8,13 @@ Rows (all measured in this one process's run, so the ratios share the machine's 
   plain loop     EfficientNet-Lite0 (timm, the same body graft builds) + a linear layer, NCHW fp32, AdamW,
                  batch 32, on tensors already in memory (no decoding, no validation): the usual hand-written
                  loop's training step. Its img/s is the reference the targets divide by.
-  graft train    whole ``graft train`` processes (``train.mode: finetune``, ``strategy: full``) on photo-like
-                 JPEGs at 224 px and at the demo's 96 px: start-up, the LP-FT probe pass, decoding and
-                 augmentation, every validation pass and the checkpoints are all inside the wall time;
+  graft train    whole ``graft train`` processes (``train.mode: finetune``, ``strategy: full``, params.yaml's
+                 epochs) on photo-like JPEGs at 224 px and at the demo's 96 px: start-up, the LP-FT probe pass,
+                 decoding and augmentation, every validation pass and the checkpoints are all inside the wall time;
                  img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
-  step anatomy   one training step at 224 px: every layer trains, ``last_n: 2`` by ``requires_grad`` alone
-                 (autograd then records nothing below the first trainable block), and the same with the
+  step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
+                 depthwise convolutions in fp32; also all fp32, and all bf16), ``last_n: 2`` by ``requires_grad``
+                 alone (autograd then records nothing below the first trainable block), and the same with the
                  frozen prefix run under ``torch.no_grad`` explicitly: what the explicit step adds.
   last_n         whole ``graft train`` with ``strategy: last_n, last_n: 2`` against ``full`` (same precision).
   featurize      ``graft featurize`` on a fresh cache, fp32 against ``precision: int8`` (onnxruntime), img/s of
@@ -129,19 +130,21 @@ def plain_loop(size: int, steps: int, batch: int = 32, classes: int = 10, layout
 
 def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     """img/s of one graft training step configuration (see :func:`step_anatomy`)."""
+    import contextlib
+
     import torch
 
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.model import Classifier, head_config, make_head
-    from graft.tune import device_and_amp
+    from graft.tune import device_and_amp, fp32_depthwise
 
-    _, amp = device_and_amp("auto")
+    _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")
     model = Classifier(bb.model, make_head(head_config("logreg", bb.feature_dim, 0, 0.0), 10))
     groups = layer_groups(model.features.net)
-    set_trainable(model, groups, len(groups) if mode == "full" else 2)
-    train_mode(model, groups)
+    set_trainable(model, groups, len(groups) if mode.startswith("full") else 2)
+    train_mode(model, groups, freeze_bn=True)  # graft's default (finetune.freeze_bn)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -160,21 +163,30 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
             h = prefix(model.features.normalize(x))
         return model.head(body.forward_head(top(h)))
 
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
+    with depthwise:
+        for i in range(steps + 1):
+            if i == 1:
+                t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return batch * steps / (time.perf_counter() - t0)
 
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
-    """img/s of graft's training step (channels_last, bf16 where native): every layer trains; ``last_n: 2`` by
+    """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32): every
+    layer trains, also in fp32 and with bf16 depthwise convolutions (what graft avoids); ``last_n: 2`` by
     ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
-    modes = ("full", "last_n 2 (requires_grad)", "last_n 2 (+ no_grad prefix)")
+    modes = (
+        "full",
+        "full fp32",
+        "full, bf16 depthwise",
+        "last_n 2 (requires_grad)",
+        "last_n 2 (+ no_grad prefix)",
+    )
     return {mode: _step_rate(mode, size, steps, batch) for mode in modes}
 
 
@@ -277,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from graft.tune import cpu_bf16_native
 
-    per_class, epochs, steps = (12, 1, 3) if args.quick else (30, 2, 6)
+    # graft runs: params.yaml's fine-tune epochs (a default run), so per-run costs weigh as they do in real use
+    default_epochs = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]
+    per_class, epochs, steps = (12, 1, 3) if args.quick else (30, default_epochs, 6)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
         data_root = base / "images"
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             write_images(data_root, 8, per_class)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, native CPU bf16: {cpu_bf16_native()}; "
-            f"{8 * per_class} photo-like JPEGs 320x256 in 8 classes",
+            f"{8 * per_class} photo-like JPEGs 320x256 in 8 classes; graft runs {epochs} epochs",
             flush=True,
         )
         res: dict = {"plain": {}, "graft": {}, "anatomy": {}, "featurize": {}, "startup": {}, "demo": {}}
@@ -331,10 +345,10 @@ def report(res: dict) -> str:
         lines.append(f"{precision}: full {full:.1f}, last_n 2 {top:.1f} img/s: {top / full:.2f}x")
     a = res["anatomy"]
     full = a["full"]
-    lines.append(
-        "one training step at 224 px (channels_last, bf16 where native): "
-        + "; ".join(f"{k} {v:.1f} img/s ({v / full:.2f}x)" for k, v in a.items())
-    )
+    lines.append("one training step at 224 px (channels_last; bf16 where native, its depthwise convolutions in fp32):")
+    lines += [
+        f"  {k:<30}{v:>7.1f} img/s ({v / full:.2f}x full, {v / plain[224]:.2f}x plain loop)" for k, v in a.items()
+    ]
     f = res["featurize"]
     lines.append("")
     lines.append("== featurize, fresh cache (onnxruntime)")

@@ -63,7 +63,9 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed; a resumed run
         # has that head in its checkpoint already
         if not resuming:
-            note["probe_C"] = probe_start(model, train_items, len(classes), bb.preprocess, fp.workers, params.seed)
+            note["probe_C"] = probe_start(
+                model, train_items, len(classes), bb.preprocess, fp.workers, params.seed, precision=fp.precision
+            )
         new = note["head"] == "new"
         note["head"] = "linear probe (LP-FT)" if new else f"{note['head']}, from a linear probe (LP-FT)"
         fp = fp.model_copy(update={"head_epochs": 0})
