@@ -147,7 +147,7 @@ class FinetuneParams(_Strict):
     # statistics move the features away from what the LP-FT probe was fitted on (measured on 8x8 digits:
     # val accuracy 0.95 frozen against 0.59 after 3 epochs); false: the usual train-mode BatchNorm
     freeze_bn: bool = True
-    # auto: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX) from 160 px; else fp32
+    # auto: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX) from 96 px; else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     augment: AugmentParams = AugmentParams()
 

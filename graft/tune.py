@@ -92,15 +92,17 @@ def cpu_bf16_native() -> bool:
         return False
 
 
-CPU_BF16_MIN_SIZE = 160  # bench/train_speed.py on AVX512-BF16: bf16 +8 % at 224 px, -7 % at 96 px (whole runs)
+# bench/train_speed.py on AVX512-BF16, depthwise convolutions kept fp32: whole runs +5 % at 224 px, +7 % at 96 px
+CPU_BF16_MIN_SIZE = 96
 
 
 def device_and_amp(precision: str = "auto", size: int = 224) -> tuple[torch.device, torch.dtype | None]:
     """The training device and its autocast dtype (None: fp32).
 
     ``auto``: CUDA with bf16 (fp16 where bf16 is missing); a CPU with native bf16 in bf16 at input sizes from
-    :data:`CPU_BF16_MIN_SIZE` (below it the casts cost more than the smaller convolutions save); any other
-    CPU in fp32 (emulated bf16 is slower than fp32). ``bf16`` asks for bf16 anywhere; ``fp32`` turns autocast off.
+    :data:`CPU_BF16_MIN_SIZE` (graft's smallest fine-tune size, the smallest measured), with its depthwise
+    convolutions in fp32 (:func:`fp32_depthwise`); any other CPU in fp32 (emulated bf16 is slower than fp32).
+    ``bf16`` asks for bf16 anywhere; ``fp32`` turns autocast off.
     Weights, optimizer state and the loss stay fp32 either way (autocast only lowers matmuls and convolutions).
     """
     if torch.cuda.is_available():

@@ -239,14 +239,44 @@ def test_finetune_mode_starts_from_the_linear_probe(ws: Path) -> None:
 
 
 def test_precision_auto_uses_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPU with native bf16: auto trains in bf16 from 160 px, in fp32 below (measured slower there); fp32 and
-    bf16 force either; a CPU without native bf16 stays fp32 under auto."""
+    """CPU with native bf16: auto trains in bf16 from 96 px (graft's smallest fine-tune size; whole runs measured
+    faster at 96 and 224), in fp32 below; fp32 and bf16 force either; a CPU without native bf16 stays fp32."""
     import graft.tune as tune
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tune, "cpu_bf16_native", lambda: True)
     assert tune.device_and_amp("auto", 224) == (torch.device("cpu"), torch.bfloat16)
-    assert tune.device_and_amp("auto", 96) == (torch.device("cpu"), None)
-    assert tune.device_and_amp("fp32", 224)[1] is None and tune.device_and_amp("bf16", 96)[1] is torch.bfloat16
+    assert tune.device_and_amp("auto", 96) == (torch.device("cpu"), torch.bfloat16)
+    assert tune.device_and_amp("auto", 64) == (torch.device("cpu"), None)
+    assert tune.device_and_amp("fp32", 224)[1] is None and tune.device_and_amp("bf16", 32)[1] is torch.bfloat16
     monkeypatch.setattr(tune, "cpu_bf16_native", lambda: False)
     assert tune.device_and_amp("auto", 224)[1] is None
+
+
+def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:
+    """Inside fp32_depthwise, under CPU bf16 autocast, the depthwise convolution computes (and back-propagates) in
+    fp32 while the others run in bf16; afterwards the modules are plain Conv2d again, with the same state dict."""
+    from torch import nn
+
+    from graft.tune import fp32_depthwise
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
+    keys = list(net.state_dict())
+    dtypes: dict[int, torch.dtype] = {}
+    for i, m in enumerate(net):
+        m.register_forward_hook(lambda mod, args, out, i=i: dtypes.__setitem__(i, out.dtype))
+    x = torch.rand(2, 3, 8, 8)
+    with fp32_depthwise(net) as swapped:
+        assert swapped == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().sum().backward()
+    assert dtypes == {0: torch.bfloat16, 1: torch.float32, 2: torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert all(type(m) is nn.Conv2d for m in net) and list(net.state_dict()) == keys
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    assert dtypes[1] == torch.bfloat16  # outside the context: autocast's usual choice
+    with fp32_depthwise(net, enabled=False) as swapped:
+        assert swapped == 0
