@@ -58,6 +58,7 @@ BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
 ROWS = ("pixels", "probe", "head", "head_int8", "finetune", "auto", "auto_all")
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 CS = np.logspace(-4, 2, 7)  # C grid for both scikit-learn rows
+PROBE_SEEDS = 5  # the probe row also reports its held-out score under 4 other CV fold seeds (its own noise)
 PIXELS = 16  # graft's evaluate baseline uses the same 16x16 grey pixels
 
 
@@ -182,7 +183,14 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
         x_pool, x_held = x[: len(pool)], x[len(pool) :]
     model, c = fit_probe(x_pool, y_pool, seed)
     pred = model.predict(x_held)
-    return {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"C={c:g}"}
+    row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"C={c:g}"}
+    if kind == "probe":  # how much the reference itself moves with the CV folds that choose its C (not timed)
+        others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
+        from sklearn.metrics import f1_score
+
+        f1s = [f1_score(y_held, p, labels=sorted(set(y_held)), average="macro", zero_division=0) for p in others]
+        row["note"] += f"; macro-F1 with CV seeds +1..+{PROBE_SEEDS - 1}: " + " ".join(f"{f:.3f}" for f in f1s)
+    return row
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float | None) -> subprocess.CompletedProcess:
