@@ -137,7 +137,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.model import Classifier, head_config, make_head
-    from graft.tune import device_and_amp, fp32_depthwise
+    from graft.precision import device_and_amp, fp32_depthwise
 
     _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from graft.tune import cpu_bf16_native
+    from graft.precision import cpu_bf16_native
 
     # graft runs: params.yaml's fine-tune epochs (a default run), so per-run costs weigh as they do in real use
     default_epochs = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]

@@ -23,6 +23,7 @@ from graft.dataset import split_items
 from graft.images import Preprocess
 from graft.model import Classifier, head_config, initial_model, make_head, run_key
 from graft.params import Params
+from graft.precision import device_and_amp
 from graft.select import (
     LINEAR_C_GRID,
     Candidate,
@@ -34,7 +35,7 @@ from graft.select import (
     one_se_choice,
     to_torch_head,
 )
-from graft.tune import device_and_amp, fit, predict_logits
+from graft.tune import fit, predict_logits
 
 
 def _remaining(deadline: float) -> float:

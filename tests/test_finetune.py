@@ -241,7 +241,7 @@ def test_finetune_mode_starts_from_the_linear_probe(ws: Path) -> None:
 def test_precision_auto_uses_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU with native bf16: auto trains in bf16 from 96 px (graft's smallest fine-tune size; whole runs measured
     faster at 96 and 224), in fp32 below; fp32 and bf16 force either; a CPU without native bf16 stays fp32."""
-    import graft.tune as tune
+    import graft.precision as tune
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tune, "cpu_bf16_native", lambda: True)
@@ -258,7 +258,7 @@ def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:
     fp32 while the others run in bf16; afterwards the modules are plain Conv2d again, with the same state dict."""
     from torch import nn
 
-    from graft.tune import fp32_depthwise
+    from graft.precision import fp32_depthwise
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
