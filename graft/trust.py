@@ -128,7 +128,8 @@ def leave_one_class_out(
         d = distance_score(x[keep], labels, x_test)  # measured beside the logit scores (not in the graph)
         rows["auroc_distance"].append(auroc(d[inside], d[~inside]) or float("nan"))
         shipped = in_distribution_score(z[~inside], t, kind_score)
-        rows["rejected_at_threshold"].append(float((shipped < cal["unknown"]["threshold"]).mean()))
+        rejected = (shipped < cal["unknown"]["threshold"]).mean() if shipped.size else np.nan  # class not in test
+        rows["rejected_at_threshold"].append(float(rejected))
     return {k: round(float(np.nanmean(v)), 4) for k, v in rows.items()} | {"classes": int(len(classes))}
 
 
