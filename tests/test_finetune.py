@@ -280,3 +280,25 @@ def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:
     assert dtypes[1] == torch.bfloat16  # outside the context: autocast's usual choice
     with fp32_depthwise(net, enabled=False) as swapped:
         assert swapped == 0
+
+
+@pytest.mark.parametrize(("precision", "fp32_layers"), [("bf16", True), ("fp32", False)])
+def test_fit_keeps_depthwise_layers_fp32_only_in_cpu_bf16(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, precision: str, fp32_layers: bool
+) -> None:
+    """The fine-tune loop itself enters fp32_depthwise, enabled exactly when it trains in bf16 on the CPU."""
+    import graft.tune as tune
+
+    calls: list[bool] = []
+    real = tune.fp32_depthwise
+
+    def recording(model: torch.nn.Module, enabled: bool = True):
+        calls.append(enabled)
+        return real(model, enabled)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tune, "fp32_depthwise", recording)
+    write_tree(ws / "raw", classes=("a", "b"), per_class=6)
+    params = ft_params(ws, epochs=1, precision=precision, strategy="full")
+    ingest(params)
+    assert finetune(params)["epochs"] == 1 and calls == [fp32_layers]
