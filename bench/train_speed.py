@@ -13,7 +13,8 @@ Rows (all measured in this one process's run, so the ratios share the machine's 
                  decoding and augmentation, every validation pass and the checkpoints are all inside the wall time;
                  img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
   step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
-                 depthwise convolutions in fp32; also all fp32, and all bf16), ``last_n: 2`` by ``requires_grad``
+                 depthwise convolutions in fp32 and frozen BatchNorm folded into the convolutions; also
+                 without the fold, all fp32, and all bf16), ``last_n: 2`` by ``requires_grad``
                  alone (autograd then records nothing below the first trainable block), and the same with the
                  frozen prefix run under ``torch.no_grad`` explicitly: what the explicit step adds.
   last_n         whole ``graft train`` with ``strategy: last_n, last_n: 2`` against ``full`` (same precision).
@@ -137,7 +138,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.model import Classifier, head_config, make_head
-    from graft.precision import device_and_amp, fp32_depthwise
+    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise
 
     _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")
@@ -164,7 +165,8 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
         return model.head(body.forward_head(top(h)))
 
     depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
-    with depthwise:
+    folded = fold_frozen_bn(model) if "not folded" not in mode else contextlib.nullcontext()
+    with depthwise, folded:
         for i in range(steps + 1):
             if i == 1:
                 t0 = time.perf_counter()
@@ -177,11 +179,13 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
-    """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32): every
-    layer trains, also in fp32 and with bf16 depthwise convolutions (what graft avoids); ``last_n: 2`` by
+    """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32, frozen
+    BatchNorm folded into the convolutions): every layer trains, also without the fold, in fp32, and with bf16
+    depthwise convolutions (what graft avoids); ``last_n: 2`` by
     ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
     modes = (
         "full",
+        "full, BatchNorm not folded",
         "full fp32",
         "full, bf16 depthwise",
         "last_n 2 (requires_grad)",
@@ -345,7 +349,7 @@ def report(res: dict) -> str:
         lines.append(f"{precision}: full {full:.1f}, last_n 2 {top:.1f} img/s: {top / full:.2f}x")
     a = res["anatomy"]
     full = a["full"]
-    lines.append("one training step at 224 px (channels_last; bf16 where native, its depthwise convolutions in fp32):")
+    lines.append("one training step at 224 px (channels_last; bf16 where native, fp32 depthwise; BatchNorm folded):")
     lines += [
         f"  {k:<30}{v:>7.1f} img/s ({v / full:.2f}x full, {v / plain[224]:.2f}x plain loop)" for k, v in a.items()
     ]

@@ -14,6 +14,7 @@ resumes from one with the same key, ending with the same weights as an uninterru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -34,7 +35,7 @@ from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, classifier_from_payload
 from graft.params import AugmentParams, FinetuneParams
-from graft.precision import device_and_amp, fp32_depthwise
+from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise
 
 
 def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random.Generator) -> np.ndarray:
@@ -144,7 +145,10 @@ def fit(
     convolutions stay fp32 (:func:`fp32_depthwise`).
     """
     device, amp = device_and_amp(fp.precision, pp.crop)
-    with fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"):
+    with (
+        fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
+        fold_frozen_bn(model, model.logits, min(pp.crop, 64)) if fp.freeze_bn else contextlib.nullcontext(),
+    ):
         return _fit(
             model,
             train_items,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -302,3 +303,56 @@ def test_fit_keeps_depthwise_layers_fp32_only_in_cpu_bf16(
     params = ft_params(ws, epochs=1, precision=precision, strategy="full")
     ingest(params)
     assert finetune(params)["epochs"] == 1 and calls == [fp32_layers]
+
+
+def _conv_bn_net() -> torch.nn.Sequential:
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    for bn in (net[1], net[4]):  # pretrained-looking statistics and affine weights
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_folded_batchnorm_gives_the_same_outputs_and_gradients() -> None:
+    """fold_frozen_bn folds each inference-mode BatchNorm into its convolution: the same outputs and the same
+    gradients for the convolution and BatchNorm parameters; afterwards the modules and names are as before."""
+    from graft.precision import fold_frozen_bn
+
+    x = torch.rand(2, 3, 12, 12)
+
+    def grads(folded: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net = _conv_bn_net()
+        with fold_frozen_bn(net, net, size=12) if folded else contextlib.nullcontext() as n:
+            assert n in (None, 2)
+            out = net(x)
+            out.pow(2).sum().backward()
+        assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+        return out.detach(), [p.grad for p in net.parameters()]
+
+    (ref, ref_grads), (got, got_grads) = grads(False), grads(True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_that_is_not_applied_to_its_convolution_is_not_folded() -> None:
+    """A BatchNorm registered after a convolution but used elsewhere in the forward: the check sees different
+    outputs and nothing is folded."""
+    from torch import nn
+
+    from graft.precision import fold_frozen_bn
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.bn(x))  # BatchNorm first: folding it into conv would be wrong
+
+    net = Odd().eval()
+    net.bn.running_mean.fill_(0.5)
+    with fold_frozen_bn(net, net, size=8) as n:
+        assert n == 0 and type(net.conv) is nn.Conv2d
