@@ -79,6 +79,8 @@ class _FoldedConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.__dict__["_graft_bn"]  # not a registered submodule: the state dict keeps its names
+        if bn.training:  # batch statistics cannot be folded: a caller broke fold_frozen_bn's contract
+            raise RuntimeError("a folded BatchNorm was switched to training mode (fold only with freeze_bn)")
         s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * s
         if self.bias is not None:

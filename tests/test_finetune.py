@@ -331,6 +331,9 @@ def test_folded_batchnorm_gives_the_same_outputs_and_gradients() -> None:
         assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
         return out.detach(), [p.grad for p in net.parameters()]
 
+    net = _conv_bn_net()
+    with fold_frozen_bn(net), pytest.raises(RuntimeError, match="training mode"):
+        net.train()(x)  # batch statistics cannot be folded: refused, not silently wrong
     (ref, ref_grads), (got, got_grads) = grads(False), grads(True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, ref_grads, strict=True):
