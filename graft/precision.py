@@ -88,10 +88,8 @@ class _FoldedConv(nn.Conv2d):
         return self._conv_forward(x, self.weight * s.reshape(-1, 1, 1, 1), bias)
 
 
-class _FoldedFp32DepthwiseConv(_FoldedConv):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+class _FoldedFp32DepthwiseConv(_Fp32DepthwiseConv, _FoldedConv):
+    """Both: autocast off and fp32 input (:class:`_Fp32DepthwiseConv`), then the folded convolution."""
 
 
 def _after_fold(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -141,141 +141,119 @@ def fit(
 ) -> tuple[dict, list[dict]]:
     """Fine-tune ``model``; return the best state dict (lowest val loss) and the history.
 
-    Resumes from ``checkpoint`` when it holds a run with the same ``key``. In bf16 on CPU the depthwise
-    convolutions stay fp32 (:func:`fp32_depthwise`).
+    Resumes from ``checkpoint`` when it holds a run with the same ``key``. For the length of the run, in bf16
+    on CPU the depthwise convolutions stay fp32 (:func:`fp32_depthwise`), and with ``freeze_bn`` every
+    BatchNorm is folded into its convolution (:func:`fold_frozen_bn`).
     """
     device, amp = device_and_amp(fp.precision, pp.crop)
     with (
         fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
         fold_frozen_bn(model, model.logits, min(pp.crop, 64)) if fp.freeze_bn else contextlib.nullcontext(),
     ):
-        return _fit(
-            model,
-            train_items,
-            val_items,
-            pp,
-            fp,
-            n_classes,
-            seed,
-            checkpoint,
-            key,
-            class_weighted,
-            on_epoch_end,
-            device,
-            amp,
-        )
-
-
-def _fit(
-    model: Classifier,
-    train_items: tuple[list[str], np.ndarray],
-    val_items: tuple[list[str], np.ndarray],
-    pp: Preprocess,
-    fp: FinetuneParams,
-    n_classes: int,
-    seed: int,
-    checkpoint: Path,
-    key: str,
-    class_weighted: bool,
-    on_epoch_end: Callable[[int], None] | None,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> tuple[dict, list[dict]]:
-    if fp.threads:
-        torch.set_num_threads(fp.threads)
-    model.to(device).to(memory_format=torch.channels_last)
-    groups = layer_groups(model.features.net)
-    paths, y = train_items
-    steps = math.ceil(len(paths) / fp.batch_size)
-    set_trainable(model, groups, len(groups))  # every parameter that may ever train joins the optimizer
-    opt = torch.optim.AdamW(param_groups(model, groups, fp), lr=fp.lr)
-    sched = make_scheduler(opt, fp, steps)
-    weight = class_weights(y, n_classes).to(device) if class_weighted else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=fp.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    ema = make_ema(model, fp.ema)
-    judged = ema.module if ema else model  # validation, the best state and the result use the averaged weights
-    start, best, best_loss, since, history = 0, copy.deepcopy(judged.state_dict()), float("inf"), 0, []
-    ck = read_checkpoint(checkpoint, device)
-    if ck and ck.get("key") == key:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ema and "ema" in ck:
-            ema.module.load_state_dict(ck["ema"])
-        start, best, best_loss, since, history = ck["epoch"], ck["best"], ck["best_loss"], ck["since"], ck["history"]
-    yt = torch.tensor(y, device=device)
-    for epoch in range(start, fp.epochs):
-        if since >= fp.patience:
-            break
-        t_epoch = time.perf_counter()
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: the same draws after a resume
-        set_trainable(model, groups, trainable_groups(len(groups), fp, epoch))
-        train_mode(model, groups, fp.freeze_bn)
-        order = np.random.default_rng([seed, epoch]).permutation(len(paths))
-        shuffled = [paths[i] for i in order]
-        total, correct = 0.0, 0
-        bar = tqdm(
-            image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch)),
-            total=steps,
-            desc=f"epoch {epoch + 1}/{fp.epochs}",
-            unit="batch",
-            disable=None,
-            leave=False,
-        )
-        for sl, x in bar:
-            target = yt[torch.as_tensor(order[sl.start : sl.stop], device=device)]
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model.logits(to_device(x, device))
-                loss = loss_fn(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema:
-                ema.update(model, step=epoch * steps + sl.start // fp.batch_size)
-            total += loss.item() * len(target)
-            correct += int((logits.argmax(1) == target).sum())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        vp, vy = val_items if len(val_items[0]) else train_items
-        z = torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp)) / judged.temperature
-        val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total / len(paths),
-            "train_accuracy": correct / len(paths),
-            "val_loss": val_loss,
-            "val_accuracy": float((z.argmax(1).numpy() == vy).mean()),
-            "trainable_groups": trainable_groups(len(groups), fp, epoch),
-        }
-        history.append(row)
-        print(
-            f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} | {time.perf_counter() - t_epoch:.1f} s"
-        )
-        if val_loss < best_loss - 1e-6:
-            best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
-        else:
-            since += 1
-        write_torch(
-            checkpoint,
-            {
-                "key": key,
+        if fp.threads:
+            torch.set_num_threads(fp.threads)
+        model.to(device).to(memory_format=torch.channels_last)
+        groups = layer_groups(model.features.net)
+        paths, y = train_items
+        steps = math.ceil(len(paths) / fp.batch_size)
+        set_trainable(model, groups, len(groups))  # every parameter that may ever train joins the optimizer
+        opt = torch.optim.AdamW(param_groups(model, groups, fp), lr=fp.lr)
+        sched = make_scheduler(opt, fp, steps)
+        weight = class_weights(y, n_classes).to(device) if class_weighted else None
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=fp.label_smoothing)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        ema = make_ema(model, fp.ema)
+        judged = ema.module if ema else model  # validation, the best state and the result use the averaged weights
+        start, best, best_loss, since, history = 0, copy.deepcopy(judged.state_dict()), float("inf"), 0, []
+        ck = read_checkpoint(checkpoint, device)
+        if ck and ck.get("key") == key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            if ema and "ema" in ck:
+                ema.module.load_state_dict(ck["ema"])
+            start, best, best_loss, since, history = (
+                ck["epoch"],
+                ck["best"],
+                ck["best_loss"],
+                ck["since"],
+                ck["history"],
+            )
+        yt = torch.tensor(y, device=device)
+        for epoch in range(start, fp.epochs):
+            if since >= fp.patience:
+                break
+            t_epoch = time.perf_counter()
+            torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: the same draws after a resume
+            set_trainable(model, groups, trainable_groups(len(groups), fp, epoch))
+            train_mode(model, groups, fp.freeze_bn)
+            order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+            shuffled = [paths[i] for i in order]
+            total, correct = 0.0, 0
+            bar = tqdm(
+                image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch)),
+                total=steps,
+                desc=f"epoch {epoch + 1}/{fp.epochs}",
+                unit="batch",
+                disable=None,
+                leave=False,
+            )
+            for sl, x in bar:
+                target = yt[torch.as_tensor(order[sl.start : sl.stop], device=device)]
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = model.logits(to_device(x, device))
+                    loss = loss_fn(logits.float(), target)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                if ema:
+                    ema.update(model, step=epoch * steps + sl.start // fp.batch_size)
+                total += loss.item() * len(target)
+                correct += int((logits.argmax(1) == target).sum())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            vp, vy = val_items if len(val_items[0]) else train_items
+            z = (
+                torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp))
+                / judged.temperature
+            )
+            val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
+            row = {
                 "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "best": best,
-                "best_loss": best_loss,
-                "since": since,
-                "history": history,
-                **({"ema": ema.module.state_dict()} if ema else {}),
-            },
-        )
-        if on_epoch_end:
-            on_epoch_end(epoch + 1)
-    return {k: v.cpu() for k, v in best.items()}, history
+                "train_loss": total / len(paths),
+                "train_accuracy": correct / len(paths),
+                "val_loss": val_loss,
+                "val_accuracy": float((z.argmax(1).numpy() == vy).mean()),
+                "trainable_groups": trainable_groups(len(groups), fp, epoch),
+            }
+            history.append(row)
+            print(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+                f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} | {time.perf_counter() - t_epoch:.1f} s"
+            )
+            if val_loss < best_loss - 1e-6:
+                best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
+            else:
+                since += 1
+            write_torch(
+                checkpoint,
+                {
+                    "key": key,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "best": best,
+                    "best_loss": best_loss,
+                    "since": since,
+                    "history": history,
+                    **({"ema": ema.module.state_dict()} if ema else {}),
+                },
+            )
+            if on_epoch_end:
+                on_epoch_end(epoch + 1)
+        return {k: v.cpu() for k, v in best.items()}, history
 
 
 def make_ema(model: Classifier, decay: float | None) -> Any:

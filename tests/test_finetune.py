@@ -359,3 +359,25 @@ def test_batchnorm_that_is_not_applied_to_its_convolution_is_not_folded() -> Non
     net.bn.running_mean.fill_(0.5)
     with fold_frozen_bn(net, net, size=8) as n:
         assert n == 0 and type(net.conv) is nn.Conv2d
+
+
+def test_folded_depthwise_layer_stays_fp32_under_bf16() -> None:
+    """Both contexts together (as in fit): the depthwise convolution is folded and still computes in fp32 under
+    CPU bf16 autocast, matching the unfolded fp32 layer; on exit every module is plain again."""
+    from torch import nn
+
+    from graft.precision import fold_frozen_bn, fp32_depthwise
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.BatchNorm2d(3)).eval()
+    net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        with fp32_depthwise(net) as dw, fold_frozen_bn(net, net, size=8) as folded:
+            assert (dw, folded) == (1, 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [type(m) for m in net] == [nn.Conv2d, nn.BatchNorm2d]
