@@ -105,15 +105,50 @@ def write_parquet(path: str | os.PathLike[str], table: Any) -> Path:
     return write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``torch.save`` via memory: a full disk then fails as a plain OSError ("disk full"), not in torch's C++."""
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory (a snapshot: the tensors may change afterwards)."""
     import io
 
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` via memory: a full disk then fails as a plain OSError ("disk full"), not in torch's C++."""
+    return write_bytes(path, torch_bytes(obj))
+
+
+class BackgroundWriter:
+    """Atomic writes of bytes, one at a time in a background thread, so the caller goes on while the disk works
+    (a training checkpoint: about 0.3 s of write and fsync per epoch). :meth:`wait` blocks until the last write
+    is on disk and raises its error, if any; a new write first waits for the previous one."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write_bytes(self, path: str | os.PathLike[str], data: bytes) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write_bytes(path, data)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="graft-writer")
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def write_csv(path: str | os.PathLike[str], frame: Any) -> Path:

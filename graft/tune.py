@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,13 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graft import GraftError
-from graft.atomic import write_torch
+from graft.atomic import BackgroundWriter, torch_bytes
 from graft.heads import class_weights
 from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, classifier_from_payload
 from graft.params import AugmentParams, FinetuneParams
-from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise
+from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, keep_freed_memory
 
 
 def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random.Generator) -> np.ndarray:
@@ -64,6 +65,25 @@ def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+class DecodedImages:
+    """Decoded images kept across a run's epochs, up to ``max_bytes`` of pixels; the rest are decoded each time."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self._images: dict[tuple[str, int], Image.Image] = {}
+        self._left = max_bytes
+        self._lock = threading.Lock()
+
+    def load(self, path: str, min_side: int) -> Image.Image:
+        img = self._images.get((path, min_side))
+        if img is None:
+            img = load_rgb(path, min_side=min_side)[0]
+            with self._lock:
+                if img.width * img.height * 3 <= self._left:
+                    self._images[(path, min_side)] = img
+                    self._left -= img.width * img.height * 3
+        return img
+
+
 def image_batches(
     paths: list[str],
     pp: Preprocess,
@@ -71,13 +91,15 @@ def image_batches(
     workers: int,
     aug: AugmentParams | None = None,
     seed: tuple[int, ...] = (0,),
+    decoded: DecodedImages | None = None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
-    """Decode (and, with ``aug``, augment) images in a thread pool; each sample's RNG is seeded by its index."""
+    """Decode (and, with ``aug``, augment) images in a thread pool; each sample's RNG is seeded by its index.
+    ``decoded`` keeps the decoded images for the next pass."""
 
     def load(sl: slice) -> tuple[slice, np.ndarray]:
         out = []
         for i in range(sl.start, sl.stop):
-            img = load_rgb(paths[i], min_side=pp.resize)[0]
+            img = decoded.load(paths[i], pp.resize) if decoded else load_rgb(paths[i], min_side=pp.resize)[0]
             out.append(augment(img, pp, aug, np.random.default_rng([*seed, i])) if aug else preprocess(img, pp))
         return sl, np.stack(out)
 
@@ -100,6 +122,7 @@ def predict_logits(
     batch_size: int = 64,
     workers: int = 2,
     amp: torch.dtype | None = None,
+    decoded: DecodedImages | None = None,
 ) -> np.ndarray:
     """Logits for image files with the eval transform (val during training, with its ``amp``; test in fp32)."""
     device = next(model.parameters()).device
@@ -107,7 +130,7 @@ def predict_logits(
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         out = [
             model.logits(to_device(x, device)).float().cpu().numpy()
-            for _, x in image_batches(paths, pp, batch_size, workers)
+            for _, x in image_batches(paths, pp, batch_size, workers, decoded=decoded)
         ]
     return np.concatenate(out) if out else np.zeros((0, model.head.n_classes), np.float32)
 
@@ -141,12 +164,15 @@ def fit(
 ) -> tuple[dict, list[dict]]:
     """Fine-tune ``model``; return the best state dict (lowest val loss) and the history.
 
-    Resumes from ``checkpoint`` when it holds a run with the same ``key``. For the length of the run, in bf16
-    on CPU the depthwise convolutions stay fp32 (:func:`fp32_depthwise`), and with ``freeze_bn`` every
-    BatchNorm is folded into its convolution (:func:`fold_frozen_bn`).
+    Resumes from ``checkpoint`` when it holds a run with the same ``key``. For the length of the run, on CPU
+    freed memory is kept for reuse (:func:`keep_freed_memory`), in bf16 on CPU the depthwise convolutions stay
+    fp32 (:func:`fp32_depthwise`), and with ``freeze_bn`` every BatchNorm is folded into its convolution
+    (:func:`fold_frozen_bn`).
     """
     device, amp = device_and_amp(fp.precision, pp.crop)
     with (
+        contextlib.ExitStack() as stack,
+        keep_freed_memory(device.type == "cpu"),
         fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
         fold_frozen_bn(model, model.logits, min(pp.crop, 64)) if fp.freeze_bn else contextlib.nullcontext(),
     ):
@@ -179,7 +205,8 @@ def fit(
                 ck["since"],
                 ck["history"],
             )
-        yt = torch.tensor(y, device=device)
+        yt, decoded, writer = torch.tensor(y, device=device), DecodedImages(), BackgroundWriter()
+        stack.callback(writer.wait, raise_error=False)  # an error in training still lets the last write finish
         for epoch in range(start, fp.epochs):
             if since >= fp.patience:
                 break
@@ -191,7 +218,7 @@ def fit(
             shuffled = [paths[i] for i in order]
             total, correct = 0.0, 0
             bar = tqdm(
-                image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch)),
+                image_batches(shuffled, pp, fp.batch_size, fp.workers, fp.augment, (seed, epoch), decoded),
                 total=steps,
                 desc=f"epoch {epoch + 1}/{fp.epochs}",
                 unit="batch",
@@ -215,7 +242,7 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             vp, vy = val_items if len(val_items[0]) else train_items
             z = (
-                torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp))
+                torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp, decoded))
                 / judged.temperature
             )
             val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
@@ -236,23 +263,15 @@ def fit(
                 best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
             else:
                 since += 1
-            write_torch(
-                checkpoint,
-                {
-                    "key": key,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "best": best,
-                    "best_loss": best_loss,
-                    "since": since,
-                    "history": history,
-                    **({"ema": ema.module.state_dict()} if ema else {}),
-                },
-            )
+            state = {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
+            state |= {"scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since}
+            state |= {"history": history, **({"ema": ema.module.state_dict()} if ema else {})}
+            # serialised here (a snapshot), written and fsynced in the background while the next epoch runs
+            writer.write_bytes(checkpoint, torch_bytes(state))
             if on_epoch_end:
+                writer.wait()  # the callback sees this epoch's checkpoint on disk
                 on_epoch_end(epoch + 1)
+        writer.wait()
         return {k: v.cpu() for k, v in best.items()}, history
 
 

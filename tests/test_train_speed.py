@@ -1,0 +1,81 @@
+"""The fine-tune loop's speed helpers: freed memory kept for reuse, checkpoints written in the background,
+decoded images kept across epochs. Each must be invisible in what the run produces."""
+
+from __future__ import annotations
+
+import platform
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from graft import GraftError
+from graft.atomic import BackgroundWriter
+from graft.precision import keep_freed_memory
+from graft.tune import DecodedImages
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _faults_of_a_training_step() -> int:
+    """Minor page faults of a forward/backward pass of a small conv net (33 MiB activations), after a warm-up
+    pass: the fewest of three."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.rand(16, 3, 128, 128)
+    faults = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        net(x).square().mean().backward()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(faults[1:])
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_freed_memory_is_reused_inside_and_returned_outside() -> None:
+    """Inside keep_freed_memory a training step reuses the memory the step before freed (measured: 0 page faults
+    against ~147,000 per step); outside, glibc's default is back and every step faults its activations in again."""
+    default = _faults_of_a_training_step()
+    assert default > 20_000  # glibc's default: large blocks are mmap'd per allocation and unmapped on free
+    with keep_freed_memory() as kept:
+        assert kept
+        with keep_freed_memory():  # nested: the inner exit leaves the outer setting in place
+            pass
+        assert _faults_of_a_training_step() < default / 10
+    assert _faults_of_a_training_step() > 20_000  # memory is handed back to the kernel again
+    with keep_freed_memory(enabled=False) as kept:
+        assert not kept
+
+
+def test_background_writer_writes_in_order_and_reports_errors(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    target = tmp_path / "ck.pt"
+    for i in range(3):
+        writer.write_bytes(target, bytes([i]) * 1000)
+    writer.wait()
+    assert target.read_bytes() == bytes([2]) * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary files left
+    (tmp_path / "dir").mkdir()
+    writer.write_bytes(tmp_path / "dir", b"x")  # a folder cannot be replaced by a file
+    with pytest.raises((OSError, GraftError)):
+        writer.wait()
+    writer.wait()  # the error is reported once
+    writer.write_bytes(tmp_path / "dir", b"x")
+    writer.wait(raise_error=False)  # the cleanup path after a training error: joins, raises nothing
+
+
+def test_decoded_images_are_kept_within_the_budget(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        Image.fromarray(np.full((40, 50, 3), 7 if name == "a" else 9, np.uint8)).save(tmp_path / f"{name}.png")
+    decoded = DecodedImages(max_bytes=40 * 50 * 3)  # room for one image
+    first = decoded.load(str(tmp_path / "a.png"), 32)
+    decoded.load(str(tmp_path / "b.png"), 32)
+    (tmp_path / "a.png").unlink()
+    (tmp_path / "b.png").unlink()
+    assert decoded.load(str(tmp_path / "a.png"), 32) is first  # kept: not read again
+    with pytest.raises((OSError, ValueError)):  # over the budget: read again, and the file is gone
+        decoded.load(str(tmp_path / "b.png"), 32)
