@@ -13,10 +13,11 @@ Rows (all measured in this one process's run, so the ratios share the machine's 
                  decoding and augmentation, every validation pass and the checkpoints are all inside the wall time;
                  img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
   step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
-                 depthwise convolutions in fp32 and frozen BatchNorm folded into the convolutions; also
-                 without the fold, all fp32, and all bf16), ``last_n: 2`` by ``requires_grad``
-                 alone (autograd then records nothing below the first trainable block), and the same with the
-                 frozen prefix run under ``torch.no_grad`` explicitly: what the explicit step adds.
+                 depthwise convolutions in fp32, frozen BatchNorm folded into the convolutions, and freed memory
+                 kept for reuse; also with glibc's malloc defaults, without the fold, all fp32, and all bf16),
+                 ``last_n: 2`` by ``requires_grad`` alone (autograd then records nothing below the first trainable
+                 block), and the same with the frozen prefix run under ``torch.no_grad`` explicitly: what the
+                 explicit step adds.
   last_n         whole ``graft train`` with ``strategy: last_n, last_n: 2`` against ``full`` (same precision).
   featurize      ``graft featurize`` on a fresh cache, fp32 against ``precision: int8`` (onnxruntime), img/s of
                  the computed part; the int8 graph's one-off export + calibration + quantization beside it.
@@ -138,7 +139,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.model import Classifier, head_config, make_head
-    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise
+    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, keep_freed_memory
 
     _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")
@@ -166,7 +167,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
     depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
     folded = fold_frozen_bn(model) if "not folded" not in mode else contextlib.nullcontext()
-    with depthwise, folded:
+    with keep_freed_memory("plain malloc" not in mode), depthwise, folded:
         for i in range(steps + 1):
             if i == 1:
                 t0 = time.perf_counter()
@@ -180,11 +181,13 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32, frozen
-    BatchNorm folded into the convolutions): every layer trains, also without the fold, in fp32, and with bf16
+    BatchNorm folded into the convolutions, freed memory kept for reuse): every layer trains, also with glibc's
+    default malloc settings, without the fold, in fp32, and with bf16
     depthwise convolutions (what graft avoids); ``last_n: 2`` by
     ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
     modes = (
         "full",
+        "full, glibc malloc defaults",
         "full, BatchNorm not folded",
         "full fp32",
         "full, bf16 depthwise",
@@ -349,7 +352,10 @@ def report(res: dict) -> str:
         lines.append(f"{precision}: full {full:.1f}, last_n 2 {top:.1f} img/s: {top / full:.2f}x")
     a = res["anatomy"]
     full = a["full"]
-    lines.append("one training step at 224 px (channels_last; bf16 where native, fp32 depthwise; BatchNorm folded):")
+    lines.append(
+        "one training step at 224 px (channels_last; bf16 where native, fp32 depthwise; BatchNorm folded; "
+        "freed memory reused):"
+    )
     lines += [
         f"  {k:<30}{v:>7.1f} img/s ({v / full:.2f}x full, {v / plain[224]:.2f}x plain loop)" for k, v in a.items()
     ]
