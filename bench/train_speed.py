@@ -167,7 +167,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
     depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
     folded = fold_frozen_bn(model) if "not folded" not in mode else contextlib.nullcontext()
-    with keep_freed_memory("plain malloc" not in mode), depthwise, folded:
+    with keep_freed_memory("malloc defaults" not in mode), depthwise, folded:
         for i in range(steps + 1):
             if i == 1:
                 t0 = time.perf_counter()
@@ -181,8 +181,8 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32, frozen
-    BatchNorm folded into the convolutions, freed memory kept for reuse): every layer trains, also with glibc's
-    default malloc settings, without the fold, in fp32, and with bf16
+    BatchNorm folded into the convolutions, freed memory kept for reuse), each row in a fresh process: every
+    layer trains, also with glibc's default malloc settings, without the fold, in fp32, and with bf16
     depthwise convolutions (what graft avoids); ``last_n: 2`` by
     ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
     modes = (
@@ -194,7 +194,16 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
         "last_n 2 (requires_grad)",
         "last_n 2 (+ no_grad prefix)",
     )
-    return {mode: _step_rate(mode, size, steps, batch) for mode in modes}
+    out = {}
+    for mode in modes:  # each in a fresh process: glibc's malloc state (and oneDNN's caches) start as a user's do
+        code = f"import train_speed as t; print(t._step_rate({mode!r}, {size}, {steps}, {batch}))"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO)])}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"step row {mode!r} failed:\n{done.stderr[-3000:]}")
+        out[mode] = float(done.stdout.strip().splitlines()[-1])
+        print(f"  step {mode}: {out[mode]:.1f} img/s", flush=True)
+    return out
 
 
 def graft_train(ws: Path, data_root: Path, size: int, epochs: int, precision: str, strategy: dict) -> dict:
