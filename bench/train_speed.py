@@ -24,7 +24,8 @@ Rows (all measured in this one process's run, so the ratios share the machine's 
   start-up       wall seconds of ``graft --help``, ``graft backbones``, ``graft metrics`` and a fully cached
                  ``graft featurize`` as fresh processes (best of 3).
   demo accuracy  the demo digits (100 per class) fine-tuned with params.yaml's settings at 96 px without
-                 flips, fp32 and bf16: final test accuracy side by side (skipped by --quick).
+                 flips, fp32 and bf16, for each of --demo-seeds (each its own split): final test accuracy side by
+                 side, and the mean (skipped by --quick).
 """
 
 from __future__ import annotations
@@ -265,9 +266,9 @@ def startup(ws: Path) -> dict[str, float]:
     return out
 
 
-def demo_accuracy(ws: Path, precision: str) -> dict:
-    """The demo digits (100 per class) fine-tuned with params.yaml's settings at 96 px, no flips, at ``precision``:
-    test accuracy and wall time."""
+def demo_accuracy(ws: Path, precision: str, seed: int = 0) -> dict:
+    """The demo digits (100 per class) fine-tuned with params.yaml's settings at 96 px, no flips, at ``precision``
+    with ``seed`` (its own split, initialisation and shuffling): test accuracy and wall time."""
     from graft.demo import write_digits
     from graft.params import load_params, parse_params
     from graft.tasks.evaluate import evaluate
@@ -277,15 +278,17 @@ def demo_accuracy(ws: Path, precision: str) -> dict:
     if not (ws / "raw").is_dir():
         write_digits(ws / "raw", per_class=100)
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
-    raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / "data"))
-    raw["featurize"].update(cache_dir=str(ws / "cache"), out=str(ws / "data/features.parquet"))
-    raw["train"].update(mode="finetune", model_dir=str(ws / precision))
+    run = ws / f"{precision}-seed{seed}"
+    raw["seed"] = seed
+    raw["data"].update(root=str(ws / "raw"), out_dir=str(ws / f"data-seed{seed}"))
+    raw["featurize"].update(cache_dir=str(ws / "cache"), out=str(ws / f"data-seed{seed}/features.parquet"))
+    raw["train"].update(mode="finetune", model_dir=str(run))
     raw["train"]["finetune"].update({"image_size": 96, "precision": precision})
     raw["train"]["finetune"]["augment"]["hflip"] = False  # digits are not mirror-symmetric
     raw["evaluate"].update(
-        metrics_dir=str(ws / precision / "metrics"),
-        plots_dir=str(ws / precision / "plots"),
-        report=str(ws / precision / "report.md"),
+        metrics_dir=str(run / "metrics"),
+        plots_dir=str(run / "plots"),
+        report=str(run / "report.md"),
     )
     params = parse_params(raw)
     ingest(params)
@@ -293,13 +296,20 @@ def demo_accuracy(ws: Path, precision: str) -> dict:
     summary = finetune(params)
     wall = time.perf_counter() - t0
     m = evaluate(params)["model"]
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "wall_s": wall, "epochs": summary["epochs"]}
+    return {
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "n": m["n"],
+        "wall_s": wall,
+        "epochs": summary["epochs"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and epochs, no demo accuracy runs")
     ap.add_argument("--dir", help="keep the images and workspaces here (default: a temporary folder)")
+    ap.add_argument("--demo-seeds", default="0,1,2", help="seeds of the fp32/bf16 demo accuracy runs (comma list)")
     args = ap.parse_args(argv)
     import torch
 
@@ -336,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  featurize {precision}: {res['featurize'][precision]['img_per_s']} img/s", flush=True)
         res["startup"] = startup(base / "feat-fp32")
         if not args.quick:
-            for precision in ("fp32", "bf16"):
-                res["demo"][precision] = demo_accuracy(base / "demo", precision)
-                print(f"  demo {precision}: {res['demo'][precision]}", flush=True)
+            for seed in [int(x) for x in args.demo_seeds.split(",") if x.strip()]:
+                for precision in ("fp32", "bf16"):
+                    res["demo"][(seed, precision)] = demo_accuracy(base / "demo", precision, seed)
+                    print(f"  demo seed {seed} {precision}: {res['demo'][(seed, precision)]}", flush=True)
     print(report(res))
     return 0
 
@@ -382,12 +393,18 @@ def report(res: dict) -> str:
     lines += [f"{k:<32}{v:>6.2f} s" for k, v in res["startup"].items()]
     if res["demo"]:
         lines.append("")
-        lines.append("== demo digits (100 per class), fine-tuned at 96 px: fp32 against bf16 (test split)")
-        for precision, r in res["demo"].items():
+        lines.append("== demo digits (100 per class), fine-tuned at 96 px: fp32 against bf16 (test split of each seed)")
+        d = res["demo"]
+        seeds = sorted({k[0] for k in d})
+        for seed in seeds:
+            a, b = d[(seed, "fp32")], d[(seed, "bf16")]
             lines.append(
-                f"{precision}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
-                f"{r['epochs']} epochs in {r['wall_s']:.0f} s"
+                f"seed {seed}: accuracy fp32 {a['accuracy']:.4f}, bf16 {b['accuracy']:.4f} "
+                f"({round((b['accuracy'] - a['accuracy']) * a['n']):+d} of {a['n']} test images); macro-F1 "
+                f"{a['macro_f1']:.4f} / {b['macro_f1']:.4f}; {a['wall_s']:.0f} s / {b['wall_s']:.0f} s"
             )
+        mean = {p: float(np.mean([d[(s, p)]["accuracy"] for s in seeds])) for p in ("fp32", "bf16")}
+        lines.append(f"mean accuracy over {len(seeds)} seeds: fp32 {mean['fp32']:.4f}, bf16 {mean['bf16']:.4f}")
     checks = {
         f"graft full (best precision) >= {TARGETS['vs_plain_224']}x plain at 224 px": max(
             g[(224, p, "full")]["img_per_s"] for p in ("fp32", "bf16")

@@ -130,7 +130,8 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def write_bytes(self, path: str | os.PathLike[str], data: bytes) -> None:
+    def submit(self, path: str | os.PathLike[str], data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically in the background, after the previous write is done."""
         self.wait()
 
         def run() -> None:

@@ -267,7 +267,7 @@ def fit(
             state |= {"scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since}
             state |= {"history": history, **({"ema": ema.module.state_dict()} if ema else {})}
             # serialised here (a snapshot), written and fsynced in the background while the next epoch runs
-            writer.write_bytes(checkpoint, torch_bytes(state))
+            writer.submit(checkpoint, torch_bytes(state))
             if on_epoch_end:
                 writer.wait()  # the callback sees this epoch's checkpoint on disk
                 on_epoch_end(epoch + 1)

@@ -55,16 +55,16 @@ def test_background_writer_writes_in_order_and_reports_errors(tmp_path: Path) ->
     writer = BackgroundWriter()
     target = tmp_path / "ck.pt"
     for i in range(3):
-        writer.write_bytes(target, bytes([i]) * 1000)
+        writer.submit(target, bytes([i]) * 1000)
     writer.wait()
     assert target.read_bytes() == bytes([2]) * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary files left
     (tmp_path / "dir").mkdir()
-    writer.write_bytes(tmp_path / "dir", b"x")  # a folder cannot be replaced by a file
+    writer.submit(tmp_path / "dir", b"x")  # a folder cannot be replaced by a file
     with pytest.raises((OSError, GraftError)):
         writer.wait()
     writer.wait()  # the error is reported once
-    writer.write_bytes(tmp_path / "dir", b"x")
+    writer.submit(tmp_path / "dir", b"x")
     writer.wait(raise_error=False)  # the cleanup path after a training error: joins, raises nothing
 
 
