@@ -123,8 +123,9 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> Path:
 
 class BackgroundWriter:
     """Atomic writes of bytes, one at a time in a background thread, so the caller goes on while the disk works
-    (a training checkpoint: about 0.3 s of write and fsync per epoch). :meth:`wait` blocks until the last write
-    is on disk and raises its error, if any; a new write first waits for the previous one."""
+    (a Lite0 training checkpoint, 41 MB: 0.04 to 0.14 s of write and fsync per epoch, measured). :meth:`wait`
+    blocks until the last write is on disk and raises its error, if any; a new write first waits for the
+    previous one."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
