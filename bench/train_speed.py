@@ -4,7 +4,8 @@
     python bench/train_speed.py             # everything (~12-15 min on 2 cores)
     python bench/train_speed.py --quick     # fewer images and epochs, no demo accuracy runs: a smoke test
 
-Rows (all measured in this one process's run, so the ratios share the machine's state):
+Rows (all measured in one run, so the ratios share the machine's state; graft commands and step-anatomy rows
+each in a fresh process):
   plain loop     EfficientNet-Lite0 (timm, the same body graft builds) + a linear layer, NCHW fp32, AdamW,
                  batch 32, on tensors already in memory (no decoding, no validation): the usual hand-written
                  loop's training step. Its img/s is the reference the targets divide by.
@@ -75,9 +76,15 @@ def write_images(root: Path, classes: int, per_class: int, size: tuple[int, int]
             Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"c{k}" / f"{i:04d}.jpg", quality=90)
 
 
+def child_env(*paths: Path) -> dict[str, str]:
+    """This environment with ``paths`` (then this checkout) first on a child process's PYTHONPATH."""
+    entries = [*map(str, paths), str(REPO), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, entries))}
+
+
 def run_cli(args: list[str], cwd: Path) -> tuple[float, dict | str]:
     """Wall seconds of a fresh ``graft`` process and its --json summary (or its output)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "graft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
@@ -198,8 +205,9 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     out = {}
     for mode in modes:  # each in a fresh process: glibc's malloc state (and oneDNN's caches) start as a user's do
         code = f"import train_speed as t; print(t._step_rate({mode!r}, {size}, {steps}, {batch}))"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO)])}
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=child_env(REPO / "bench"), capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise SystemExit(f"step row {mode!r} failed:\n{done.stderr[-3000:]}")
         out[mode] = float(done.stdout.strip().splitlines()[-1])

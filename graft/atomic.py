@@ -125,7 +125,8 @@ class BackgroundWriter:
     """Atomic writes of bytes, one at a time in a background thread, so the caller goes on while the disk works
     (a Lite0 training checkpoint, 41 MB: 0.04 to 0.14 s of write and fsync per epoch, measured). :meth:`wait`
     blocks until the last write is on disk and raises its error, if any; a new write first waits for the
-    previous one."""
+    previous one. As a context manager it waits on exit, raising the write's error only when the block itself
+    raised none."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
@@ -151,6 +152,12 @@ class BackgroundWriter:
         error, self._error = self._error, None
         if error is not None and raise_error:
             raise error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.wait(raise_error=exc_type is None)
 
 
 def write_csv(path: str | os.PathLike[str], frame: Any) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import threading
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ _kept = [0]  # keep_freed_memory's nesting depth: only the outermost sets and re
 _kept_lock = threading.Lock()
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None

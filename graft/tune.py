@@ -66,21 +66,23 @@ def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random
 
 
 class DecodedImages:
-    """Decoded images kept across a run's epochs, up to ``max_bytes`` of pixels; the rest are decoded each time."""
+    """Decoded images (at ``min_side``, as :func:`load_rgb` draws them) kept across a run's epochs, up to
+    ``max_bytes`` of pixels; the rest are decoded each time."""
 
-    def __init__(self, max_bytes: int = 512 << 20) -> None:
-        self._images: dict[tuple[str, int], Image.Image] = {}
+    def __init__(self, min_side: int, max_bytes: int = 512 << 20) -> None:
+        self.min_side = min_side
+        self._images: dict[str, Image.Image] = {}
         self._left = max_bytes
         self._lock = threading.Lock()
 
-    def load(self, path: str, min_side: int) -> Image.Image:
-        img = self._images.get((path, min_side))
+    def load(self, path: str) -> Image.Image:
+        img = self._images.get(path)
         if img is None:
-            img = load_rgb(path, min_side=min_side)[0]
+            img = load_rgb(path, min_side=self.min_side)[0]
+            size = img.width * img.height * 3
             with self._lock:
-                if img.width * img.height * 3 <= self._left:
-                    self._images[(path, min_side)] = img
-                    self._left -= img.width * img.height * 3
+                if size <= self._left:
+                    self._images[path], self._left = img, self._left - size
         return img
 
 
@@ -94,12 +96,12 @@ def image_batches(
     decoded: DecodedImages | None = None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Decode (and, with ``aug``, augment) images in a thread pool; each sample's RNG is seeded by its index.
-    ``decoded`` keeps the decoded images for the next pass."""
+    ``decoded`` (made with ``pp.resize``) keeps the decoded images for the next pass."""
 
     def load(sl: slice) -> tuple[slice, np.ndarray]:
         out = []
         for i in range(sl.start, sl.stop):
-            img = decoded.load(paths[i], pp.resize) if decoded else load_rgb(paths[i], min_side=pp.resize)[0]
+            img = decoded.load(paths[i]) if decoded else load_rgb(paths[i], min_side=pp.resize)[0]
             out.append(augment(img, pp, aug, np.random.default_rng([*seed, i])) if aug else preprocess(img, pp))
         return sl, np.stack(out)
 
@@ -171,7 +173,7 @@ def fit(
     """
     device, amp = device_and_amp(fp.precision, pp.crop)
     with (
-        contextlib.ExitStack() as stack,
+        BackgroundWriter() as writer,  # on exit the last checkpoint write has finished
         keep_freed_memory(device.type == "cpu"),
         fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
         fold_frozen_bn(model, model.logits, min(pp.crop, 64)) if fp.freeze_bn else contextlib.nullcontext(),
@@ -198,15 +200,8 @@ def fit(
             sched.load_state_dict(ck["scheduler"])
             if ema and "ema" in ck:
                 ema.module.load_state_dict(ck["ema"])
-            start, best, best_loss, since, history = (
-                ck["epoch"],
-                ck["best"],
-                ck["best_loss"],
-                ck["since"],
-                ck["history"],
-            )
-        yt, decoded, writer = torch.tensor(y, device=device), DecodedImages(), BackgroundWriter()
-        stack.callback(writer.wait, raise_error=False)  # an error in training still lets the last write finish
+            start, best, best_loss, since, history = (ck[k] for k in ("epoch", "best", "best_loss", "since", "history"))
+        yt, decoded = torch.tensor(y, device=device), DecodedImages(pp.resize)
         for epoch in range(start, fp.epochs):
             if since >= fp.patience:
                 break
@@ -263,15 +258,23 @@ def fit(
                 best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
             else:
                 since += 1
-            state = {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
-            state |= {"scheduler": sched.state_dict(), "best": best, "best_loss": best_loss, "since": since}
-            state |= {"history": history, **({"ema": ema.module.state_dict()} if ema else {})}
+            state = {
+                "key": key,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best": best,
+                "best_loss": best_loss,
+                "since": since,
+                "history": history,
+                **({"ema": ema.module.state_dict()} if ema else {}),
+            }
             # serialised here (a snapshot), written and fsynced in the background while the next epoch runs
             writer.submit(checkpoint, torch_bytes(state))
             if on_epoch_end:
                 writer.wait()  # the callback sees this epoch's checkpoint on disk
                 on_epoch_end(epoch + 1)
-        writer.wait()
         return {k: v.cpu() for k, v in best.items()}, history
 
 

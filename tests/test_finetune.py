@@ -242,16 +242,17 @@ def test_finetune_mode_starts_from_the_linear_probe(ws: Path) -> None:
 def test_precision_auto_uses_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU with native bf16: auto trains in bf16 from 96 px (graft's smallest fine-tune size; whole runs measured
     faster at 96 and 224), in fp32 below; fp32 and bf16 force either; a CPU without native bf16 stays fp32."""
-    import graft.precision as tune
+    import graft.precision as precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(tune, "cpu_bf16_native", lambda: True)
-    assert tune.device_and_amp("auto", 224) == (torch.device("cpu"), torch.bfloat16)
-    assert tune.device_and_amp("auto", 96) == (torch.device("cpu"), torch.bfloat16)
-    assert tune.device_and_amp("auto", 64) == (torch.device("cpu"), None)
-    assert tune.device_and_amp("fp32", 224)[1] is None and tune.device_and_amp("bf16", 32)[1] is torch.bfloat16
-    monkeypatch.setattr(tune, "cpu_bf16_native", lambda: False)
-    assert tune.device_and_amp("auto", 224)[1] is None
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    assert precision.device_and_amp("auto", 224) == (torch.device("cpu"), torch.bfloat16)
+    assert precision.device_and_amp("auto", 96) == (torch.device("cpu"), torch.bfloat16)
+    assert precision.device_and_amp("auto", 64) == (torch.device("cpu"), None)
+    assert precision.device_and_amp("fp32", 224)[1] is None
+    assert precision.device_and_amp("bf16", 32)[1] is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    assert precision.device_and_amp("auto", 224)[1] is None
 
 
 def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:

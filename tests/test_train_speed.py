@@ -88,17 +88,22 @@ def test_background_writer_writes_in_order_and_reports_errors(tmp_path: Path) ->
         writer.wait()
     writer.wait()  # the error is reported once
     writer.submit(tmp_path / "dir", b"x")
-    writer.wait(raise_error=False)  # the cleanup path after a training error: joins, raises nothing
+    writer.wait(raise_error=False)  # joins, raises nothing
+    with pytest.raises(KeyError), BackgroundWriter() as w:  # a training error wins over the write's error
+        w.submit(tmp_path / "dir", b"x")
+        raise KeyError("training failed")
+    with pytest.raises((OSError, GraftError)), BackgroundWriter() as w:  # a clean block: exit reports the write
+        w.submit(tmp_path / "dir", b"x")
 
 
 def test_decoded_images_are_kept_within_the_budget(tmp_path: Path) -> None:
     for name in ("a", "b"):
         Image.fromarray(np.full((40, 50, 3), 7 if name == "a" else 9, np.uint8)).save(tmp_path / f"{name}.png")
-    decoded = DecodedImages(max_bytes=40 * 50 * 3)  # room for one image
-    first = decoded.load(str(tmp_path / "a.png"), 32)
-    decoded.load(str(tmp_path / "b.png"), 32)
+    decoded = DecodedImages(32, max_bytes=40 * 50 * 3)  # room for one image
+    first = decoded.load(str(tmp_path / "a.png"))
+    decoded.load(str(tmp_path / "b.png"))
     (tmp_path / "a.png").unlink()
     (tmp_path / "b.png").unlink()
-    assert decoded.load(str(tmp_path / "a.png"), 32) is first  # kept: not read again
+    assert decoded.load(str(tmp_path / "a.png")) is first  # kept: not read again
     with pytest.raises((OSError, ValueError)):  # over the budget: read again, and the file is gone
-        decoded.load(str(tmp_path / "b.png"), 32)
+        decoded.load(str(tmp_path / "b.png"))
