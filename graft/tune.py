@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from graft import GraftError
 from graft.atomic import BackgroundWriter, torch_bytes
+from graft.frozen import ValActivations
 from graft.heads import class_weights
 from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
@@ -202,6 +203,13 @@ def fit(
                 ema.module.load_state_dict(ck["ema"])
             start, best, best_loss, since, history = (ck[k] for k in ("epoch", "best", "best_loss", "since", "history"))
         yt, decoded = torch.tensor(y, device=device), DecodedImages(pp.resize)
+        vp, vy = val_items if len(val_items[0]) else train_items
+        val = ValActivations(  # the frozen groups' output on the val images is kept across epochs
+            len(vp),
+            lambda: image_batches(vp, pp, fp.batch_size * 2, fp.workers, decoded=decoded),
+            lambda m: predict_logits(m, vp, pp, fp.batch_size * 2, fp.workers, amp, decoded),
+            amp,
+        )
         for epoch in range(start, fp.epochs):
             if since >= fp.patience:
                 break
@@ -235,11 +243,8 @@ def fit(
                 total += loss.item() * len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            vp, vy = val_items if len(val_items[0]) else train_items
-            z = (
-                torch.from_numpy(predict_logits(judged, vp, pp, fp.batch_size * 2, fp.workers, amp, decoded))
-                / judged.temperature
-            )
+            n_frozen = len(groups) - trainable_groups(len(groups), fp, epoch)
+            z = torch.from_numpy(val.logits(judged, n_frozen)) / judged.temperature
             val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
             row = {
                 "epoch": epoch + 1,

@@ -107,3 +107,112 @@ def test_decoded_images_are_kept_within_the_budget(tmp_path: Path) -> None:
     assert decoded.load(str(tmp_path / "a.png")) is first  # kept: not read again
     with pytest.raises((OSError, ValueError)):  # over the budget: read again, and the file is gone
         decoded.load(str(tmp_path / "b.png"))
+
+
+def _val_source(model_ctor, n: int = 10, size: int = 32):
+    """A classifier and ``n`` fixed val images in two batches, as fit's ValActivations sees them."""
+    from graft.frozen import ValActivations
+
+    model = model_ctor()
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
+    whole_calls: list[int] = []
+
+    def batches():
+        yield from ((slice(i, i + 6), x[i : i + 6]) for i in range(0, n, 6))
+
+    def whole(m):
+        whole_calls.append(1)
+        with torch.no_grad():
+            return m.eval().logits(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    return model, (lambda **kw: ValActivations(n, batches, whole, None, **kw)), whole, whole_calls
+
+
+def _tiny() -> torch.nn.Module:
+    from tests.test_finetune import tiny_classifier
+
+    return tiny_classifier()[0]
+
+
+def _lite0() -> torch.nn.Module:
+    import timm
+
+    from graft.model import Classifier, head_config, make_head
+    from graft.taps import FeatureExtractor
+
+    torch.manual_seed(0)
+    body = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    feats = FeatureExtractor(body, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return Classifier(feats, make_head(head_config("logreg", body.num_features, 0, 0.0), 3))
+
+
+@pytest.mark.parametrize("ctor", [_tiny, _lite0], ids=["sequential", "timm_efficientnet"])
+def test_val_logits_from_kept_frozen_activations_equal_the_whole_model(ctor) -> None:
+    """For every number of frozen groups the cut gives the whole model's val logits; the frozen prefix runs
+    over the val images once per number of frozen groups, and the trainable top every call."""
+    from graft.layerwise import layer_groups
+
+    model, make, whole, whole_calls = _val_source(ctor)
+    n_groups = len(layer_groups(model.features.net))
+    val = make()
+    for n_frozen in range(1, n_groups + 1):
+        expected = whole(model)
+        for _ in range(2):
+            np.testing.assert_allclose(val.logits(model, n_frozen), expected, rtol=1e-5, atol=1e-6)
+    assert val.prefix_passes == n_groups  # not 2 * n_groups: the second call reused the kept activations
+    whole_calls.clear()
+    with torch.no_grad():  # the trainable top moves: the next call sees it, the prefix is not rerun
+        model.head.net[0].weight.mul_(2.0)
+    np.testing.assert_allclose(val.logits(model, n_groups), whole(model), rtol=1e-5, atol=1e-6)
+    assert val.prefix_passes == n_groups
+
+
+def test_val_logits_fall_back_to_the_whole_model() -> None:
+    """Nothing frozen, activations over the memory budget, or a body that is not a chain of its groups:
+    the whole model runs (and the numbers are the same)."""
+    model, make, whole, whole_calls = _val_source(_tiny)
+    expected = whole(model)
+    whole_calls.clear()
+    np.testing.assert_array_equal(make().logits(model, 0), expected)
+    np.testing.assert_array_equal(make(max_bytes=1).logits(model, 1), expected)
+    assert len(whole_calls) == 2
+
+    class Branchy(nn.Module):  # groups found by the generic rule, but the forward is not a chain
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return (h + self.b(h)).mean((2, 3))
+
+    from graft.frozen import split_body
+
+    assert split_body(Branchy(), 1) is None
+
+
+def test_fit_with_kept_val_activations_matches_the_whole_val_pass(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staged run (all frozen, then the top group) keeps the frozen val activations, and every number
+    it produces equals a run that passes every val image through the whole model each epoch."""
+    import graft.frozen as frozen
+    from graft.model import load_model
+    from graft.tasks.finetune import finetune
+    from graft.tasks.ingest import ingest
+    from tests.helpers import write_tree
+    from tests.test_finetune import ft_params
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = ft_params(ws, strategy="staged", head_epochs=1, last_n=1, epochs=3, init="random")
+    ingest(params)
+    passes: list[int] = []
+    real = frozen.ValActivations._prefix
+    monkeypatch.setattr(frozen.ValActivations, "_prefix", lambda self, *a: passes.append(1) or real(self, *a))
+    finetune(params)
+    kept = load_model(Path(params.train.model_dir))
+    assert len(passes) == 2  # all groups frozen in epoch 1, all but the top one in epochs 2-3
+    monkeypatch.setattr(frozen, "split_body", lambda body, n: None)
+    finetune(params)
+    whole = load_model(Path(params.train.model_dir))
+    assert kept["history"] == whole["history"]
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, kept["state_dict"][k]), k

@@ -1,0 +1,106 @@
+"""The frozen prefix of a fine-tune, run once: validation images are not augmented, so while the lower
+backbone groups stay frozen (``last_n``, ``staged``, ``head``, LP-FT's probe phase) their output on the val
+images is the same every epoch. :class:`ValActivations` keeps it and runs only the trainable top per epoch.
+
+The cut is made where the body's forward is a plain chain of its groups: an ``nn.Sequential`` body whose
+groups are its children in order, and timm's EfficientNet/MobileNet family (graft's default Lite0); any other
+body, a cut whose logits differ from the whole model's, or a cache over its memory budget falls back to
+running the whole model. Measured in ``bench/train_speed.py`` (``last_n: 2`` whole runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from graft.layerwise import layer_groups
+from graft.model import Classifier
+
+Stage = Callable[[torch.Tensor], torch.Tensor]
+Batches = Callable[[], Iterable[tuple[slice, np.ndarray]]]
+
+
+def split_body(body: nn.Module, n_frozen: int) -> tuple[Stage, Stage] | None:
+    """``(prefix, rest)`` with ``rest(prefix(x)) == body(x)`` and the first ``n_frozen`` groups of
+    :func:`graft.layerwise.layer_groups` in ``prefix``; None where the body is not a known chain."""
+    groups = layer_groups(body)
+    if not 0 < n_frozen <= len(groups):
+        return None
+    if n_frozen == len(groups):  # all frozen: the pooled features themselves
+        return body, nn.Identity()
+    if isinstance(body, nn.Sequential):
+        kids = list(body.children())
+        if [m for g in groups for m in g.children()] != kids:  # groups that are not its children in order
+            return None
+        cut = sum(len(list(g.children())) for g in groups[:n_frozen])
+        return nn.Sequential(*kids[:cut]), nn.Sequential(*kids[cut:])
+    sub = body.get_submodule
+    if all(hasattr(body, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        stages = list(sub("blocks").children())  # groups: [stem, *stages, head]
+        pre = nn.Sequential(sub("conv_stem"), sub("bn1"), *stages[: n_frozen - 1])
+        post = nn.Sequential(*stages[n_frozen - 1 :], sub("conv_head"), sub("bn2"))
+        head: Stage = body.forward_head  # type: ignore[assignment]
+        return pre, lambda h: head(post(h))
+    return None
+
+
+class ValActivations:
+    """Val logits for :func:`graft.tune.fit`, with the frozen prefix's output on the val images computed once
+    per number of frozen groups (``max_bytes`` of activations at most).
+
+    ``batches()`` yields the ``n`` val images (eval transform) as :func:`graft.tune.image_batches` does;
+    ``whole(model)`` is the uncached path (every group run on every image).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batches: Batches,
+        whole: Callable[[Classifier], np.ndarray],
+        amp: torch.dtype | None,
+        max_bytes: int = 256 << 20,
+    ) -> None:
+        self.n, self._batches, self._whole, self.amp, self.max_bytes = n, batches, whole, amp, max_bytes
+        self._key: int | None = None
+        self._acts: list[torch.Tensor] | None = None
+        self.prefix_passes = 0  # how many times the prefix ran over the val images (tests read it)
+
+    def logits(self, model: Classifier, n_frozen: int) -> np.ndarray:
+        """The model's val logits; ``n_frozen`` lower groups are frozen (their weights as at the last call)."""
+        split = split_body(model.features.net, n_frozen) if self.n else None
+        if split is None:
+            return self._whole(model)
+        prefix, rest = split
+        model.eval()
+        device = next(model.parameters()).device
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
+            if self._key != n_frozen:
+                self._acts, self._key = self._prefix(model, prefix, rest, device), n_frozen
+            if self._acts is None:  # the cut disagreed with the whole model, or over the budget
+                return self._whole(model)
+            out = [model.head(rest(a)).float().cpu().numpy() for a in self._acts]
+        return np.concatenate(out)
+
+    def _prefix(self, model: Classifier, prefix: Stage, rest: Stage, device: torch.device) -> list[torch.Tensor] | None:
+        self.prefix_passes += 1
+        acts: list[torch.Tensor] = []
+        size = seen = 0
+        for _, x in self._batches():
+            xt = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            if not acts:  # the cut must give the whole model's logits (checked on a few images)
+                few = xt[:4]
+                cut = model.head(rest(prefix(model.features.normalize(few)))).float()
+                if not torch.allclose(cut, model.logits(few).float(), rtol=1e-3, atol=1e-4):
+                    return None
+            a = prefix(model.features.normalize(xt))
+            size, seen = size + a.numel() * a.element_size(), seen + len(a)
+            if size / seen * self.n > self.max_bytes:
+                return None
+            acts.append(a)
+        return acts
