@@ -3,7 +3,7 @@ backbone groups stay frozen (``last_n``, ``staged``, ``head``, LP-FT's probe pha
 images is the same every epoch. :class:`ValActivations` keeps it and runs only the trainable top per epoch.
 
 The cut is made where the body's forward is a plain chain of its groups: an ``nn.Sequential`` body whose
-groups are its children in order, and timm's EfficientNet/MobileNet family (graft's default Lite0); any other
+groups are its children in order, and timm's ``EfficientNet`` class (graft's Lite0-2, MobileNetV2); any other
 body, a cut whose logits differ from the whole model's, or a cache over its memory budget falls back to
 running the whole model. Measured in ``bench/train_speed.py`` (``last_n: 2`` whole runs).
 """
