@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         import graft.tune as tune
         from graft.params import load_params
 
-        SPENT["imports (torch, timm, scikit-learn, graft)"] = time.perf_counter() - t0
-        timed(stage, "initial_model", "building the model (timm, weights)")
+        SPENT["imports (torch, scikit-learn, pandas, graft)"] = time.perf_counter() - t0
+        timed(stage, "initial_model", "building the model (importing timm, weights)")
         timed(stage, "probe_start", "LP-FT probe (feature pass + C by CV)")
         timed(frozen.ValActivations, "logits", "validation passes")
         timed(tune, "torch_bytes", "serialising checkpoints")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ws)
         t1 = time.perf_counter()
         summary = stage.finetune(load_params(params_path), resume=False)
-        total = SPENT["imports (torch, timm, scikit-learn, graft)"] + time.perf_counter() - t1
+        total = SPENT["imports (torch, scikit-learn, pandas, graft)"] + time.perf_counter() - t1
     loop = SPENT.pop("fine-tune loop (fit)")
     inside = ("validation passes", "serialising checkpoints", "waiting for decoded training batches")
     steps = loop - sum(SPENT[k] for k in inside)
