@@ -50,7 +50,8 @@ def timed_training_batches(owner: object, name: str, label: str) -> None:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         it = fn(*args, **kwargs)
-        if len(args) < 5 or args[4] is None:  # no augmentation: a validation or probe pass, timed as such
+        aug = kwargs.get("aug", args[4] if len(args) > 4 else None)
+        if aug is None:  # no augmentation: a validation or probe pass, timed as such
             yield from it
             return
         while True:

@@ -20,14 +20,16 @@ from graft.layerwise import layer_groups
 from graft.model import Classifier
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
-Batches = Callable[[], Iterable[tuple[slice, np.ndarray]]]
+Batches = Callable[[], Iterable[torch.Tensor]]
 
 
 def split_body(body: nn.Module, n_frozen: int) -> tuple[Stage, Stage] | None:
     """``(prefix, rest)`` with ``rest(prefix(x)) == body(x)`` and the first ``n_frozen`` groups of
     :func:`graft.layerwise.layer_groups` in ``prefix``; None where the body is not a known chain."""
+    if n_frozen <= 0:  # everything trains (the usual full fine-tune): no cut
+        return None
     groups = layer_groups(body)
-    if not 0 < n_frozen <= len(groups):
+    if n_frozen > len(groups):
         return None
     if n_frozen == len(groups):  # all frozen: the pooled features themselves
         return body, nn.Identity()
@@ -51,7 +53,7 @@ class ValActivations:
     """Val logits for :func:`graft.tune.fit`, with the frozen prefix's output on the val images computed once
     per number of frozen groups (``max_bytes`` of activations at most).
 
-    ``batches()`` yields the ``n`` val images (eval transform) as :func:`graft.tune.image_batches` does;
+    ``batches()`` yields the ``n`` val images (eval transform) as model-ready tensors, in a fixed order;
     ``whole(model)`` is the uncached path (every group run on every image).
     """
 
@@ -65,42 +67,41 @@ class ValActivations:
     ) -> None:
         self.n, self._batches, self._whole, self.amp, self.max_bytes = n, batches, whole, amp, max_bytes
         self._key: int | None = None
-        self._acts: list[torch.Tensor] | None = None
+        self._cut: tuple[Stage, list[torch.Tensor]] | None = None  # the trainable top and the kept activations
         self.prefix_passes = 0  # how many times the prefix ran over the val images (tests read it)
 
     def logits(self, model: Classifier, n_frozen: int) -> np.ndarray:
-        """The model's val logits; ``n_frozen`` lower groups are frozen (their weights as at the last call)."""
-        split = split_body(model.features.net, n_frozen) if self.n else None
-        if split is None:
-            return self._whole(model)
-        prefix, rest = split
+        """The model's val logits; ``n_frozen`` lower groups are frozen (their weights as at the call that
+        first saw this ``n_frozen``). ``model`` is the same module at every call."""
         model.eval()
         device = next(model.parameters()).device
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
-        ):
+        autocast = torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        with torch.no_grad(), autocast:
             if self._key != n_frozen:
-                self._acts, self._key = self._prefix(model, prefix, rest, device), n_frozen
-            if self._acts is None:  # the cut disagreed with the whole model, or over the budget
-                return self._whole(model)
-            out = [model.head(rest(a)).float().cpu().numpy() for a in self._acts]
-        return np.concatenate(out)
+                self._key, self._cut = n_frozen, self._build(model, n_frozen)
+            if self._cut is not None:
+                rest, acts = self._cut
+                return np.concatenate([model.head(rest(a)).float().cpu().numpy() for a in acts])
+        return self._whole(model)  # no cut here, the cut disagreed with the whole model, or over the budget
 
-    def _prefix(self, model: Classifier, prefix: Stage, rest: Stage, device: torch.device) -> list[torch.Tensor] | None:
+    def _build(self, model: Classifier, n_frozen: int) -> tuple[Stage, list[torch.Tensor]] | None:
+        """The cut for ``n_frozen`` and the prefix's output on every val image, or None (run the whole model)."""
+        split = split_body(model.features.net, n_frozen) if self.n else None
+        if split is None:
+            return None
+        prefix, rest = split
         self.prefix_passes += 1
         acts: list[torch.Tensor] = []
         size = seen = 0
-        for _, x in self._batches():
-            xt = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+        for x in self._batches():
             if not acts:  # the cut must give the whole model's logits (checked on a few images)
-                few = xt[:4]
+                few = x[:4]
                 cut = model.head(rest(prefix(model.features.normalize(few)))).float()
                 if not torch.allclose(cut, model.logits(few).float(), rtol=1e-3, atol=1e-4):
                     return None
-            a = prefix(model.features.normalize(xt))
+            a = prefix(model.features.normalize(x))
             size, seen = size + a.numel() * a.element_size(), seen + len(a)
             if size / seen * self.n > self.max_bytes:
                 return None
             acts.append(a)
-        return acts
+        return rest, acts

@@ -6,10 +6,9 @@ Strategies (``train.finetune.strategy``):
   * ``full``: everything is trained
   * ``staged``: ``head_epochs`` with the backbone frozen, then unfreeze (``last_n`` blocks, or all)
 
-The backbone gets discriminative learning rates: its top block ``lr * backbone_lr_mult`` and each
-block below it ``layer_decay`` times less (:mod:`graft.layerwise`). Frozen blocks stay in inference
-mode, so their BatchNorm running statistics never move. :func:`fit` writes a checkpoint atomically after every epoch and
-resumes from one with the same key, ending with the same weights as an uninterrupted run.
+The backbone gets discriminative learning rates (:mod:`graft.layerwise`); frozen blocks stay in inference mode,
+so their BatchNorm running statistics never move. :func:`fit` writes a checkpoint atomically after every
+epoch and resumes from one with the same key, ending with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -202,12 +201,12 @@ def fit(
             if ema and "ema" in ck:
                 ema.module.load_state_dict(ck["ema"])
             start, best, best_loss, since, history = (ck[k] for k in ("epoch", "best", "best_loss", "since", "history"))
-        yt, decoded = torch.tensor(y, device=device), DecodedImages(pp.resize)
+        yt, decoded, val_bs = torch.tensor(y, device=device), DecodedImages(pp.resize), 2 * fp.batch_size
         vp, vy = val_items if len(val_items[0]) else train_items
         val = ValActivations(  # the frozen groups' output on the val images is kept across epochs
             len(vp),
-            lambda: image_batches(vp, pp, fp.batch_size * 2, fp.workers, decoded=decoded),
-            lambda m: predict_logits(m, vp, pp, fp.batch_size * 2, fp.workers, amp, decoded),
+            lambda: (to_device(x, device) for _, x in image_batches(vp, pp, val_bs, fp.workers, decoded=decoded)),
+            lambda m: predict_logits(m, vp, pp, val_bs, fp.workers, amp, decoded),
             amp,
         )
         for epoch in range(start, fp.epochs):

@@ -118,7 +118,9 @@ def _val_source(model_ctor, n: int = 10, size: int = 32):
     whole_calls: list[int] = []
 
     def batches():
-        yield from ((slice(i, i + 6), x[i : i + 6]) for i in range(0, n, 6))
+        yield from (
+            torch.from_numpy(x[i : i + 6]).contiguous(memory_format=torch.channels_last) for i in range(0, n, 6)
+        )
 
     def whole(m):
         whole_calls.append(1)
@@ -205,8 +207,8 @@ def test_fit_with_kept_val_activations_matches_the_whole_val_pass(ws: Path, monk
     params = ft_params(ws, strategy="staged", head_epochs=1, last_n=1, epochs=3, init="random")
     ingest(params)
     passes: list[int] = []
-    real = frozen.ValActivations._prefix
-    monkeypatch.setattr(frozen.ValActivations, "_prefix", lambda self, *a: passes.append(1) or real(self, *a))
+    real = frozen.ValActivations._build
+    monkeypatch.setattr(frozen.ValActivations, "_build", lambda self, *a: passes.append(1) or real(self, *a))
     finetune(params)
     kept = load_model(Path(params.train.model_dir))
     assert len(passes) == 2  # all groups frozen in epoch 1, all but the top one in epochs 2-3
