@@ -14,8 +14,10 @@ each in a fresh process):
                  decoding and augmentation, every validation pass and the checkpoints are all inside the wall time;
                  img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
   step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
-                 depthwise convolutions in fp32, frozen BatchNorm folded into the convolutions, and freed memory
-                 kept for reuse; also with glibc's malloc defaults, without the fold, all fp32, and all bf16),
+                 depthwise convolutions that are slow in bf16 in fp32 and activations out of place, frozen
+                 BatchNorm folded into the convolutions, and freed memory kept for reuse; also with glibc's malloc
+                 defaults, without the fold, all fp32, every depthwise layer fp32, in-place activations, and every
+                 depthwise layer bf16),
                  ``last_n: 2`` by ``requires_grad`` alone (autograd then records nothing below the first trainable
                  block), and the same with the frozen prefix run under ``torch.no_grad`` explicitly: what the
                  explicit step adds.
@@ -144,10 +146,20 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
     import torch
 
+    import graft.precision as precision
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.model import Classifier, head_config, make_head
-    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, keep_freed_memory
+    from graft.precision import (
+        device_and_amp,
+        fold_frozen_bn,
+        fp32_depthwise,
+        keep_freed_memory,
+        out_of_place_activations,
+    )
+
+    if "every depthwise" in mode:  # graft's choice before: all depthwise layers fp32, 3x3 stride-1 ones included
+        precision.slow_in_bf16 = lambda m: type(m) is torch.nn.Conv2d and m.groups == m.in_channels > 1
 
     _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")
@@ -174,8 +186,9 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
         return model.head(body.forward_head(top(h)))
 
     depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
+    activations = out_of_place_activations(model, amp is not None and "in place" not in mode)
     folded = fold_frozen_bn(model) if "not folded" not in mode else contextlib.nullcontext()
-    with keep_freed_memory("malloc defaults" not in mode), depthwise, folded:
+    with keep_freed_memory("malloc defaults" not in mode), depthwise, activations, folded:
         for i in range(steps + 1):
             if i == 1:
                 t0 = time.perf_counter()
@@ -188,16 +201,19 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
-    """img/s of graft's training step (channels_last, bf16 where native, depthwise convolutions in fp32, frozen
-    BatchNorm folded into the convolutions, freed memory kept for reuse), each row in a fresh process: every
-    layer trains, also with glibc's default malloc settings, without the fold, in fp32, and with bf16
-    depthwise convolutions (what graft avoids); ``last_n: 2`` by
-    ``requires_grad`` alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
+    """img/s of graft's training step (channels_last, bf16 where native with the depthwise convolutions that are
+    slow in bf16 in fp32 and activations out of place, frozen BatchNorm folded into the convolutions, freed
+    memory kept for reuse), each row in a fresh process: every layer trains, also with glibc's default malloc
+    settings, without the fold, in fp32, with every depthwise convolution in fp32, with in-place activations,
+    and with every depthwise convolution in bf16 (what graft avoids); ``last_n: 2`` by ``requires_grad``
+    alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
     modes = (
         "full",
         "full, glibc malloc defaults",
         "full, BatchNorm not folded",
         "full fp32",
+        "full, every depthwise fp32",
+        "full, activations in place",
         "full, bf16 depthwise",
         "last_n 2 (requires_grad)",
         "last_n 2 (+ no_grad prefix)",
@@ -381,8 +397,8 @@ def report(res: dict) -> str:
     a = res["anatomy"]
     full = a["full"]
     lines.append(
-        "one training step at 224 px (channels_last; bf16 where native, fp32 depthwise; BatchNorm folded; "
-        "freed memory reused):"
+        "one training step at 224 px (channels_last; bf16 where native, 5x5 and stride-2 depthwise fp32, "
+        "activations out of place; BatchNorm folded; freed memory reused):"
     )
     lines += [
         f"  {k:<30}{v:>7.1f} img/s ({v / full:.2f}x full, {v / plain[224]:.2f}x plain loop)" for k, v in a.items()

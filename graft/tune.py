@@ -36,7 +36,7 @@ from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, classifier_from_payload
 from graft.params import AugmentParams, FinetuneParams
-from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, keep_freed_memory
+from graft.precision import cpu_bf16_layers, device_and_amp, fold_frozen_bn, keep_freed_memory
 
 
 def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random.Generator) -> np.ndarray:
@@ -167,15 +167,15 @@ def fit(
     """Fine-tune ``model``; return the best state dict (lowest val loss) and the history.
 
     Resumes from ``checkpoint`` when it holds a run with the same ``key``. For the length of the run, on CPU
-    freed memory is kept for reuse (:func:`keep_freed_memory`), in bf16 on CPU the depthwise convolutions stay
-    fp32 (:func:`fp32_depthwise`), and with ``freeze_bn`` every BatchNorm is folded into its convolution
-    (:func:`fold_frozen_bn`).
+    freed memory is kept for reuse (:func:`keep_freed_memory`), in bf16 on CPU the depthwise convolutions that
+    are slow in bf16 stay fp32 and activations run out of place (:func:`cpu_bf16_layers`), and with
+    ``freeze_bn`` every BatchNorm is folded into its convolution (:func:`fold_frozen_bn`).
     """
     device, amp = device_and_amp(fp.precision, pp.crop)
     with (
         BackgroundWriter() as writer,  # on exit the last checkpoint write has finished
         keep_freed_memory(device.type == "cpu"),
-        fp32_depthwise(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
+        cpu_bf16_layers(model, enabled=amp is torch.bfloat16 and device.type == "cpu"),
         fold_frozen_bn(model, model.logits, min(pp.crop, 64)) if fp.freeze_bn else contextlib.nullcontext(),
     ):
         if fp.threads:

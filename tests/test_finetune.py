@@ -256,50 +256,92 @@ def test_precision_auto_uses_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyP
 
 
 def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:
-    """Inside fp32_depthwise, under CPU bf16 autocast, the depthwise convolution computes (and back-propagates) in
-    fp32 while the others run in bf16; afterwards the modules are plain Conv2d again, with the same state dict."""
+    """Inside fp32_depthwise, under CPU bf16 autocast, the depthwise convolutions that are slow in bf16 (5x5, and
+    3x3 with stride 2) compute (and back-propagate) in fp32 while the others, 3x3 stride-1 depthwise included, run
+    in bf16; afterwards the modules are plain Conv2d again, with the same state dict."""
     from torch import nn
 
     from graft.precision import fp32_depthwise
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        nn.Conv2d(8, 4, 1),
+    )
     keys = list(net.state_dict())
     dtypes: dict[int, torch.dtype] = {}
     for i, m in enumerate(net):
         m.register_forward_hook(lambda mod, args, out, i=i: dtypes.__setitem__(i, out.dtype))
     x = torch.rand(2, 3, 8, 8)
     with fp32_depthwise(net) as swapped:
-        assert swapped == 1
+        assert swapped == 2
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(x)
         out.float().sum().backward()
-    assert dtypes == {0: torch.bfloat16, 1: torch.float32, 2: torch.bfloat16}
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert dtypes == {0: bf16, 1: fp32, 2: bf16, 3: fp32, 4: bf16}
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
     assert all(type(m) is nn.Conv2d for m in net) and list(net.state_dict()) == keys
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
-    assert dtypes[1] == torch.bfloat16  # outside the context: autocast's usual choice
+    assert dtypes[1] == dtypes[3] == torch.bfloat16  # outside the context: autocast's usual choice
     with fp32_depthwise(net, enabled=False) as swapped:
         assert swapped == 0
+
+
+def test_cpu_bf16_layers_run_activations_out_of_place_with_the_same_values() -> None:
+    """Inside cpu_bf16_layers an in-place ReLU6 leaves its input untouched, gives the same values and gradients
+    (bf16 autocast), and is in place again afterwards; disabled, nothing changes."""
+    from torch import nn
+
+    from graft.precision import cpu_bf16_layers, fp32_depthwise
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 5, padding=2, groups=8))
+    seen: list[torch.Tensor] = []
+    net[0].register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    x = torch.randn(2, 3, 8, 8) * 4
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().sum().backward()
+        return out.detach().float(), net[0].weight.grad.clone()
+
+    with fp32_depthwise(net):
+        ref_out, ref_grad = run()
+    assert float(seen[-1].max()) <= 6.0  # in place: the convolution's output itself was clamped
+    with cpu_bf16_layers(net) as (dw, act):
+        assert (dw, act) == (1, 1)
+        out, grad = run()
+        assert float(seen[-1].max()) > 6.0  # out of place: the convolution's output is left as it was
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(grad, ref_grad)
+    assert net[1].inplace is True
+    with cpu_bf16_layers(net, enabled=False) as counts:
+        assert counts == (0, 0)
 
 
 @pytest.mark.parametrize(("precision", "fp32_layers"), [("bf16", True), ("fp32", False)])
 def test_fit_keeps_depthwise_layers_fp32_only_in_cpu_bf16(
     ws: Path, monkeypatch: pytest.MonkeyPatch, precision: str, fp32_layers: bool
 ) -> None:
-    """The fine-tune loop itself enters fp32_depthwise, enabled exactly when it trains in bf16 on the CPU."""
+    """The fine-tune loop itself enters cpu_bf16_layers, enabled exactly when it trains in bf16 on the CPU."""
     import graft.tune as tune
 
     calls: list[bool] = []
-    real = tune.fp32_depthwise
+    real = tune.cpu_bf16_layers
 
     def recording(model: torch.nn.Module, enabled: bool = True):
         calls.append(enabled)
         return real(model, enabled)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(tune, "fp32_depthwise", recording)
+    monkeypatch.setattr(tune, "cpu_bf16_layers", recording)
     write_tree(ws / "raw", classes=("a", "b"), per_class=6)
     params = ft_params(ws, epochs=1, precision=precision, strategy="full")
     ingest(params)
@@ -370,7 +412,7 @@ def test_folded_depthwise_layer_stays_fp32_under_bf16() -> None:
     from graft.precision import fold_frozen_bn, fp32_depthwise
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.BatchNorm2d(3)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 3, 5, padding=2, groups=3), nn.BatchNorm2d(3)).eval()
     net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
