@@ -63,9 +63,11 @@ def quantize_int8(
 
     QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
     (measured on the 2-core EPYC: QOperator and int8 activations were slower). The head and, in a
-    deep net, the first and last convolutions stay float: on the digits demo that keeps the test
-    accuracy within a point of fp32 (quantizing everything cost ~3 points) for ~8 % of Lite0's MACs. MinMax
-    calibration keeps only per-tensor min/max per batch, so its memory stays small.
+    deep net, the first three and the last convolutions stay float: quantizing everything cost ~3 points on
+    the digits demo. On Lite0 (its stem and first block at 112 px) the first three rather than the first one
+    cut the median relative feature error from 0.103 to 0.090 on the digits pool and from 0.113 to 0.091 on
+    the stamps pool, for about 3 % of int8 featurize speed. MinMax calibration keeps only per-tensor min/max
+    per batch, so its memory stays small.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -75,7 +77,7 @@ def quantize_int8(
         pre = Path(scratch) / "pre.onnx"
         quant_pre_process(str(src), str(pre))
         convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
-        float_convs = convs[:1] + convs[-1:] if len(convs) > 4 else []  # in a shallow net the ends are the work
+        float_convs = convs[:3] + convs[-1:] if len(convs) > 8 else []  # in a shallow net the ends are the work
         try:
             quantize_static(
                 str(pre),
@@ -116,7 +118,7 @@ def int8_metadata(meta: dict[str, str], calibration_images: int) -> dict[str, st
         "method": "onnxruntime static QDQ",
         "weights": "int8 per-channel",
         "activations": "uint8 MinMax",
-        "float": "head; first and last Conv of deep nets",
+        "float": "head; first three and last Conv of deep nets",
         "calibration_images": calibration_images,
     }
     return {**meta, "graft.quantization": json.dumps(how)}
