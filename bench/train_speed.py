@@ -159,7 +159,7 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     )
 
     if "every depthwise" in mode:  # graft's choice before: all depthwise layers fp32, 3x3 stride-1 ones included
-        precision.slow_in_bf16 = lambda m: type(m) is torch.nn.Conv2d and m.groups == m.in_channels > 1
+        precision.slow_in_bf16 = precision.is_depthwise
 
     _, amp = device_and_amp("fp32" if "fp32" in mode else "auto", size)
     bb = build_backbone("efficientnet_lite0")

@@ -94,12 +94,11 @@ class ValActivations:
         acts: list[torch.Tensor] = []
         size = seen = 0
         for x in self._batches():
-            if not acts:  # the cut must give the whole model's logits (checked on a few images)
-                few = x[:4]
-                cut = model.head(rest(prefix(model.features.normalize(few)))).float()
-                if not torch.allclose(cut, model.logits(few).float(), rtol=1e-3, atol=1e-4):
-                    return None
             a = prefix(model.features.normalize(x))
+            if not acts:  # the cut must give the whole model's logits (checked on a few images)
+                cut = model.head(rest(a[:4])).float()
+                if not torch.allclose(cut, model.logits(x[:4]).float(), rtol=1e-3, atol=1e-4):
+                    return None
             size, seen = size + a.numel() * a.element_size(), seen + len(a)
             if size / seen * self.n > self.max_bytes:
                 return None

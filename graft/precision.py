@@ -10,6 +10,7 @@ import functools
 import platform
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -104,14 +105,17 @@ class _Fp32DepthwiseConv(nn.Conv2d):
             return super().forward(x.float())
 
 
+def is_depthwise(m: nn.Module) -> TypeGuard[nn.Conv2d]:
+    """A plain depthwise convolution: one group per channel."""
+    return type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
 def slow_in_bf16(m: nn.Module) -> bool:
     """A depthwise convolution whose oneDNN bf16 backward is slower than fp32 with the casts around it: kernels
     over 3 wide or strides over 1. Lite0's 3x3 stride-1 ones are faster in bf16 (batch 32, 224 px, fwd + bwd:
     32 channels at 112 px 62 against 81 ms, 144 at 56 px 79 against 104 ms; a stride-2 3x3 one 195 against
     107 ms, a 5x5 one at 28 px 142 against 70 ms)."""
-    if type(m) is not nn.Conv2d or not m.groups > 1 or not m.groups == m.in_channels == m.out_channels:
-        return False
-    return max(m.kernel_size) > 3 or max(m.stride) > 1
+    return is_depthwise(m) and (max(m.kernel_size) > 3 or max(m.stride) > 1)
 
 
 @contextlib.contextmanager

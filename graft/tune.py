@@ -214,7 +214,8 @@ def fit(
                 break
             t_epoch = time.perf_counter()
             torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: the same draws after a resume
-            set_trainable(model, groups, trainable_groups(len(groups), fp, epoch))
+            n_train = trainable_groups(len(groups), fp, epoch)
+            set_trainable(model, groups, n_train)
             train_mode(model, groups, fp.freeze_bn)
             order = np.random.default_rng([seed, epoch]).permutation(len(paths))
             shuffled = [paths[i] for i in order]
@@ -242,8 +243,7 @@ def fit(
                 total += loss.item() * len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            n_frozen = len(groups) - trainable_groups(len(groups), fp, epoch)
-            z = torch.from_numpy(val.logits(judged, n_frozen)) / judged.temperature
+            z = torch.from_numpy(val.logits(judged, len(groups) - n_train)) / judged.temperature
             val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
             row = {
                 "epoch": epoch + 1,
