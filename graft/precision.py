@@ -98,9 +98,13 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
 
 
 class _Fp32DepthwiseConv(nn.Conv2d):
-    """A depthwise convolution that runs in fp32 under CPU autocast (its class is swapped in for training)."""
+    """A depthwise convolution that runs in fp32 under CPU autocast when a backward pass will go through it (its
+    class is swapped in for training). A forward alone stays in bf16, where oneDNN is fast: validation, and the
+    frozen lower blocks of ``last_n`` (Lite0 inference at 224 px: 172 img/s against 136 with these in fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
