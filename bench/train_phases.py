@@ -4,11 +4,12 @@
     python bench/train_phases.py                          # 224 px, strategy full, params.yaml's epochs
     python bench/train_phases.py --strategy last_n --size 96
 
-It writes the same 240 photo-like JPEGs as ``bench/train_speed.py`` (8 classes), ingests them in a separate
-process, then imports graft's fine-tune stage and runs it once in this process with a timer around each
-phase: the imports, building the model, the LP-FT probe, the validation passes, serialising the checkpoints,
-waiting for decoded batches, the calibration pass, the curves and the model file. What is left of the
-fine-tune loop is the training steps themselves (with the EMA update and the optimizer).
+It writes the same 240 photo-like JPEGs as ``bench/train_speed.py`` (8 classes), ingests and featurizes them
+in separate processes (``--no-table``: no featurize), then imports graft's fine-tune stage and runs it once in
+this process with a timer around each phase: the imports, building the model, the LP-FT probe, the validation
+passes, serialising the checkpoints, waiting for decoded batches, the calibration, the curves and the model
+file. What is left of the fine-tune loop is the training steps themselves (with the EMA update and the
+optimizer).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="full", help="finetune.strategy (last_n trains the top 2 groups)")
     ap.add_argument("--precision", default="auto", help="finetune.precision")
     ap.add_argument("--dir", help="keep the images and the workspace here (default: a temporary folder)")
+    ap.add_argument("--no-table", action="store_true", help="no `graft featurize` first: the LP-FT probe computes")
     args = ap.parse_args(argv)
     epochs = yaml.safe_load((ts.REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             ts.write_images(data_root, 8, 30)
         ft = {"image_size": args.size, "epochs": epochs, "patience": 100, "precision": args.precision}
         ft.update({"strategy": args.strategy, "last_n": 2})
-        params_path = ts.workspace(ws, data_root, train={"mode": "finetune", "finetune": ft})
+        fz = {"image_size": args.size}
+        params_path = ts.workspace(ws, data_root, train={"mode": "finetune", "finetune": ft}, featurize=fz)
         ts.run_cli(["ingest", "--params", str(params_path)], ws)
+        (ws / "data" / "features.parquet").unlink(missing_ok=True)
+        if not args.no_table:  # as `dvc repro` orders the stages: the probe reads the feature table
+            ts.run_cli(["featurize", "--params", str(params_path)], ws)
 
         t0 = time.perf_counter()
         import graft.frozen as frozen
@@ -93,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
         SPENT["imports (torch, scikit-learn, pandas, graft)"] = time.perf_counter() - t0
         timed(stage, "initial_model", "building the model (importing timm, weights)")
-        timed(stage, "probe_start", "LP-FT probe (feature pass + C by CV)")
+        timed(stage, "probe_start", "LP-FT probe (features + C by CV)")
         timed(frozen.ValActivations, "logits", "validation passes")
         timed(tune, "torch_bytes", "serialising checkpoints")
         timed_training_batches(tune, "image_batches", "waiting for decoded training batches")
-        timed(stage, "_calibration", "calibration pass (fp32)")
+        timed(stage, "_calibration", "calibration")
         timed(stage, "write_curves", "curves (CSV + PNG)")
         timed(stage, "save_model", "model file")
         timed(stage, "fit", "fine-tune loop (fit)")
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     images = summary["train_images"] * summary["epochs"]
     print(
         f"{summary['train_images']} training images x {summary['epochs']} epochs at {args.size} px, "
-        f"strategy {args.strategy}, precision {args.precision}; one run, in-process (interpreter start not included)"
+        f"strategy {args.strategy}, precision {args.precision}, feature table {'no' if args.no_table else 'yes'}; "
+        "one run, in-process (interpreter start not included)"
     )
     for label, seconds in SPENT.items():
         print(f"  {label:44s} {seconds:6.2f} s")

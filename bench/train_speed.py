@@ -10,9 +10,11 @@ each in a fresh process):
                  batch 32, on tensors already in memory (no decoding, no validation): the usual hand-written
                  loop's training step. Its img/s is the reference the targets divide by.
   graft train    whole ``graft train`` processes (``train.mode: finetune``, ``strategy: full``, params.yaml's
-                 epochs) on photo-like JPEGs at 224 px and at the demo's 96 px: start-up, the LP-FT probe pass,
+                 epochs) on photo-like JPEGs at 224 px and at the demo's 96 px: start-up, the LP-FT probe,
                  decoding and augmentation, every validation pass and the checkpoints are all inside the wall time;
-                 img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``).
+                 img/s = training images x epochs / wall seconds. fp32 and bf16 (``finetune.precision``). Each
+                 runs after ``graft featurize`` at its size, as ``dvc repro`` orders the stages, so the probe reads
+                 its features from the feature table; one more 224 px bf16 run without the table computes them.
   step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
                  depthwise convolutions that are slow in bf16 in fp32 and activations out of place, frozen
                  BatchNorm folded into the convolutions, and freed memory kept for reuse; also with glibc's malloc
@@ -231,8 +233,12 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     return out
 
 
-def graft_train(ws: Path, data_root: Path, size: int, epochs: int, precision: str, strategy: dict) -> dict:
-    """One whole ``graft train`` (finetune) process; img/s = training images x epochs run / wall seconds."""
+def graft_train(
+    ws: Path, data_root: Path, size: int, epochs: int, precision: str, strategy: dict, table: bool = True
+) -> dict:
+    """One whole ``graft train`` (finetune) process; img/s = training images x epochs run / wall seconds. ``table``:
+    after ``graft featurize`` at the same size, as ``dvc repro`` runs them (the LP-FT probe then reads its features
+    from the feature table); else without a feature table (the probe computes them)."""
     params = workspace(
         ws,
         data_root,
@@ -240,13 +246,25 @@ def graft_train(ws: Path, data_root: Path, size: int, epochs: int, precision: st
             "mode": "finetune",
             "finetune": {"image_size": size, "epochs": epochs, "patience": 100, "precision": precision, **strategy},
         },
+        featurize={"image_size": size},
     )
     if not (ws / "data" / "manifest.parquet").is_file():
         run_cli(["ingest", "--params", str(params)], ws)
+    features = ws / "data" / "features.parquet"
+    if table and not features.is_file():
+        run_cli(["featurize", "--params", str(params)], ws)
+    elif not table:
+        features.unlink(missing_ok=True)
     wall, summary = run_cli(["train", "--params", str(params), "--fresh", "--json"], ws)
     s = summary["train"] if isinstance(summary, dict) else {}
     images = s["train_images"] * s["epochs"]
-    return {"wall_s": wall, "img_per_s": images / wall, "val_accuracy": s["val_accuracy"], "epochs": s["epochs"]}
+    return {
+        "wall_s": wall,
+        "img_per_s": images / wall,
+        "val_accuracy": s["val_accuracy"],
+        "epochs": s["epochs"],
+        "probe_features": s.get("probe_features"),
+    }
 
 
 def featurize_speed(ws: Path, data_root: Path, precision: str) -> dict:
@@ -364,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             r = graft_train(base / "ft224", data_root, 224, epochs, precision, {"strategy": "last_n", "last_n": 2})
             res["graft"][(224, precision, "last_n 2")] = r
             print(f"  graft train 224px {precision} last_n 2: {r['img_per_s']:.1f} img/s", flush=True)
+        r = graft_train(base / "ft224-cold", data_root, 224, epochs, "bf16", {"strategy": "full"}, table=False)
+        res["graft"][(224, "bf16", "full, no table")] = r
+        print(f"  graft train 224px bf16 full, no feature table: {r['img_per_s']:.1f} img/s", flush=True)
         res["anatomy"] = step_anatomy(224, steps)
         for precision in ("fp32", "int8"):
             res["featurize"][precision] = featurize_speed(base / f"feat-{precision}", data_root, precision)
@@ -389,6 +410,12 @@ def report(res: dict) -> str:
     for precision in ("fp32", "bf16"):
         row = [g[(s, precision, "full")]["img_per_s"] / plain[s] for s in (224, 96)]
         lines.append(f"{'  x plain loop, ' + precision:<28}{row[0]:>9.2f}x{row[1]:>9.2f}x")
+    cold = g[(224, "bf16", "full, no table")]["img_per_s"]
+    lines.append(f"{'graft full bf16, no table':<28}{cold:>10.1f}{'':>10}   ({cold / plain[224]:.2f}x plain loop)")
+    lines.append(
+        "(graft rows run after `graft featurize` at their size, as `dvc repro` does: the LP-FT probe reads its "
+        f"features from the table ({g[(224, 'bf16', 'full')]['probe_features']}); 'no table' computes them)"
+    )
     lines.append("")
     lines.append("== last_n: 2 against full (224 px, whole graft train)")
     for precision in ("fp32", "bf16"):

@@ -185,8 +185,8 @@ def probe_features(
     """Pooled features of ``paths`` at ``pp`` (for the linear probe LP-FT starts from), and seconds per image;
     ``amp``: the CPU autocast dtype the fine-tune trains in (Lite0's forward pass is 2.2x faster in bf16; its
     activations then run out of place, as in training: :func:`graft.precision.out_of_place_activations`)."""
+    from graft.batches import image_batches
     from graft.precision import keep_freed_memory, out_of_place_activations
-    from graft.tune import image_batches
 
     t0 = time.perf_counter()
     out = []
@@ -194,7 +194,7 @@ def probe_features(
     autocast = torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)
     with keep_freed_memory(), out_of_place_activations(model, amp is not None), torch.inference_mode(), autocast:
         for _, x in image_batches(paths, pp, batch_size, workers):
-            out.append(model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy())
+            out.append(model(x).float().numpy())  # x: channels_last already
     seconds = (time.perf_counter() - t0) / max(len(paths), 1)
     return np.concatenate(out), seconds
 

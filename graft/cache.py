@@ -169,6 +169,26 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
     return dict(zip(table["sha256"].to_pylist(), feats, strict=True)), meta
 
 
+def cached_pooled_features(path: str | Path, description: dict, shas: list[str]) -> np.ndarray | None:
+    """The pooled last-layer features of ``shas`` (in order) from a feature table that featurize computed in fp32
+    with the backbone, weights and preprocessing of ``description``; None when it did not, or lacks a key."""
+    same = ("name", "weights_sha256", "resize", "crop", "mean", "std", "interpolation", "pool", "feature_version")
+    try:
+        theirs = json.loads((pq.read_schema(path).metadata or {})[b"graft.description"])
+        if (
+            "last" not in theirs.get("taps", ["last"])
+            or "precision" in theirs
+            or any(theirs[k] != description[k] for k in same)
+        ):
+            return None
+        feats, meta = load_feature_table(path)
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):  # absent, foreign or damaged: compute
+        return None
+    if not all(s in feats for s in shas):
+        return None
+    return select_columns(np.stack([feats[s] for s in shas]), tap_columns(meta, ("last",)))
+
+
 def tap_columns(meta: dict[str, str], taps: tuple[str, ...] | list[str]) -> np.ndarray:
     """Column indices of ``taps`` (in the extractor's order) in a feature table with metadata ``meta``.
 

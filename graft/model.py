@@ -273,7 +273,8 @@ def run_key(params: Params, manifest: pd.DataFrame, fingerprint: str) -> str:
     """Identifies a training run: a checkpoint resumes only a run with the same key."""
     blob = json.dumps(
         {
-            "train": params.train.model_dump(mode="json"),
+            # how often checkpoints are written does not change what the run computes
+            "train": params.train.model_dump(mode="json", exclude={"finetune": {"checkpoint_seconds"}}),
             "seed": params.seed,
             "fp": fingerprint,
             "data": sorted(zip(manifest["sha256"], manifest["label"], manifest["split"], strict=True)),

@@ -7,8 +7,9 @@ Strategies (``train.finetune.strategy``):
   * ``staged``: ``head_epochs`` with the backbone frozen, then unfreeze (``last_n`` blocks, or all)
 
 The backbone gets discriminative learning rates (:mod:`graft.layerwise`); frozen blocks stay in inference mode,
-so their BatchNorm running statistics never move. :func:`fit` writes a checkpoint atomically after every
-epoch and resumes from one with the same key, ending with the same weights as an uninterrupted run.
+so their BatchNorm running statistics never move. :func:`fit` writes a checkpoint atomically after an epoch
+(every ``checkpoint_seconds``) and resumes from one with the same key, ending with the same weights as an
+uninterrupted run. Images reach it as batches from :mod:`graft.batches`.
 """
 
 from __future__ import annotations
@@ -16,104 +17,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from graft import GraftError
 from graft.atomic import BackgroundWriter, torch_bytes
+from graft.batches import DecodedImages, image_batches, to_device
 from graft.frozen import ValActivations
 from graft.heads import class_weights
-from graft.images import Preprocess, load_rgb, prefetch_map, preprocess
+from graft.images import Preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
 from graft.model import Classifier, classifier_from_payload
-from graft.params import AugmentParams, FinetuneParams
+from graft.params import FinetuneParams
 from graft.precision import cpu_bf16_layers, device_and_amp, fold_frozen_bn, keep_freed_memory
-
-
-def augment(img: Image.Image, pp: Preprocess, aug: AugmentParams, rng: np.random.Generator) -> np.ndarray:
-    """Random resized crop, flip and jitter for training; the eval transform when all are off."""
-    if aug.random_resized_crop:
-        w, h = img.size
-        box = (0, 0, w, h)
-        for _ in range(10):  # torchvision's RandomResizedCrop sampling, with an explicit RNG
-            area = w * h * rng.uniform(aug.scale_min, 1.0)
-            ratio = math.exp(rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1])))
-            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                box = (x0, y0, x0 + cw, y0 + ch)
-                break
-        img = img.resize((pp.crop, pp.crop), Image.Resampling.BILINEAR, box=box)
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
-    else:
-        arr = preprocess(img, pp)
-    if aug.hflip and rng.random() < 0.5:
-        arr = arr[:, :, ::-1]
-    if aug.color_jitter:
-        b, c = 1 + rng.uniform(-aug.color_jitter, aug.color_jitter, 2)
-        mean = arr.mean()
-        arr = np.clip((arr - mean) * c + mean * b, 0.0, 1.0)
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-class DecodedImages:
-    """Decoded images (at ``min_side``, as :func:`load_rgb` draws them) kept across a run's epochs, up to
-    ``max_bytes`` of pixels; the rest are decoded each time."""
-
-    def __init__(self, min_side: int, max_bytes: int = 512 << 20) -> None:
-        self.min_side = min_side
-        self._images: dict[str, Image.Image] = {}
-        self._left = max_bytes
-        self._lock = threading.Lock()
-
-    def load(self, path: str) -> Image.Image:
-        img = self._images.get(path)
-        if img is None:
-            img = load_rgb(path, min_side=self.min_side)[0]
-            size = img.width * img.height * 3
-            with self._lock:
-                if size <= self._left:
-                    self._images[path], self._left = img, self._left - size
-        return img
-
-
-def image_batches(
-    paths: list[str],
-    pp: Preprocess,
-    batch_size: int,
-    workers: int,
-    aug: AugmentParams | None = None,
-    seed: tuple[int, ...] = (0,),
-    decoded: DecodedImages | None = None,
-) -> Iterator[tuple[slice, np.ndarray]]:
-    """Decode (and, with ``aug``, augment) images in a thread pool; each sample's RNG is seeded by its index.
-    ``decoded`` (made with ``pp.resize``) keeps the decoded images for the next pass."""
-
-    def load(sl: slice) -> tuple[slice, np.ndarray]:
-        out = []
-        for i in range(sl.start, sl.stop):
-            img = decoded.load(paths[i]) if decoded else load_rgb(paths[i], min_side=pp.resize)[0]
-            out.append(augment(img, pp, aug, np.random.default_rng([*seed, i])) if aug else preprocess(img, pp))
-        return sl, np.stack(out)
-
-    slices = [slice(i, min(i + batch_size, len(paths))) for i in range(0, len(paths), batch_size)]
-    yield from prefetch_map(load, slices, workers)
-
-
-def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(x)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -163,10 +86,13 @@ def fit(
     key: str,
     class_weighted: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
-) -> tuple[dict, list[dict]]:
-    """Fine-tune ``model``; return the best state dict (lowest val loss) and the history.
+) -> tuple[dict, list[dict], np.ndarray | None]:
+    """Fine-tune ``model``; return the best state dict (lowest val loss), the history, and the best epoch's val
+    logits (in the training precision; None after a resume from a checkpoint without them).
 
-    Resumes from ``checkpoint`` when it holds a run with the same ``key``. For the length of the run, on CPU
+    Resumes from ``checkpoint`` when it holds a run with the same ``key``. A checkpoint is written after an epoch
+    once ``fp.checkpoint_seconds`` have passed since the last one, never after the last epoch (the caller deletes
+    it once the model is saved). For the length of the run, on CPU
     freed memory is kept for reuse (:func:`keep_freed_memory`), in bf16 on CPU the depthwise convolutions that
     are slow in bf16 stay fp32 and activations run out of place (:func:`cpu_bf16_layers`), and with
     ``freeze_bn`` every BatchNorm is folded into its convolution (:func:`fold_frozen_bn`).
@@ -193,6 +119,7 @@ def fit(
         ema = make_ema(model, fp.ema)
         judged = ema.module if ema else model  # validation, the best state and the result use the averaged weights
         start, best, best_loss, since, history = 0, copy.deepcopy(judged.state_dict()), float("inf"), 0, []
+        best_logits: torch.Tensor | None = None
         ck = read_checkpoint(checkpoint, device)
         if ck and ck.get("key") == key:
             model.load_state_dict(ck["model"])
@@ -201,6 +128,8 @@ def fit(
             if ema and "ema" in ck:
                 ema.module.load_state_dict(ck["ema"])
             start, best, best_loss, since, history = (ck[k] for k in ("epoch", "best", "best_loss", "since", "history"))
+            best_logits = ck.get("best_logits")
+        last_checkpoint = time.monotonic()
         yt, decoded, val_bs = torch.tensor(y, device=device), DecodedImages(pp.resize), 2 * fp.batch_size
         vp, vy = val_items if len(val_items[0]) else train_items
         val = ValActivations(  # the frozen groups' output on the val images is kept across epochs
@@ -243,7 +172,8 @@ def fit(
                 total += loss.item() * len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            z = torch.from_numpy(val.logits(judged, len(groups) - n_train)) / judged.temperature
+            raw = torch.from_numpy(val.logits(judged, len(groups) - n_train))
+            z = raw / judged.temperature
             val_loss = float(nn.functional.cross_entropy(z, torch.tensor(vy)))
             row = {
                 "epoch": epoch + 1,
@@ -259,27 +189,32 @@ def fit(
                 f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} | {time.perf_counter() - t_epoch:.1f} s"
             )
             if val_loss < best_loss - 1e-6:
-                best, best_loss, since = copy.deepcopy(judged.state_dict()), val_loss, 0
+                best, best_loss, since, best_logits = copy.deepcopy(judged.state_dict()), val_loss, 0, raw
             else:
                 since += 1
-            state = {
-                "key": key,
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "best": best,
-                "best_loss": best_loss,
-                "since": since,
-                "history": history,
-                **({"ema": ema.module.state_dict()} if ema else {}),
-            }
-            # serialised here (a snapshot), written and fsynced in the background while the next epoch runs
-            writer.submit(checkpoint, torch_bytes(state))
+            final = epoch + 1 == fp.epochs or since >= fp.patience
+            if not final and time.monotonic() - last_checkpoint >= fp.checkpoint_seconds:
+                state = {
+                    "key": key,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "best": best,
+                    "best_loss": best_loss,
+                    "since": since,
+                    "history": history,
+                    "best_logits": best_logits,
+                    **({"ema": ema.module.state_dict()} if ema else {}),
+                }
+                # serialised here (a snapshot), written and fsynced in the background while the next epoch runs
+                writer.submit(checkpoint, torch_bytes(state))
+                last_checkpoint = time.monotonic()
             if on_epoch_end:
                 writer.wait()  # the callback sees this epoch's checkpoint on disk
                 on_epoch_end(epoch + 1)
-        return {k: v.cpu() for k, v in best.items()}, history
+        kept = None if best_logits is None else best_logits.numpy()
+        return {k: v.cpu() for k, v in best.items()}, history, kept
 
 
 def make_ema(model: Classifier, decay: float | None) -> Any:

@@ -17,12 +17,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graft import GraftError
 from graft.atomic import write_json
 from graft.auto import data_image_size
 from graft.backbones import Backbone
+from graft.cache import cached_pooled_features
 from graft.dataset import read_classes, read_manifest, split_items
 from graft.lpft import probe_start
 from graft.model import Classifier, head_config, initial_model, run_key, save_model
@@ -63,13 +65,17 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         # LP-FT: the classifier starts from the fitted probe, so no head-only epochs are needed; a resumed run
         # has that head in its checkpoint already
         if not resuming:
+            # the pipeline's feature table holds these features when featurize ran this backbone at this size
+            shas = manifest.loc[manifest["split"] == "train", "sha256"].tolist()
+            cached = None if tp.init_from else cached_pooled_features(params.featurize.out, bb.describe(), shas)
             note["probe_C"] = probe_start(
-                model, train_items, len(classes), bb.preprocess, fp.workers, params.seed, precision=fp.precision
+                model, train_items, len(classes), bb.preprocess, fp.workers, params.seed, None, fp.precision, cached
             )
+            note["probe_features"] = "feature cache" if cached is not None else "computed"
         new = note["head"] == "new"
         note["head"] = "linear probe (LP-FT)" if new else f"{note['head']}, from a linear probe (LP-FT)"
         fp = fp.model_copy(update={"head_epochs": 0})
-    best, history = fit(
+    best, history, val_logits = fit(
         model,
         train_items,
         val_items,
@@ -95,7 +101,9 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         "state_dict": best,
         "history": history,
         "init": note,
-        "calibration": _calibration(model, best, val_items if len(val_items[0]) else train_items, bb, params),
+        "calibration": _calibration(
+            model, best, val_items if len(val_items[0]) else train_items, bb, params, val_logits
+        ),
     }
     save_model(Path(tp.model_dir) / "model.pt", payload)
     checkpoint.unlink(missing_ok=True)  # the run is complete: the next one starts fresh
@@ -128,10 +136,14 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
     return summary
 
 
-def _calibration(model: Classifier, state: dict, items: tuple, bb: Backbone, params: Params) -> dict:
-    """Temperature and unknown threshold from the best weights' logits on held-out images (val)."""
-    model.load_state_dict(state)
-    logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)
+def _calibration(
+    model: Classifier, state: dict, items: tuple, bb: Backbone, params: Params, logits: np.ndarray | None
+) -> dict:
+    """Temperature and unknown threshold from the best weights' logits on held-out images (val): those the fit
+    computed at the best epoch (in its precision: bf16 logits differ from fp32 by well under 1 %), else a pass."""
+    if logits is None:
+        model.load_state_dict(state)
+        logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)
     return calibrate(logits, items[1], params.predict.accept_rate, params.predict.unknown_score)
 
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from graft import GraftError
 from graft.backbones import build_backbone
+from graft.dataset import read_classes, read_manifest, split_items
 from graft.layerwise import layer_groups, lr_factor, param_groups, set_trainable, train_mode, trainable_groups
-from graft.model import Classifier, head_config, initial_model, load_model, make_head
+from graft.model import Classifier, classifier_from_payload, head_config, initial_model, load_model, make_head, run_key
 from graft.params import FinetuneParams, Params, parse_params
 from graft.tasks.finetune import finetune
 from graft.tasks.ingest import ingest
+from graft.trust import calibrate
+from graft.tune import predict_logits
 from tests.helpers import make_params, write_tree
 
 FAST = {"image_size": 32, "epochs": 3, "batch_size": 8, "workers": 1, "patience": 10}
@@ -126,7 +131,7 @@ def test_warmup_then_cosine() -> None:
 def test_resume_after_interruption_matches_an_uninterrupted_run(ws: Path) -> None:
     """Interrupt after epoch 1, resume: the final weights equal those of a run that was never stopped."""
     write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
-    params = ft_params(ws, strategy="staged", head_epochs=1, epochs=3)
+    params = ft_params(ws, strategy="staged", head_epochs=1, epochs=3, checkpoint_seconds=0)
     ingest(params)
     finetune(params)
     reference = load_model(Path(params.train.model_dir))
@@ -134,20 +139,74 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(ws: Path) -> Non
     class Stop(Exception):
         pass
 
-    def stop_after_first(epoch: int) -> None:
-        if epoch == 1:
-            raise Stop
+    def stop_after(n: int) -> Callable[[int], None]:
+        def stop(epoch: int) -> None:
+            if epoch == n:
+                raise Stop
 
-    with pytest.raises(Stop):
-        finetune(params, on_epoch_end=stop_after_first)
+        return stop
+
     checkpoint = Path(params.train.model_dir) / "checkpoints/last.pt"
+    with pytest.raises(Stop):  # after the last epoch: no checkpoint (the model file is what comes next)
+        finetune(params, on_epoch_end=stop_after(3))
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    with pytest.raises(Stop):
+        finetune(params, resume=False, on_epoch_end=stop_after(1))
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
     summary = finetune(params, resume=True)
     resumed = load_model(Path(params.train.model_dir))
     assert summary["epochs"] == 3 and not checkpoint.exists()
     assert resumed["history"] == reference["history"]
+    assert resumed["calibration"] == reference["calibration"]  # from the best epoch's val logits, kept across
     for k, v in reference["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_checkpoints_are_written_at_most_every_checkpoint_seconds(ws: Path) -> None:
+    """The default (30 s) writes none in a run of a few seconds; 0 writes one after every epoch but the last.
+    The interval is not part of the run key: a run checkpointed at one interval resumes at another."""
+    write_tree(ws / "raw", classes=("a", "b"), per_class=6)
+    params = ft_params(ws, epochs=3)
+    ingest(params)
+    checkpoint = Path(params.train.model_dir) / "checkpoints/last.pt"
+    seen: list[int | None] = []
+
+    def record(epoch: int) -> None:
+        seen.append(torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else None)
+
+    finetune(params, on_epoch_end=record)
+    assert seen == [None, None, None]
+    seen.clear()
+    every = ft_params(ws, epochs=3, checkpoint_seconds=0)
+    finetune(every, on_epoch_end=record)
+    assert seen == [1, 2, 2]
+    assert run_key(every, read_manifest(every.data.out_dir), "fp") == run_key(
+        params, read_manifest(params.data.out_dir), "fp"
+    )
+
+
+def test_calibration_uses_the_best_epochs_val_logits(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temperature and threshold come from the val logits the fit kept at its best epoch (no second pass over
+    the val images), which equal (fp32 here) a fresh pass of the saved weights."""
+    import graft.tasks.finetune as stage
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = ft_params(ws, precision="fp32")
+    ingest(params)
+    with monkeypatch.context() as m:
+        m.setattr(stage, "predict_logits", lambda *a, **k: pytest.fail("a calibration pass over the val images"))
+        finetune(params)
+    payload = load_model(Path(params.train.model_dir))
+    model, bb = classifier_from_payload(payload)
+    manifest, classes = read_manifest(params.data.out_dir), read_classes(params.data.out_dir)
+    paths, y = split_items(manifest, params.data.root, classes, "val")
+    model.temperature = 1.0
+    logits = predict_logits(model, paths, bb.preprocess)
+    expect, got = calibrate(logits, y, params.predict.accept_rate, params.predict.unknown_score), payload["calibration"]
+    assert got["n"] == expect["n"] == len(y) > 0
+    for k in ("temperature", "nll_before", "nll_after"):
+        assert got[k] == pytest.approx(expect[k], rel=1e-4), k
+    assert got["unknown"]["threshold"] == pytest.approx(expect["unknown"]["threshold"], rel=1e-4, abs=1e-5)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(ws: Path) -> None:
@@ -284,6 +343,22 @@ def test_bf16_training_keeps_depthwise_convolutions_in_fp32() -> None:
     bf16, fp32 = torch.bfloat16, torch.float32
     assert dtypes == {0: bf16, 1: fp32, 2: bf16, 3: fp32, 4: bf16}
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+    with fp32_depthwise(net), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():  # a forward pass alone (validation): bf16 is fast there
+            net(x)
+        assert set(dtypes.values()) == {bf16}
+        net[:4].requires_grad_(False)  # frozen lower layers (last_n): no backward through them
+        net(x).float().sum().backward()
+        assert set(dtypes.values()) == {bf16} and net[4].weight.grad is not None
+        net[:4].requires_grad_(True)
+        net[:2].requires_grad_(False)  # the 5x5 layer frozen below every trainable one; the stride-2 one trains
+        net(x)
+        assert dtypes == {0: bf16, 1: bf16, 2: bf16, 3: fp32, 4: bf16}
+        net.requires_grad_(True)
+        net[1].requires_grad_(False)  # frozen, but layer 0's gradient flows back through it
+        net(x)
+        assert dtypes == {0: bf16, 1: fp32, 2: bf16, 3: fp32, 4: bf16}
+        net.requires_grad_(True)
     assert all(type(m) is nn.Conv2d for m in net) and list(net.state_dict()) == keys
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
@@ -417,10 +492,46 @@ def test_folded_depthwise_layer_stays_fp32_under_bf16() -> None:
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = net(x)
-        with fp32_depthwise(net) as dw, fold_frozen_bn(net, net, size=8) as folded:
-            assert (dw, folded) == (1, 1)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = net(x)
+    with fp32_depthwise(net) as dw, fold_frozen_bn(net, net, size=8) as folded:
+        assert (dw, folded) == (1, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)  # its weights train: the backward will pass through it
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
     assert [type(m) for m in net] == [nn.Conv2d, nn.BatchNorm2d]
+
+
+def test_lpft_probe_reads_the_feature_table_when_featurize_ran_the_same_backbone(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With featurize's table computed at the fine-tune's size, the LP-FT probe takes its pooled features from it
+    (the same values as a probe pass, no pass run); at another size, with init_from, or without the table it
+    computes them."""
+    import graft.lpft as lpft
+    from graft.auto import probe_features
+    from graft.cache import cached_pooled_features
+    from graft.tasks.featurize import featurize
+
+    write_tree(ws / "raw", classes=("a", "b", "c"), per_class=8)
+    params = make_params(ws, {"featurize": {"image_size": 32}, "train": {"mode": "finetune", "finetune": FAST}})
+    ingest(params)
+    manifest, classes = read_manifest(params.data.out_dir), read_classes(params.data.out_dir)
+    shas = manifest.loc[manifest["split"] == "train", "sha256"].tolist()
+    model, bb, _ = initial_model(params, classes, 32)
+    assert cached_pooled_features(params.featurize.out, bb.describe(), shas) is None  # no table yet
+    featurize(params)
+    cached = cached_pooled_features(params.featurize.out, bb.describe(), shas)
+    paths, _ = split_items(manifest, params.data.root, classes, "train")
+    computed, _ = probe_features(model.features, paths, bb.preprocess)
+    assert cached is not None and cached.shape == computed.shape == (len(shas), bb.feature_dim)
+    np.testing.assert_allclose(cached, computed, rtol=1e-4, atol=1e-4)
+    other = build_backbone("tiny_cnn", image_size=64).describe()
+    assert cached_pooled_features(params.featurize.out, other, shas) is None
+    assert cached_pooled_features(params.featurize.out, bb.describe(), [*shas, "0" * 64]) is None
+
+    passes: list[int] = []
+    real = lpft.probe_features
+    monkeypatch.setattr(lpft, "probe_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert finetune(params)["probe_features"] == "feature cache" and passes == []
+    bigger = make_params(ws, {"train": {"mode": "finetune", "finetune": {**FAST, "image_size": 64}}})
+    assert finetune(bigger)["probe_features"] == "computed" and passes == [1]

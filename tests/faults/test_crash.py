@@ -122,7 +122,10 @@ def test_sigkill_during_featurize_then_rerun_matches_an_uninterrupted_run(tmp_pa
 
 
 FINETUNE = {
-    "train": {"mode": "finetune", "finetune": {"epochs": 3, "strategy": "staged", "head_epochs": 1, "batch_size": 8}}
+    "train": {
+        "mode": "finetune",
+        "finetune": {"epochs": 3, "strategy": "staged", "head_epochs": 1, "batch_size": 8, "checkpoint_seconds": 0},
+    }
 }
 
 
