@@ -19,7 +19,7 @@ each in a fresh process):
                  depthwise convolutions that are slow in bf16 in fp32 and activations out of place, frozen
                  BatchNorm folded into the convolutions, and freed memory kept for reuse; also with glibc's malloc
                  defaults, without the fold, all fp32, every depthwise layer fp32, in-place activations, and every
-                 depthwise layer bf16),
+                 depthwise layer bf16, and AdamW not fused),
                  ``last_n: 2`` by ``requires_grad`` alone (autograd then records nothing below the first trainable
                  block), and the same with the frozen prefix run under ``torch.no_grad`` explicitly: what the
                  explicit step adds.
@@ -170,7 +170,8 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     set_trainable(model, groups, len(groups) if mode.startswith("full") else 2)
     train_mode(model, groups, freeze_bn=True)  # graft's default (finetune.freeze_bn)
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused="not fused" not in mode)
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     body = cast(Any, model.features.net)
@@ -207,7 +208,8 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     slow in bf16 in fp32 and activations out of place, frozen BatchNorm folded into the convolutions, freed
     memory kept for reuse), each row in a fresh process: every layer trains, also with glibc's default malloc
     settings, without the fold, in fp32, with every depthwise convolution in fp32, with in-place activations,
-    and with every depthwise convolution in bf16 (what graft avoids); ``last_n: 2`` by ``requires_grad``
+    with every depthwise convolution in bf16 (what graft avoids), and with AdamW's per-tensor loop instead of its
+    fused kernel; ``last_n: 2`` by ``requires_grad``
     alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
     modes = (
         "full",
@@ -217,6 +219,7 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
         "full, every depthwise fp32",
         "full, activations in place",
         "full, bf16 depthwise",
+        "full, AdamW not fused",
         "last_n 2 (requires_grad)",
         "last_n 2 (+ no_grad prefix)",
     )
@@ -425,7 +428,7 @@ def report(res: dict) -> str:
     full = a["full"]
     lines.append(
         "one training step at 224 px (channels_last; bf16 where native, 5x5 and stride-2 depthwise fp32, "
-        "activations out of place; BatchNorm folded; freed memory reused):"
+        "activations out of place; BatchNorm folded; freed memory reused; fused AdamW):"
     )
     lines += [
         f"  {k:<30}{v:>7.1f} img/s ({v / full:.2f}x full, {v / plain[224]:.2f}x plain loop)" for k, v in a.items()

