@@ -4,8 +4,9 @@ to float once.
 A batch is a float32 tensor in [0, 1], shaped NCHW with its memory in NHWC order (``channels_last``, the layout
 the fine-tune computes in), made without a transposing copy: Pillow crops, resizes and flips the uint8 pixels,
 the worker thread stacks them as NHWC and converts them to float in one pass. Against float CHW arrays per image
-(then a channels_last copy of the batch) that is about half the CPU time an image, measured beside the step on
-the same two cores (``bench/train_phases.py``).
+(then a channels_last copy of the batch) that is about a third less CPU time an image (224 px random crops of
+decoded 320x256 photos, batch 32: 0.92 against 1.45 ms), time the workers no longer take from the training step
+on the same cores.
 """
 
 from __future__ import annotations
