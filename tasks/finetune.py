@@ -140,7 +140,7 @@ def _calibration(
     model: Classifier, state: dict, items: tuple, bb: Backbone, params: Params, logits: np.ndarray | None
 ) -> dict:
     """Temperature and unknown threshold from the best weights' logits on held-out images (val): those the fit
-    computed at the best epoch (in its precision: bf16 logits differ from fp32 by well under 1 %), else a pass."""
+    computed at the best epoch (in the training precision, bf16 in a bf16 run), else a pass over the images."""
     if logits is None:
         model.load_state_dict(state)
         logits = predict_logits(model, items[0], bb.preprocess, workers=params.train.finetune.workers)
