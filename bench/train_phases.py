@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import train_speed as ts
-import yaml
 
 SPENT: collections.Counter[str] = collections.Counter()
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="keep the images and the workspace here (default: a temporary folder)")
     ap.add_argument("--no-table", action="store_true", help="no `graft featurize` first: the LP-FT probe computes")
     args = ap.parse_args(argv)
-    epochs = yaml.safe_load((ts.REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]
+    epochs = ts.default_epochs()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
         data_root, ws = base / "images", base / "phases"

@@ -106,6 +106,11 @@ def run_cli(args: list[str], cwd: Path) -> tuple[float, dict | str]:
         return wall, done.stdout
 
 
+def default_epochs() -> int:
+    """params.yaml's fine-tune epochs: graft runs train as long as a default run, so per-run costs weigh as in use."""
+    return int(yaml.safe_load((REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"])
+
+
 def workspace(ws: Path, data_root: Path, train: dict | None = None, featurize: dict | None = None) -> Path:
     """A params file in ``ws`` over ``data_root`` with overrides; returns its path."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -372,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from graft.precision import cpu_bf16_native
 
-    # graft runs: params.yaml's fine-tune epochs (a default run), so per-run costs weigh as they do in real use
-    default_epochs = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]
-    per_class, epochs, steps = (12, 1, 3) if args.quick else (30, default_epochs, 6)
+    per_class, epochs, steps = (12, 1, 3) if args.quick else (30, default_epochs(), 6)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.dir or tmp)
         data_root = base / "images"
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 def ratio_pairs(n: int, keep: str | None) -> int:
     """The 224 px target on a noisy machine: ``n`` pairs of (plain loop, whole graft train full bf16) run back
     to back; each pair's ratio, and their median."""
-    epochs = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["finetune"]["epochs"]
+    epochs = default_epochs()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(keep or tmp)
         data_root = base / "images"

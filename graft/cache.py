@@ -171,14 +171,14 @@ def load_feature_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
 
 def cached_pooled_features(path: str | Path, description: dict, shas: list[str]) -> np.ndarray | None:
     """The pooled last-layer features of ``shas`` (in order) from a feature table that featurize computed in fp32
-    with the backbone, weights and preprocessing of ``description``; None when it did not, or lacks a key."""
-    same = ("name", "weights_sha256", "resize", "crop", "mean", "std", "interpolation", "pool", "feature_version")
+    with the backbone, weights and preprocessing of ``description`` (a plain ``("last",)`` backbone's: every
+    key but the width must match); None when it did not, or lacks a key."""
     try:
         theirs = json.loads((pq.read_schema(path).metadata or {})[b"graft.description"])
         if (
             "last" not in theirs.get("taps", ["last"])
             or "precision" in theirs
-            or any(theirs[k] != description[k] for k in same)
+            or any(theirs.get(k) != v for k, v in description.items() if k != "feature_dim")
         ):
             return None
         feats, meta = load_feature_table(path)

@@ -182,7 +182,7 @@ def fit(
                 "train_accuracy": correct / len(paths),
                 "val_loss": val_loss,
                 "val_accuracy": float((z.argmax(1).numpy() == vy).mean()),
-                "trainable_groups": trainable_groups(len(groups), fp, epoch),
+                "trainable_groups": n_train,
             }
             history.append(row)
             print(
