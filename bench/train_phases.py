@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         timed(tune, "torch_bytes", "serialising checkpoints")
         timed_training_batches(tune, "image_batches", "waiting for decoded training batches")
         timed(stage, "_calibration", "calibration")
-        timed(stage, "write_curves", "curves (CSV + PNG)")
+        timed(stage, "write_curves", "curves (CSV)")
         timed(stage, "save_model", "model file")
         timed(stage, "fit", "fine-tune loop (fit)")
         os.chdir(ws)

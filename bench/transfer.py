@@ -8,6 +8,9 @@ Builds the sets with bench/datasets.py (see its docstring for the apt-get line).
 learns from ``pool/`` only and is scored once on ``heldout/``:
   pixels    16x16 grey pixels, StandardScaler + LogisticRegression, C by 5-fold CV on the pool
   probe     the same scikit-learn probe on EfficientNet-Lite0 features from graft's own backbone
+  probe_trainval
+            that probe fit on graft's own train+val images only (the split ``graft ingest`` makes of the pool):
+            the images the default ``auto`` (``refit: trainval``) learns from, so the like-for-like reference
   head, finetune, auto, head_int8
             graft's CLI stages (ingest, featurize, train, evaluate, export) in a fresh project per row
             (``<out>/<set>/runs/<mode>``, its own feature cache, so wall times are comparable), then
@@ -55,7 +58,7 @@ def _bench_datasets():
 _DATASETS = _bench_datasets()
 BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
 
-ROWS = ("pixels", "probe", "head", "head_int8", "finetune", "auto", "auto_all")
+ROWS = ("pixels", "probe", "probe_trainval", "head", "head_int8", "finetune", "auto", "auto_all")
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 CS = np.logspace(-4, 2, 7)  # C grid for both scikit-learn rows
 PROBE_SEEDS = 5  # the probe row also reports its held-out score under 4 other CV fold seeds (its own noise)
@@ -168,7 +171,8 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
 
 
 def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
-    """The pixels or probe row: features of pool and held-out images, probe fit on the pool.
+    """The pixels or probe row: features of pool and held-out images, probe fit on the pool (``probe_trainval``:
+    on the pool images graft's ingest puts in train or val).
 
     Wall time counts decoding, features (cached Lite0 vectors count the seconds they took), fit and predict.
     """
@@ -181,9 +185,17 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
         x, feature_s = lite0_features(pool + held, set_dir / "lite0_features.npz")
         t0 += time.perf_counter() - t1  # replaced by the recorded compute seconds
         x_pool, x_held = x[: len(pool)], x[len(pool) :]
+    note = ""
+    if kind == "probe_trainval":
+        keep = graft_trainval(set_dir, seed)
+        if keep is None:
+            return {"status": "failed at ingest (see `graft ingest` in runs/probe_trainval)"}
+        rel = [p.relative_to(set_dir / "pool").as_posix() for p in pool]
+        rows = np.array([r in keep for r in rel])
+        x_pool, y_pool, note = x_pool[rows], y_pool[rows], f"{int(rows.sum())} of {len(rel)} pool images; "
     model, c = fit_probe(x_pool, y_pool, seed)
     pred = model.predict(x_held)
-    row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"C={c:g}"}
+    row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"{note}C={c:g}"}
     if kind == "probe":  # how much the reference itself moves with the CV folds that choose its C (not timed)
         others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
         from sklearn.metrics import f1_score
@@ -191,6 +203,18 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
         f1s = [f1_score(y_held, p, labels=sorted(set(y_held)), average="macro", zero_division=0) for p in others]
         row["note"] += f"; macro-F1 with CV seeds +1..+{PROBE_SEEDS - 1}: " + " ".join(f"{f:.3f}" for f in f1s)
     return row
+
+
+def graft_trainval(set_dir: Path, seed: int) -> set[str] | None:
+    """The pool paths (relative, posix) that ``graft ingest`` puts in train or val with the rows' params; None if
+    ingest failed."""
+    import pandas as pd
+
+    work, _ = project("probe_trainval", set_dir, seed)
+    if _run([sys.executable, "-m", "graft.cli", "ingest", "--params", "params.yaml"], work, None).returncode != 0:
+        return None
+    manifest = pd.read_parquet(work / "data" / "manifest.parquet")
+    return set(manifest.loc[manifest["split"].isin(["train", "val"]), "path"])
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float | None) -> subprocess.CompletedProcess:
@@ -205,8 +229,9 @@ def _last_line(text: str) -> str:
 AUTO_BUDGET_MINUTES: float | None = None  # --auto-budget-minutes: train.budget_minutes of the auto rows
 
 
-def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dict:
-    """Run graft's stages on the pool in a fresh project, then score its ONNX model on the held-out folder."""
+def project(mode: str, set_dir: Path, seed: int) -> tuple[Path, dict]:
+    """A fresh graft project for one row (``<set>/runs/<mode>``): params.yaml's defaults on the pool, the row's
+    mode and seed; returns its folder and params."""
     work = set_dir / "runs" / mode
     if work.exists():
         shutil.rmtree(work)
@@ -214,7 +239,7 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["seed"] = seed
     raw["data"]["root"] = str((set_dir / "pool").resolve())
-    raw["train"]["mode"] = {"head_int8": "head", "auto_all": "auto"}.get(mode, mode)
+    raw["train"]["mode"] = {"head_int8": "head", "auto_all": "auto", "probe_trainval": "auto"}.get(mode, mode)
     if mode == "auto_all":
         raw["train"]["refit"] = "all"
     if mode == "head_int8":
@@ -222,6 +247,12 @@ def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dic
     if raw["train"]["mode"] == "auto" and AUTO_BUDGET_MINUTES is not None:
         raw["train"]["budget_minutes"] = AUTO_BUDGET_MINUTES
     write_text(work / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
+    return work, raw
+
+
+def graft_row(mode: str, set_dir: Path, seed: int, timeout: float | None) -> dict:
+    """Run graft's stages on the pool in a fresh project, then score its ONNX model on the held-out folder."""
+    work, raw = project(mode, set_dir, seed)
     from graft.params import load_params
 
     try:
@@ -318,10 +349,13 @@ def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
         ">= best single - 0.5 pt": (f"{best} - 0.005", val[best] - 0.005 if best else None),
         ">= raw-pixel LR": ("pixels", val.get("pixels")),
         ">= sklearn probe": ("probe", val.get("probe")),
+        ">= sklearn probe on graft's train+val": ("probe_trainval", val.get("probe_trainval")),
     }
     out = {}
     for row in [r for r in ("auto", "auto_all") if r in val] or ["auto"]:
         for k, (name, ref) in checks.items():
+            if row == "auto_all" and name == "probe_trainval":
+                continue  # auto_all learns from the whole pool, as the probe row does
             out[f"{row} {k}"] = (
                 "n/a (row not run)"
                 if ref is None or row not in val
@@ -338,6 +372,7 @@ def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
 NAMES = {
     "pixels": f"raw pixels {PIXELS}x{PIXELS} + LR",
     "probe": "sklearn probe on Lite0",
+    "probe_trainval": "  same, graft's trainval",
     "head": "graft head",
     "head_int8": "graft head, int8 feats",
     "finetune": "graft finetune",
@@ -409,7 +444,7 @@ def run_set(
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             rows[mode] = {"status": "skipped: over the time budget"}
-        elif mode in ("pixels", "probe"):
+        elif mode in ("pixels", "probe", "probe_trainval"):
             rows[mode] = sklearn_row(mode, set_dir, seed)
         else:
             rows[mode] = graft_row(mode, set_dir, seed, left)

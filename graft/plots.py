@@ -44,13 +44,26 @@ def best_epoch(frame: pd.DataFrame) -> int | None:
     return None
 
 
-def write_curves(history: list[dict], metrics_dir: str | Path, plots_dir: str | Path) -> None:
-    """Loss and accuracy per epoch for train and val: DVC plot data (CSV) and a PNG marking the best epoch."""
-    plt = _pyplot()
+def write_curves(history: list[dict], metrics_dir: str | Path) -> None:
+    """Loss and accuracy per epoch for train and val: the DVC plot data (``curves.csv``), with the kept epoch
+    marked in ``best``. The training stages write it; ``graft evaluate`` draws it (:func:`plot_curves`), so
+    training never imports matplotlib."""
     frame = pd.DataFrame(history)[["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]]
     best = best_epoch(frame)
     # `best` marks the kept epoch for the DVC charts (template .dvc/plots/curves_best_epoch.json draws a rule there)
     write_csv(Path(metrics_dir) / "curves.csv", frame.assign(best=(frame["epoch"] == best).astype(int)))
+
+
+def plot_curves(csv: Path, png: Path) -> None:
+    """``curves.csv`` drawn as a PNG for offline reading, the kept epoch marked; without the CSV, no PNG (a stale
+    one is removed)."""
+    if not csv.is_file():
+        png.unlink(missing_ok=True)
+        return
+    frame = pd.read_csv(csv)
+    kept = frame.loc[frame["best"] == 1, "epoch"] if "best" in frame else frame["epoch"].iloc[:0]
+    best = int(kept.iloc[0]) if len(kept) else None
+    plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for split in ("train", "val"):
         ax_loss.plot(frame["epoch"], frame[f"{split}_loss"], label=split, marker="." if len(frame) < 30 else None)
@@ -63,7 +76,7 @@ def write_curves(history: list[dict], metrics_dir: str | Path, plots_dir: str | 
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_loss.legend()
     fig.tight_layout()
-    write_with(Path(plots_dir) / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -138,7 +138,7 @@ def auto(params: Params) -> dict:
             "val_accuracy": winner.chosen.score,
         }
     ]
-    write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_curves(history, params.evaluate.metrics_dir)
     summary = {
         "mode": "auto",
         "chosen": winner.name,

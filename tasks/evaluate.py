@@ -28,7 +28,7 @@ from graft.leakage import leakage_markdown, leakage_report
 from graft.metrics import classification_metrics
 from graft.model import head_from_payload, load_model, model_name
 from graft.params import Params
-from graft.plots import plot_confusion, plot_reliability
+from graft.plots import plot_confusion, plot_curves, plot_reliability
 from graft.tasks import stage_task
 from graft.text import csv_unescape, md_cell
 from graft.trust import reliability_table, trust_metrics, unknown_report
@@ -259,6 +259,7 @@ def evaluate(params: Params) -> dict:
     reliability = pd.DataFrame(reliability_table(y, proba, ep.ece_bins))
     write_csv(mdir / "reliability.csv", reliability)
     plot_reliability(pdir / "reliability.png", reliability, trust)
+    plot_curves(mdir / "curves.csv", pdir / "curves.png")  # train's curves: drawn here, where matplotlib is loaded
     write_text(
         ep.report,
         report_markdown(metrics, info)

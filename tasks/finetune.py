@@ -120,7 +120,7 @@ def finetune(params: Params, on_epoch_end: Callable[[int], None] | None = None, 
         **note,
     }
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
-    write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_curves(history, params.evaluate.metrics_dir)
     write_leaderboard(
         params.evaluate.metrics_dir,
         [

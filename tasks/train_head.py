@@ -67,7 +67,7 @@ def train(params: Params) -> dict:
         "val_images": int(len(y_val)),
     }
     write_json(Path(params.evaluate.metrics_dir) / "train.json", summary)
-    write_curves(history, params.evaluate.metrics_dir, params.evaluate.plots_dir)
+    write_curves(history, params.evaluate.metrics_dir)
     write_leaderboard(
         params.evaluate.metrics_dir,
         [

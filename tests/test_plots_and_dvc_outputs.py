@@ -7,13 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from graft.plots import best_epoch, write_curves
+from graft.plots import best_epoch, plot_curves
 from graft.tasks.auto import auto
 from graft.tasks.evaluate import evaluate
 from graft.tasks.export import export
@@ -57,16 +59,27 @@ def test_best_epoch_is_the_lowest_val_loss_else_the_best_val_accuracy() -> None:
     assert best_epoch(frame.assign(val_loss=math.nan, val_accuracy=math.nan)) is None
 
 
-def test_write_curves_writes_the_csv_and_a_png(tmp_path: Path) -> None:
+def test_training_writes_the_curves_csv_without_matplotlib_and_evaluate_draws_it(tmp_path: Path) -> None:
     history = [
         {"epoch": e, "train_loss": 1 / e, "val_loss": abs(e - 3) + 0.1, "train_accuracy": 0.1 * e, "val_accuracy": 0.5}
         for e in range(1, 7)
     ]
-    write_curves(history, tmp_path / "m", tmp_path / "p")
+    code = (
+        "import json, sys; from graft.plots import write_curves; "
+        f"write_curves(json.loads({json.dumps(json.dumps(history))}), {str(tmp_path / 'm')!r}); "
+        "print('matplotlib' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.strip() == "False"  # the training stages never pay for importing matplotlib
     curves = pd.read_csv(tmp_path / "m/curves.csv")
     assert list(curves["epoch"]) == list(range(1, 7))
     assert list(curves["best"]) == [0, 0, 1, 0, 0, 0]  # val loss is lowest at epoch 3: the DVC charts mark it
+    assert not (tmp_path / "p").exists()
+    plot_curves(tmp_path / "m/curves.csv", tmp_path / "p/curves.png")
     assert (tmp_path / "p/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "m/curves.csv").unlink()
+    plot_curves(tmp_path / "m/curves.csv", tmp_path / "p/curves.png")  # no curves (yet): no stale picture either
+    assert not (tmp_path / "p/curves.png").exists()
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:
