@@ -61,8 +61,7 @@ def plot_curves(csv: Path, png: Path) -> None:
         png.unlink(missing_ok=True)
         return
     frame = pd.read_csv(csv)
-    kept = frame.loc[frame["best"] == 1, "epoch"] if "best" in frame else frame["epoch"].iloc[:0]
-    best = int(kept.iloc[0]) if len(kept) else None
+    best = best_epoch(frame)  # the epoch write_curves marked: the same rule on the same columns
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for split in ("train", "val"):
