@@ -8,6 +8,8 @@ Builds the sets with bench/datasets.py (see its docstring for the apt-get line).
 learns from ``pool/`` only and is scored once on ``heldout/``:
   pixels    16x16 grey pixels, StandardScaler + LogisticRegression, C by 5-fold CV on the pool
   probe     the same scikit-learn probe on EfficientNet-Lite0 features from graft's own backbone
+  probe_int8
+            that probe on the features of graft's int8 backbone (see ``head_int8`` below)
   probe_trainval
             that probe fit on graft's own train+val images only (the split ``graft ingest`` makes of the pool):
             the images the default ``auto`` (``refit: trainval``) learns from, so the like-for-like reference
@@ -17,7 +19,10 @@ learns from ``pool/`` only and is scored once on ``heldout/``:
             ``graft predict`` on the held-out folder: the score reads only models/model.onnx.
 ``auto_all`` is auto with ``train.refit: all``: after the test metrics, the exported model is refit on every pool
 image, as the scikit-learn rows are (the default ``trainval`` never trains on graft's own test split, 15 %).
-``head_int8`` is graft's head on features from the int8-quantized backbone (``featurize.precision: int8``).
+``head_int8`` is graft's head on features from the int8-quantized backbone (``featurize.precision: int8``);
+``probe_int8`` is the probe row on that backbone's features (graft's own int8 engine, calibrated on pool images as
+``graft featurize`` calibrates on its own): a convex, deterministic fit, so its difference to ``probe`` is what
+the int8 features change, without the head's training noise.
 A mode that params validation rejects (``auto`` until it lands) is reported as n/a. Prints one table
 per set and the targets; writes every row to ``<out>/transfer.json`` (merged by set).
 """
@@ -32,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +64,7 @@ def _bench_datasets():
 _DATASETS = _bench_datasets()
 BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
 
-ROWS = ("pixels", "probe", "probe_trainval", "head", "head_int8", "finetune", "auto", "auto_all")
+ROWS = ("pixels", "probe", "probe_trainval", "probe_int8", "head", "head_int8", "finetune", "auto", "auto_all")
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 CS = np.logspace(-4, 2, 7)  # C grid for both scikit-learn rows
 PROBE_SEEDS = 5  # the probe row also reports its held-out score under 4 other CV fold seeds (its own noise)
@@ -80,11 +86,16 @@ def pixel_features(paths: list[Path]) -> np.ndarray:
     return out
 
 
-def lite0_features(paths: list[Path], cache: Path, batch: int = 32) -> tuple[np.ndarray, float]:
-    """1280-d EfficientNet-Lite0 features from graft's backbone (torch, eval mode, channels_last).
+def lite0_features(
+    paths: list[Path], cache: Path, batch: int = 32, int8_calibration: list[Path] | None = None
+) -> tuple[np.ndarray, float]:
+    """1280-d EfficientNet-Lite0 features from graft's backbone (torch, eval mode, channels_last); with
+    ``int8_calibration``, from graft's int8 onnxruntime engine (``featurize.precision: int8``: the same
+    :func:`graft.engine.make_engine`) calibrated on those images, its graph kept next to ``cache``.
 
-    Vectors are kept in ``cache`` (npz keyed by file sha256 and the backbone fingerprint) with the
-    seconds each one took, so a rerun is quick and still reports what computing them cost.
+    Vectors are kept in ``cache`` (npz keyed by file sha256 and the backbone fingerprint, for int8 also the
+    calibration images') with the seconds each one took, so a rerun is quick and still reports what computing
+    them cost.
 
     Returns:
         The features, and the seconds spent computing them (now or when they were cached).
@@ -93,27 +104,46 @@ def lite0_features(paths: list[Path], cache: Path, batch: int = 32) -> tuple[np.
 
     import torch
 
-    from graft.backbones import build_backbone
+    from graft.backbones import build_backbone, fingerprint_of
 
     bb = build_backbone("efficientnet_lite0")
     keys = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    fingerprint = bb.fingerprint
+    if int8_calibration is not None:
+        calib = sorted((hashlib.sha256(p.read_bytes()).hexdigest(), str(p)) for p in int8_calibration)
+        description = {**bb.describe(), "precision": "int8"}
+        calibrated_on = hashlib.sha256(" ".join(k for k, _ in calib).encode()).hexdigest()
+        fingerprint = f"{fingerprint_of(description)}:{calibrated_on}"
     known: dict[str, tuple[np.ndarray, float]] = {}
     if cache.is_file():
         with np.load(cache) as z:
-            if str(z["fingerprint"]) == bb.fingerprint:
+            if str(z["fingerprint"]) == fingerprint:
                 known = {k: (v, float(s)) for k, v, s in zip(z["keys"], z["features"], z["seconds"], strict=True)}
     todo = [i for i, k in enumerate(keys) if k not in known]
-    model = bb.model.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for i in range(0, len(todo), batch):
-            t0 = time.perf_counter()
-            chunk = todo[i : i + batch]
-            x = np.stack(
-                [preprocess(load_rgb(paths[j], min_side=bb.preprocess.resize)[0], bb.preprocess) for j in chunk]
-            )
-            feats = model(torch.from_numpy(x).to(memory_format=torch.channels_last)).numpy()
-            per = (time.perf_counter() - t0) / len(chunk)
-            known.update({keys[j]: (f, per) for j, f in zip(chunk, feats, strict=True)})
+    if todo and int8_calibration is not None:
+        from graft.engine import make_engine
+        from graft.params import FeaturizeParams
+
+        graph_dir = cache.with_suffix(".graph")
+        shutil.rmtree(graph_dir, ignore_errors=True)  # calibrated on this pool, not an earlier one
+        graph_dir.mkdir(parents=True)
+        run: Callable[[np.ndarray], np.ndarray] = make_engine(
+            FeaturizeParams(precision="int8"), graph_dir, description, lambda: bb, calib
+        )
+    else:
+        model = bb.model.to(memory_format=torch.channels_last)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x).to(memory_format=torch.channels_last)).numpy()
+
+    for i in range(0, len(todo), batch):
+        t0 = time.perf_counter()
+        chunk = todo[i : i + batch]
+        x = np.stack([preprocess(load_rgb(paths[j], min_side=bb.preprocess.resize)[0], bb.preprocess) for j in chunk])
+        feats = run(x)
+        per = (time.perf_counter() - t0) / len(chunk)
+        known.update({keys[j]: (f, per) for j, f in zip(chunk, feats, strict=True)})
     if todo:
         ks = sorted(known)
 
@@ -121,7 +151,7 @@ def lite0_features(paths: list[Path], cache: Path, batch: int = 32) -> tuple[np.
             with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a path
                 np.savez(
                     fh,
-                    fingerprint=bb.fingerprint,
+                    fingerprint=fingerprint,
                     keys=np.array(ks),
                     features=np.stack([known[k][0] for k in ks]),
                     seconds=np.array([known[k][1] for k in ks]),
@@ -172,7 +202,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
 
 def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
     """The pixels or probe row: features of pool and held-out images, probe fit on the pool (``probe_trainval``:
-    on the pool images graft's ingest puts in train or val).
+    on the pool images graft's ingest puts in train or val; ``probe_int8``: on the int8 engine's features).
 
     Wall time counts decoding, features (cached Lite0 vectors count the seconds they took), fit and predict.
     """
@@ -182,7 +212,9 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
         x_pool, x_held = pixel_features(pool), pixel_features(held)
     else:
         t1 = time.perf_counter()
-        x, feature_s = lite0_features(pool + held, set_dir / "lite0_features.npz")
+        int8 = pool if kind == "probe_int8" else None  # calibrated on pool images only, as graft on its own
+        cache = set_dir / ("lite0_int8_features.npz" if int8 else "lite0_features.npz")
+        x, feature_s = lite0_features(pool + held, cache, int8_calibration=int8)
         t0 += time.perf_counter() - t1  # replaced by the recorded compute seconds
         x_pool, x_held = x[: len(pool)], x[len(pool) :]
     note = ""
@@ -196,7 +228,7 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
     model, c = fit_probe(x_pool, y_pool, seed)
     pred = model.predict(x_held)
     row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"{note}C={c:g}"}
-    if kind == "probe":  # how much the reference itself moves with the CV folds that choose its C (not timed)
+    if kind in ("probe", "probe_int8"):  # how much the probe itself moves with the CV folds choosing its C (not timed)
         others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
         from sklearn.metrics import f1_score
 
@@ -366,6 +398,11 @@ def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
         out["head on int8 features >= head - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
             f" ({val['head_int8']:.4f} vs {val['head']:.4f}, {100 * gap:+.1f} pt)"
         )
+    if "probe_int8" in val and "probe" in val:  # the same, without the head's training noise
+        gap = val["probe_int8"] - val["probe"]
+        out["sklearn probe on int8 features >= probe - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
+            f" ({val['probe_int8']:.4f} vs {val['probe']:.4f}, {100 * gap:+.1f} pt)"
+        )
     return out
 
 
@@ -373,6 +410,7 @@ NAMES = {
     "pixels": f"raw pixels {PIXELS}x{PIXELS} + LR",
     "probe": "sklearn probe on Lite0",
     "probe_trainval": "  same, graft's trainval",
+    "probe_int8": "  same, int8 features",
     "head": "graft head",
     "head_int8": "graft head, int8 feats",
     "finetune": "graft finetune",
@@ -444,7 +482,7 @@ def run_set(
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             rows[mode] = {"status": "skipped: over the time budget"}
-        elif mode in ("pixels", "probe", "probe_trainval"):
+        elif mode in ("pixels", "probe", "probe_trainval", "probe_int8"):
             rows[mode] = sklearn_row(mode, set_dir, seed)
         else:
             rows[mode] = graft_row(mode, set_dir, seed, left)
