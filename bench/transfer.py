@@ -227,6 +227,9 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
         x_pool, y_pool, note = x_pool[rows], y_pool[rows], f"{int(rows.sum())} of {len(rel)} pool images; "
     model, c = fit_probe(x_pool, y_pool, seed)
     pred = model.predict(x_held)
+    if kind != "pixels":  # kept like graft's rows' predictions, for the paired comparisons of the targets
+        kept = [{"path": str(h), "best_guess": g} for h, g in zip(held, pred, strict=True)]
+        write_csv_rows(set_dir / "runs" / kind / "heldout_preds.csv", kept)
     row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"{note}C={c:g}"}
     if kind in ("probe", "probe_int8"):  # how much the probe itself moves with the CV folds choosing its C (not timed)
         others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
@@ -373,8 +376,48 @@ def evaluation_extras(work: Path) -> dict:
     return extras
 
 
-def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
-    """PASS/FAIL of auto against the best single mode (-0.5 pt), raw pixels and the probe, on ``metric``."""
+def write_csv_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_with(path, save)
+
+
+def heldout_preds(set_dir: Path, mode: str) -> dict[str, str] | None:
+    """A row's held-out predictions, ``class/file`` -> predicted class, or None if the row left none."""
+    path = set_dir / "runs" / mode / "heldout_preds.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {"/".join(Path(r["path"]).parts[-2:]): r["best_guess"] or "" for r in csv.DictReader(fh)}
+
+
+def paired_note(set_dir: Path | None, a: str, b: str, metric: str, seed: int) -> str:
+    """Row ``a`` minus row ``b`` on the same held-out images: the paired-bootstrap 95 % interval of the difference
+    (graft's own :func:`graft.compare.compare`), McNemar's p and how many predictions agree; "" without both."""
+    from graft.compare import compare
+
+    pa, pb = (heldout_preds(set_dir, m) if set_dir else None for m in (a, b))
+    if not pa or not pb or pa.keys() != pb.keys():
+        return ""
+    keys = sorted(pa)
+    y = np.array([k.split("/")[0] for k in keys])
+    r = compare(y, np.array([pa[k] for k in keys]), np.array([pb[k] for k in keys]), metric, seed=seed)
+    agree = np.mean([pa[k] == pb[k] for k in keys])
+    return (
+        f"; paired 95% CI {100 * r['lo']:+.1f} to {100 * r['hi']:+.1f} pt, McNemar p={r['p']:.2f}, "
+        f"same prediction on {100 * agree:.1f}% of {len(keys)} held-out images"
+    )
+
+
+def targets(rows: dict[str, dict], metric: str, set_dir: Path | None = None, seed: int = 0) -> dict[str, str]:
+    """PASS/FAIL of auto against the best single mode (-0.5 pt), raw pixels and the probe, on ``metric``; the int8
+    checks also quote the paired interval of the difference (from the rows' kept predictions in ``set_dir``)."""
     val = {k: r[metric] for k, r in rows.items() if metric in r}
     best = max((k for k in ("head", "finetune") if k in val), key=val.get, default=None)
     checks = {
@@ -396,12 +439,14 @@ def targets(rows: dict[str, dict], metric: str) -> dict[str, str]:
     if "head_int8" in val and "head" in val:  # issue 14: heads on int8 features within 0.5 pt of fp32's
         gap = val["head_int8"] - val["head"]
         out["head on int8 features >= head - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
-            f" ({val['head_int8']:.4f} vs {val['head']:.4f}, {100 * gap:+.1f} pt)"
+            f" ({val['head_int8']:.4f} vs {val['head']:.4f}, {100 * gap:+.1f} pt"
+            f"{paired_note(set_dir, 'head_int8', 'head', metric, seed)})"
         )
-    if "probe_int8" in val and "probe" in val:  # the same, without the head's training noise
+    if "probe_int8" in val and "probe" in val:  # the same with a convex fit: no training-seed noise
         gap = val["probe_int8"] - val["probe"]
         out["sklearn probe on int8 features >= probe - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
-            f" ({val['probe_int8']:.4f} vs {val['probe']:.4f}, {100 * gap:+.1f} pt)"
+            f" ({val['probe_int8']:.4f} vs {val['probe']:.4f}, {100 * gap:+.1f} pt"
+            f"{paired_note(set_dir, 'probe_int8', 'probe', metric, seed)})"
         )
     return out
 
@@ -498,7 +543,7 @@ def run_set(
         "installed": record["installed"],
         "rows": rows,
         "target_metric": metric,
-        "targets": targets(rows, metric),
+        "targets": targets(rows, metric, set_dir, seed),
     }
 
 
