@@ -104,14 +104,19 @@ def lite0_features(
 
     import torch
 
-    from graft.backbones import build_backbone, fingerprint_of
+    from graft.backbones import build_backbone, describe_backbone, fingerprint_of
+    from graft.cache import preprocess_of
 
-    bb = build_backbone("efficientnet_lite0")
+    description = describe_backbone("efficientnet_lite0")  # the model is built only if vectors are missing
+    pp = preprocess_of(description)
     keys = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
-    fingerprint = bb.fingerprint
+    fingerprint = fingerprint_of(description)
     if int8_calibration is not None:
-        calib = sorted((hashlib.sha256(p.read_bytes()).hexdigest(), str(p)) for p in int8_calibration)
-        description = {**bb.describe(), "precision": "int8"}
+        key_of = dict(zip(map(str, paths), keys, strict=True))
+        calib = sorted(
+            (key_of.get(str(p)) or hashlib.sha256(p.read_bytes()).hexdigest(), str(p)) for p in int8_calibration
+        )
+        description = {**description, "precision": "int8"}
         calibrated_on = hashlib.sha256(" ".join(k for k, _ in calib).encode()).hexdigest()
         fingerprint = f"{fingerprint_of(description)}:{calibrated_on}"
     known: dict[str, tuple[np.ndarray, float]] = {}
@@ -128,10 +133,14 @@ def lite0_features(
         shutil.rmtree(graph_dir, ignore_errors=True)  # calibrated on this pool, not an earlier one
         graph_dir.mkdir(parents=True)
         run: Callable[[np.ndarray], np.ndarray] = make_engine(
-            FeaturizeParams(precision="int8"), graph_dir, description, lambda: bb, calib
+            FeaturizeParams(precision="int8"),
+            graph_dir,
+            description,
+            lambda: build_backbone("efficientnet_lite0"),
+            calib,
         )
-    else:
-        model = bb.model.to(memory_format=torch.channels_last)
+    elif todo:
+        model = build_backbone("efficientnet_lite0").model.to(memory_format=torch.channels_last)
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -140,7 +149,7 @@ def lite0_features(
     for i in range(0, len(todo), batch):
         t0 = time.perf_counter()
         chunk = todo[i : i + batch]
-        x = np.stack([preprocess(load_rgb(paths[j], min_side=bb.preprocess.resize)[0], bb.preprocess) for j in chunk])
+        x = np.stack([preprocess(load_rgb(paths[j], min_side=pp.resize)[0], pp) for j in chunk])
         feats = run(x)
         per = (time.perf_counter() - t0) / len(chunk)
         known.update({keys[j]: (f, per) for j, f in zip(chunk, feats, strict=True)})
@@ -176,16 +185,29 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int):
     return search.best_estimator_, float(search.best_params_["logisticregression__C"])
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-F1 over the true classes: an unreadable file's prediction ("") counts as wrong, not as a class."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0))
+
+
+def point_score(y_true: np.ndarray, y_pred: np.ndarray, metric: str) -> float:
+    """``metric`` (``macro_f1`` or ``accuracy``) as the rows report it."""
+    return macro_f1(y_true, y_pred) if metric == "macro_f1" else float(np.mean(y_true == y_pred))
+
+
 def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
     """Accuracy with a Wilson 95% interval, macro-F1 with a bootstrap 95% interval (1,000 resamples)."""
     from scipy.stats import binomtest, bootstrap
-    from sklearn.metrics import f1_score
 
-    labels = sorted(set(y_true))  # an unreadable file's prediction ("") counts as wrong, not as a class
     n, k = len(y_true), int((y_true == y_pred).sum())
     ci = binomtest(k, n).proportion_ci(method="wilson")
+    labels = sorted(set(y_true))
 
-    def f1(t: np.ndarray, p: np.ndarray) -> float:
+    def f1(t: np.ndarray, p: np.ndarray) -> float:  # a resample may miss a class: score on the full set's classes
+        from sklearn.metrics import f1_score
+
         return f1_score(t, p, labels=labels, average="macro", zero_division=0)
 
     boot = bootstrap(
@@ -194,7 +216,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
     return {
         "accuracy": k / n,
         "accuracy_ci": [ci.low, ci.high],
-        "macro_f1": float(f1(y_true, y_pred)),
+        "macro_f1": macro_f1(y_true, y_pred),
         "macro_f1_ci": [float(boot.low), float(boot.high)],
         "n": n,
     }
@@ -233,9 +255,7 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
     row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"{note}C={c:g}"}
     if kind in ("probe", "probe_int8"):  # how much the probe itself moves with the CV folds choosing its C (not timed)
         others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
-        from sklearn.metrics import f1_score
-
-        f1s = [f1_score(y_held, p, labels=sorted(set(y_held)), average="macro", zero_division=0) for p in others]
+        f1s = [macro_f1(y_held, p) for p in others]
         row["note"] += f"; macro-F1 with CV seeds +1..+{PROBE_SEEDS - 1}: " + " ".join(f"{f:.3f}" for f in f1s)
     return row
 
@@ -430,7 +450,6 @@ def int8_head_gaps(set_dir: Path, metric: str) -> np.ndarray | None:
     stopping on val loss), which one run per row cannot tell apart from what the int8 features change.
     """
     import torch
-    from sklearn.metrics import f1_score
 
     from graft.cache import load_feature_table, select_columns, tap_columns
     from graft.dataset import read_classes, read_manifest, split_arrays
@@ -442,7 +461,6 @@ def int8_head_gaps(set_dir: Path, metric: str) -> np.ndarray | None:
         return None
     held, y_held = class_files(set_dir / "heldout")
     x_held = torch.from_numpy(lite0_features(held, cache)[0])
-    labels = sorted(set(y_held))
     scores = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the train stage fits heads
@@ -461,15 +479,16 @@ def int8_head_gaps(set_dir: Path, metric: str) -> np.ndarray | None:
                 head, _ = fit_head(x_tr, y_tr, x_val, y_val, len(classes), params.train, params.seed + k)
                 with torch.no_grad():
                     pred = np.array(classes)[head(x_held).argmax(1).numpy()]
-                row.append(
-                    f1_score(y_held, pred, labels=labels, average="macro", zero_division=0)
-                    if metric == "macro_f1"
-                    else float(np.mean(pred == y_held))
-                )
+                row.append(point_score(y_held, pred, metric))
             scores.append(row)
     finally:
         torch.set_num_threads(threads)
     return np.array(scores[1]) - np.array(scores[0])
+
+
+def within_half_point(gap: float) -> str:
+    """PASS when ``gap`` (a score difference) is at least -0.5 pt."""
+    return "PASS" if gap >= -0.005 - 1e-12 else "FAIL"
 
 
 def targets(rows: dict[str, dict], metric: str, set_dir: Path | None = None, seed: int = 0) -> dict[str, str]:
@@ -495,7 +514,7 @@ def targets(rows: dict[str, dict], metric: str, set_dir: Path | None = None, see
             )
     if "head_int8" in val and "head" in val:  # issue 14: heads on int8 features within 0.5 pt of fp32's
         gap = val["head_int8"] - val["head"]
-        out["head on int8 features >= head - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
+        out["head on int8 features >= head - 0.5 pt"] = within_half_point(gap) + (
             f" ({val['head_int8']:.4f} vs {val['head']:.4f}, {100 * gap:+.1f} pt"
             f"{paired_note(set_dir, 'head_int8', 'head', metric, seed)})"
         )
@@ -503,14 +522,14 @@ def targets(rows: dict[str, dict], metric: str, set_dir: Path | None = None, see
     if gaps is not None:  # the same over the head's training seeds
         mean, se = float(gaps.mean()), float(gaps.std(ddof=1) / np.sqrt(len(gaps)))
         out[f"head on int8 features >= head - 0.5 pt, mean of {len(gaps)} training seeds"] = (
-            ("PASS" if mean >= -0.005 - 1e-12 else "FAIL")
+            within_half_point(mean)
             + f" ({100 * mean:+.2f} pt, standard error {100 * se:.2f}; per seed "
             + " ".join(f"{100 * g:+.1f}" for g in gaps)
             + ")"
         )
     if "probe_int8" in val and "probe" in val:  # the same with a convex fit: no training-seed noise
         gap = val["probe_int8"] - val["probe"]
-        out["sklearn probe on int8 features >= probe - 0.5 pt"] = ("PASS" if gap >= -0.005 - 1e-12 else "FAIL") + (
+        out["sklearn probe on int8 features >= probe - 0.5 pt"] = within_half_point(gap) + (
             f" ({val['probe_int8']:.4f} vs {val['probe']:.4f}, {100 * gap:+.1f} pt"
             f"{paired_note(set_dir, 'probe_int8', 'probe', metric, seed)})"
         )
