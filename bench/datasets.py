@@ -168,6 +168,32 @@ BUILDERS: dict[str, Callable[[], Iterator[Item]]] = {
     "stamps": stamp_items,
     "emoji": emoji_items,
 }
+# What each builder reads from Debian's packages (digits ship with scikit-learn).
+NEEDS: dict[str, tuple[tuple[Path, str], ...]] = {
+    "digits": (),
+    "icons": ((OXYGEN, "oxygen-icon-theme"),),
+    "stamps": ((TUXPAINT, "tuxpaint-stamps-default"),),
+    "emoji": ((EMOJI_TEST, "unicode-data"), (EMOJI_FONT, "fonts-noto-color-emoji")),
+}
+
+
+def check_sources(names: list[str], out: str | os.PathLike[str], force: bool = False) -> None:
+    """Fail before any work when a set that is not built under ``out`` yet lacks its Debian package.
+
+    One message names every missing package, so a run over several sets does not stop after the first one's
+    rows (a set already built under ``out`` needs nothing unless ``force`` rebuilds it: its images are reused).
+    """
+    missing = [
+        (path, package)
+        for name in names
+        if force or not (Path(out) / name / "sources.json").is_file()
+        for path, package in NEEDS.get(name, ())
+        if not path.exists()
+    ]
+    if missing:
+        paths = ", ".join(str(path) for path, _ in missing)
+        packages = " ".join(dict.fromkeys(package for _, package in missing))
+        raise GraftError(f"{paths} not found: install with `apt-get install -y {packages}`")
 
 
 def _pixel_key(data: bytes) -> str:
@@ -300,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     args = ap.parse_args(argv)
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
     try:
-        for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+        check_sources(names, args.out, args.force)
+        for name in names:
             print(format_counts(build_set(name, args.out, args.seed, args.force)))
     except GraftError as exc:
         print(f"datasets: error: {exc}", file=sys.stderr)

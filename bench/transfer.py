@@ -62,7 +62,7 @@ def _bench_datasets():
 
 
 _DATASETS = _bench_datasets()
-BUILDERS, build_set = _DATASETS.BUILDERS, _DATASETS.build_set
+BUILDERS, build_set, check_sources = _DATASETS.BUILDERS, _DATASETS.build_set, _DATASETS.check_sources
 
 ROWS = ("pixels", "probe", "probe_trainval", "probe_int8", "head", "head_int8", "finetune", "auto", "auto_all")
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
@@ -660,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.show:
             print("\n\n".join(format_table(k, v) for k, v in results.items() if k in sets))
             return 0
+        check_sources(sets, out)  # every set's Debian package, before the first set's rows run
         for name in sets:
             results[name] = run_set(name, out, modes, args.seed, deadline, args.target_metric, results.get(name))
             write_json(results_path, results)  # after each set: a later failure keeps the finished ones

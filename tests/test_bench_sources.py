@@ -1,0 +1,57 @@
+"""bench/datasets.py checks every requested set's Debian package before a benchmark run does any work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from graft import GraftError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    spec = importlib.util.spec_from_file_location("bench_datasets", REPO / "bench" / "datasets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_missing_packages_are_named_together_before_any_set_is_built(datasets, tmp_path, monkeypatch):
+    present = tmp_path / "present.txt"
+    present.write_text("here")
+    monkeypatch.setattr(
+        datasets,
+        "NEEDS",
+        {
+            "digits": (),
+            "icons": ((tmp_path / "no-icons", "oxygen-icon-theme"),),
+            "stamps": ((present, "tuxpaint-stamps-default"),),
+            "emoji": ((tmp_path / "no-test.txt", "unicode-data"), (tmp_path / "no-font.ttf", "fonts-noto-color-emoji")),
+        },
+    )
+    out = tmp_path / "out"
+    datasets.check_sources(["digits", "stamps"], out)  # nothing missing: no error
+
+    with pytest.raises(GraftError) as err:
+        datasets.check_sources(["digits", "icons", "stamps", "emoji"], out)
+    message = str(err.value)
+    assert "apt-get install -y oxygen-icon-theme unicode-data fonts-noto-color-emoji" in message
+    assert str(tmp_path / "no-icons") in message and "tuxpaint" not in message
+    assert not out.exists()  # nothing was built
+
+    # A set already built under out reuses its images and needs no package, unless it is rebuilt.
+    (out / "icons").mkdir(parents=True)
+    (out / "icons" / "sources.json").write_text(json.dumps({"spec": {}}))
+    datasets.check_sources(["icons"], out)
+    with pytest.raises(GraftError, match="oxygen-icon-theme"):
+        datasets.check_sources(["icons"], out, force=True)
+
+
+def test_every_set_declares_what_it_reads(datasets):
+    assert set(datasets.NEEDS) == set(datasets.BUILDERS)
