@@ -52,7 +52,6 @@ SOURCES: dict[str, dict[str, str]] = {
     "digits": {
         "package": "scikit-learn (PyPI)",
         "version": "1.9.1",
-        "apt": "",
         "folder": "sklearn/datasets/data/digits.csv.gz via sklearn.datasets.load_digits",
         "licence": "BSD-3-Clause (scikit-learn); data: UCI Optical Recognition of Handwritten Digits, CC BY 4.0",
         "labels": "the digit 0-9: 8x8 grey scans written dark on white, 10 classes",
@@ -60,7 +59,6 @@ SOURCES: dict[str, dict[str, str]] = {
     "icons": {
         "package": "oxygen-icon-theme (Debian 12)",
         "version": "5:5.103.0-1",
-        "apt": "oxygen-icon-theme",
         "folder": str(OXYGEN) + "/<context>/*.png (regular files; symlinks skipped)",
         "licence": "LGPL-3+",
         "labels": "the icon's context folder (actions, apps, categories, devices, mimetypes, places, status): "
@@ -69,7 +67,6 @@ SOURCES: dict[str, dict[str, str]] = {
     "stamps": {
         "package": "tuxpaint-stamps-default (Debian 12)",
         "version": "2022.06.04-1",
-        "apt": "tuxpaint-stamps-default",
         "folder": str(TUXPAINT) + "/<category>/**/*.png (*_mirror.png skipped)",
         "licence": "GPL-2",
         "labels": "the top-level stamp category (" + ", ".join(STAMP_CLASSES) + "): "
@@ -78,7 +75,6 @@ SOURCES: dict[str, dict[str, str]] = {
     "emoji": {
         "package": "fonts-noto-color-emoji + unicode-data (Debian 12)",
         "version": "2.042-0+deb12u1 / 15.0.0-1",
-        "apt": "fonts-noto-color-emoji unicode-data",
         "folder": f"{EMOJI_FONT} (embedded colour bitmaps, drawn at their 109 px strike); groups from {EMOJI_TEST}",
         "licence": "Apache-2.0 (images) / OFL-1.1 (font); Unicode data: Unicode License",
         "labels": "the Unicode emoji group (smileys-emotion, people-body, animals-nature, food-drink, travel-places, "
@@ -89,9 +85,11 @@ SOURCES: dict[str, dict[str, str]] = {
 Item = tuple[str, str, bytes]  # (label, file stem, PNG bytes)
 
 
-def _need(path: Path, package: str) -> Path:
+def _need(path: Path) -> Path:
+    """``path``, or the error :func:`check_sources` gives when its package is missing."""
+    package = next(pkg for needs in NEEDS.values() for p, pkg in needs if p == path)
     if not path.exists():
-        raise GraftError(f"{path} not found: install it with `apt-get install -y {package}`")
+        raise GraftError(f"{path} not found: install with `apt-get install -y {package}`")
     return path
 
 
@@ -113,7 +111,7 @@ def digits_items() -> Iterator[Item]:
 
 def icon_items() -> Iterator[Item]:
     """Oxygen's 48x48 PNG icons, labelled by context folder; symlinks (aliases of other icons) skipped."""
-    for context in sorted(p for p in _need(OXYGEN, "oxygen-icon-theme").iterdir() if p.is_dir()):
+    for context in sorted(p for p in _need(OXYGEN).iterdir() if p.is_dir()):
         for f in sorted(context.glob("*.png")):
             if f.is_file() and not f.is_symlink():
                 yield context.name, f.stem, f.read_bytes()
@@ -121,7 +119,7 @@ def icon_items() -> Iterator[Item]:
 
 def stamp_items() -> Iterator[Item]:
     """Tux Paint's stamps of the object categories, labelled by top-level folder; mirrored copies skipped."""
-    root = _need(TUXPAINT, "tuxpaint-stamps-default")
+    root = _need(TUXPAINT)
     for label in STAMP_CLASSES:
         for f in sorted((root / label).rglob("*.png")):
             if f.is_file() and not f.is_symlink() and not f.stem.endswith("_mirror"):
@@ -131,7 +129,7 @@ def stamp_items() -> Iterator[Item]:
 def _emoji_groups() -> Iterator[tuple[str, str, str]]:
     """(group slug, emoji string, name) for each fully-qualified emoji without a skin-tone modifier."""
     group = ""
-    for line in _need(EMOJI_TEST, "unicode-data").read_text(encoding="utf-8").splitlines():
+    for line in _need(EMOJI_TEST).read_text(encoding="utf-8").splitlines():
         if line.startswith("# group:"):
             group = re.sub(r"[^a-z]+", "-", line.split(":", 1)[1].strip().lower()).strip("-")
         elif line and not line.startswith("#") and "; fully-qualified" in line and group != "component":
@@ -145,7 +143,7 @@ def emoji_items() -> Iterator[Item]:
     """Noto Color Emoji's bitmaps, drawn one per 136x128 canvas, labelled by Unicode emoji group."""
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.truetype(str(_need(EMOJI_FONT, "fonts-noto-color-emoji")), 109)  # the bitmap strike size
+    font = ImageFont.truetype(str(_need(EMOJI_FONT)), 109)  # the bitmap strike size
 
     def draw(text: str) -> Image.Image:
         img = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
@@ -173,20 +171,20 @@ NEEDS: dict[str, tuple[tuple[Path, str], ...]] = {
     "digits": (),
     "icons": ((OXYGEN, "oxygen-icon-theme"),),
     "stamps": ((TUXPAINT, "tuxpaint-stamps-default"),),
-    "emoji": ((EMOJI_TEST, "unicode-data"), (EMOJI_FONT, "fonts-noto-color-emoji")),
+    "emoji": ((EMOJI_FONT, "fonts-noto-color-emoji"), (EMOJI_TEST, "unicode-data")),
 }
 
 
-def check_sources(names: list[str], out: str | os.PathLike[str], force: bool = False) -> None:
-    """Fail before any work when a set that is not built under ``out`` yet lacks its Debian package.
+def check_sources(names: list[str], out: str | os.PathLike[str], seed: int = 0, force: bool = False) -> None:
+    """Fail before any work when a set that :func:`build_set` would build lacks its Debian package.
 
     One message names every missing package, so a run over several sets does not stop after the first one's
-    rows (a set already built under ``out`` needs nothing unless ``force`` rebuilds it: its images are reused).
+    rows (a set whose build under ``out`` is reused needs nothing).
     """
     missing = [
         (path, package)
         for name in names
-        if force or not (Path(out) / name / "sources.json").is_file()
+        if force or _reusable(Path(out) / name, _spec(name, seed)) is None
         for path, package in NEEDS.get(name, ())
         if not path.exists()
     ]
@@ -235,7 +233,7 @@ def _installed_version(name: str) -> str:
         import sklearn
 
         return f"scikit-learn {sklearn.__version__}"
-    pkgs = SOURCES[name]["apt"].split()
+    pkgs = [package for _, package in NEEDS[name]]
     out = subprocess.run(
         ["dpkg-query", "-W", "-f=${Package} ${Version}\\n", *pkgs], check=False, capture_output=True, text=True
     )
@@ -248,6 +246,27 @@ def _installed_version(name: str) -> str:
     return found
 
 
+def _spec(name: str, seed: int) -> dict:
+    """What a build depends on besides the installed packages (recorded in its sources.json)."""
+    return {
+        "set": name,
+        "seed": seed,
+        "pool_per_class": POOL_PER_CLASS,
+        "heldout_fraction": HELDOUT_FRACTION,
+        "heldout_per_class": HELDOUT_PER_CLASS,
+        "min_per_class": MIN_PER_CLASS,
+    }
+
+
+def _reusable(final: Path, spec: dict) -> dict | None:
+    """The sources.json record of the build in ``final`` if it was made with ``spec``, else None."""
+    record_path = final / "sources.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    return record if record.get("spec") == spec else None
+
+
 def build_set(name: str, out: str | os.PathLike[str], seed: int = 0, force: bool = False) -> dict:
     """Materialise one set under ``out/name`` (rebuilt atomically); return its sources.json record.
 
@@ -256,19 +275,10 @@ def build_set(name: str, out: str | os.PathLike[str], seed: int = 0, force: bool
     if name not in BUILDERS:
         raise GraftError(f"unknown set {name!r}: choose from {', '.join(BUILDERS)}")
     final = Path(out) / name
-    spec = {
-        "set": name,
-        "seed": seed,
-        "pool_per_class": POOL_PER_CLASS,
-        "heldout_fraction": HELDOUT_FRACTION,
-        "heldout_per_class": HELDOUT_PER_CLASS,
-        "min_per_class": MIN_PER_CLASS,
-    }
-    record_path = final / "sources.json"
-    if not force and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("spec") == spec:
-            return record
+    spec = _spec(name, seed)
+    reused = None if force else _reusable(final, spec)
+    if reused is not None:
+        return reused
     by_label, dropped = dedupe(list(BUILDERS[name]()))
     small = sorted(c for c, v in by_label.items() if len(v) < MIN_PER_CLASS)
     counts: dict[str, dict[str, int]] = {}
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
     try:
-        check_sources(names, args.out, args.force)
+        check_sources(names, args.out, args.seed, args.force)
         for name in names:
             print(format_counts(build_set(name, args.out, args.seed, args.force)))
     except GraftError as exc:

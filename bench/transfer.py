@@ -185,11 +185,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int):
     return search.best_estimator_, float(search.best_params_["logisticregression__C"])
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1 over the true classes: an unreadable file's prediction ("") counts as wrong, not as a class."""
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: list | None = None) -> float:
+    """Macro-F1 over ``labels`` (default: the true classes), a class never predicted scoring 0: an unreadable
+    file's prediction ("") counts as wrong, not as a class."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0))
+    labels = sorted(set(y_true)) if labels is None else labels
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
 
 
 def point_score(y_true: np.ndarray, y_pred: np.ndarray, metric: str) -> float:
@@ -206,9 +208,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, seed: int) -> dict:
     labels = sorted(set(y_true))
 
     def f1(t: np.ndarray, p: np.ndarray) -> float:  # a resample may miss a class: score on the full set's classes
-        from sklearn.metrics import f1_score
-
-        return f1_score(t, p, labels=labels, average="macro", zero_division=0)
+        return macro_f1(t, p, labels)
 
     boot = bootstrap(
         (y_true, y_pred), f1, paired=True, vectorized=False, n_resamples=1000, method="percentile", random_state=seed
@@ -660,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.show:
             print("\n\n".join(format_table(k, v) for k, v in results.items() if k in sets))
             return 0
-        check_sources(sets, out)  # every set's Debian package, before the first set's rows run
+        check_sources(sets, out, args.seed)  # every set's Debian package, before the first set's rows run
         for name in sets:
             results[name] = run_set(name, out, modes, args.seed, deadline, args.target_metric, results.get(name))
             write_json(results_path, results)  # after each set: a later failure keeps the finished ones

@@ -45,12 +45,25 @@ def test_missing_packages_are_named_together_before_any_set_is_built(datasets, t
     assert str(tmp_path / "no-icons") in message and "tuxpaint" not in message
     assert not out.exists()  # nothing was built
 
-    # A set already built under out reuses its images and needs no package, unless it is rebuilt.
+    # A set already built under out with the same spec reuses its images and needs no package, unless it is
+    # rebuilt; a build with another seed is rebuilt, so it needs the package again.
     (out / "icons").mkdir(parents=True)
-    (out / "icons" / "sources.json").write_text(json.dumps({"spec": {}}))
-    datasets.check_sources(["icons"], out)
+    (out / "icons" / "sources.json").write_text(json.dumps({"spec": datasets._spec("icons", 0)}))
+    datasets.check_sources(["icons"], out, seed=0)
     with pytest.raises(GraftError, match="oxygen-icon-theme"):
-        datasets.check_sources(["icons"], out, force=True)
+        datasets.check_sources(["icons"], out, seed=1)
+    with pytest.raises(GraftError, match="oxygen-icon-theme"):
+        datasets.check_sources(["icons"], out, seed=0, force=True)
+
+
+def test_a_builder_names_the_package_it_misses(datasets, tmp_path, monkeypatch):
+    missing = tmp_path / "no-stamps"
+    monkeypatch.setattr(datasets, "NEEDS", {**datasets.NEEDS, "stamps": ((missing, "tuxpaint-stamps-default"),)})
+    monkeypatch.setattr(datasets, "TUXPAINT", missing)
+    with pytest.raises(
+        GraftError, match=r"no-stamps not found: install with `apt-get install -y tuxpaint-stamps-default`"
+    ):
+        list(datasets.stamp_items())
 
 
 def test_every_set_declares_what_it_reads(datasets):
