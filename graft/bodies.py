@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from graft import GraftError
+from graft.startup import loading
 
 if TYPE_CHECKING:
     from graft.registry import BackboneConfig
@@ -181,4 +182,7 @@ def build_body(cfg: BackboneConfig, path: Path | None) -> tuple[nn.Module, nn.Mo
     if cfg.family == "random":
         return random_net(cfg.seed, str(path or "")), None
     assert path is not None  # only the random family may have no weights file
-    return {"embedded": _build_embedded, "torchvision": _build_torchvision, "timm": _build_timm}[cfg.family](cfg, path)
+    with loading():  # timm and torchvision load here, the first time
+        return {"embedded": _build_embedded, "torchvision": _build_torchvision, "timm": _build_timm}[cfg.family](
+            cfg, path
+        )

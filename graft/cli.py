@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import graft
 from graft import GraftError
@@ -224,13 +225,15 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({args.command: summary}, default=str) if args.json else stage_line(args.command, summary))
     elif args.command in ("run", "retrain"):
         from graft.lock import workspace_lock
+        from graft.startup import loading
 
         with workspace_lock(args.params, args.wait):  # taken before Prefect starts: a refusal is quick
-            if args.command == "run":
-                from graft.flows.pipeline import pipeline as flow
-            else:
-                from graft.flows.retrain import retrain as flow
-            from graft.prefect_api import prefect_api
+            with loading():
+                if args.command == "run":
+                    from graft.flows.pipeline import pipeline as flow
+                else:
+                    from graft.flows.retrain import retrain as flow
+                from graft.prefect_api import prefect_api
 
             with prefect_api():  # no PREFECT_API_URL: graft's temporary server, which dies with this process
                 summary = flow(args.params)
@@ -283,5 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The ``graft`` command (console script and ``python -m graft.cli``): :func:`main` in a process that ends
+    with it, so the modules it loads and the interpreter's exit skip the garbage collector's scans
+    (:mod:`graft.startup`)."""
+    from graft.startup import exit_process, one_command
+
+    one_command()
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

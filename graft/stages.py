@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import Any
 
 from graft.params import Params
+from graft.startup import loading
 
 STAGES = ("ingest", "featurize", "train", "evaluate", "export")
 
@@ -60,7 +61,8 @@ def run_stage(name: str, params: Params, *, as_task: bool = False, **kwargs: Any
     """
     key = variant(name, params)
     module_name, fn_name = _ENTRY[key]
-    module = import_module(module_name)
+    with loading():  # torch, pandas, scikit-learn: no garbage to collect while they load
+        module = import_module(module_name)
     wrapped = as_task and key != "featurize/dask"
     fn = getattr(module, f"{fn_name}_task" if wrapped else fn_name)
     lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
