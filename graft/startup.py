@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-_command = [False]  # set by exit_process's caller: this process is one `graft` command
+_command = [False]  # set by one_command (graft.cli.entry): this process is one `graft` command
 
 
 def one_command() -> None:
