@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +85,14 @@ SOURCES: dict[str, dict[str, str]] = {
 Item = tuple[str, str, bytes]  # (label, file stem, PNG bytes)
 
 
-def _need(path: Path) -> Path:
-    """``path``, or the error :func:`check_sources` gives when its package is missing."""
-    package = next(pkg for needs in NEEDS.values() for p, pkg in needs if p == path)
-    if not path.exists():
-        raise GraftError(f"{path} not found: install with `apt-get install -y {package}`")
-    return path
+def _require(needs: Iterable[tuple[Path, str]]) -> None:
+    """One error naming every missing path of ``needs`` ((path, Debian package) pairs, as in :data:`NEEDS`)
+    and the packages that install them."""
+    missing = [(path, package) for path, package in needs if not path.exists()]
+    if missing:
+        paths = ", ".join(str(path) for path, _ in missing)
+        packages = " ".join(dict.fromkeys(package for _, package in missing))
+        raise GraftError(f"{paths} not found: install with `apt-get install -y {packages}`")
 
 
 def _png(img: Image.Image) -> bytes:
@@ -111,7 +113,8 @@ def digits_items() -> Iterator[Item]:
 
 def icon_items() -> Iterator[Item]:
     """Oxygen's 48x48 PNG icons, labelled by context folder; symlinks (aliases of other icons) skipped."""
-    for context in sorted(p for p in _need(OXYGEN).iterdir() if p.is_dir()):
+    _require(NEEDS["icons"])
+    for context in sorted(p for p in OXYGEN.iterdir() if p.is_dir()):
         for f in sorted(context.glob("*.png")):
             if f.is_file() and not f.is_symlink():
                 yield context.name, f.stem, f.read_bytes()
@@ -119,7 +122,8 @@ def icon_items() -> Iterator[Item]:
 
 def stamp_items() -> Iterator[Item]:
     """Tux Paint's stamps of the object categories, labelled by top-level folder; mirrored copies skipped."""
-    root = _need(TUXPAINT)
+    _require(NEEDS["stamps"])
+    root = TUXPAINT
     for label in STAMP_CLASSES:
         for f in sorted((root / label).rglob("*.png")):
             if f.is_file() and not f.is_symlink() and not f.stem.endswith("_mirror"):
@@ -129,7 +133,7 @@ def stamp_items() -> Iterator[Item]:
 def _emoji_groups() -> Iterator[tuple[str, str, str]]:
     """(group slug, emoji string, name) for each fully-qualified emoji without a skin-tone modifier."""
     group = ""
-    for line in _need(EMOJI_TEST).read_text(encoding="utf-8").splitlines():
+    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
         if line.startswith("# group:"):
             group = re.sub(r"[^a-z]+", "-", line.split(":", 1)[1].strip().lower()).strip("-")
         elif line and not line.startswith("#") and "; fully-qualified" in line and group != "component":
@@ -143,7 +147,8 @@ def emoji_items() -> Iterator[Item]:
     """Noto Color Emoji's bitmaps, drawn one per 136x128 canvas, labelled by Unicode emoji group."""
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.truetype(str(_need(EMOJI_FONT)), 109)  # the bitmap strike size
+    _require(NEEDS["emoji"])  # the font here, the groups' text file in _emoji_groups
+    font = ImageFont.truetype(str(EMOJI_FONT), 109)  # the bitmap strike size
 
     def draw(text: str) -> Image.Image:
         img = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
@@ -181,17 +186,12 @@ def check_sources(names: list[str], out: str | os.PathLike[str], seed: int = 0, 
     One message names every missing package, so a run over several sets does not stop after the first one's
     rows (a set whose build under ``out`` is reused needs nothing).
     """
-    missing = [
-        (path, package)
+    _require(
+        need
         for name in names
         if force or _reusable(Path(out) / name, _spec(name, seed)) is None
-        for path, package in NEEDS.get(name, ())
-        if not path.exists()
-    ]
-    if missing:
-        paths = ", ".join(str(path) for path, _ in missing)
-        packages = " ".join(dict.fromkeys(package for _, package in missing))
-        raise GraftError(f"{paths} not found: install with `apt-get install -y {packages}`")
+        for need in NEEDS.get(name, ())
+    )
 
 
 def _pixel_key(data: bytes) -> str:
