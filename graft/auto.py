@@ -203,26 +203,12 @@ def backbone_features(fp: Any, manifest: Any, root: str) -> tuple[dict[str, np.n
     """The last-layer features of another backbone for the manifest's images, through its own cache folder
     (computed for the images it does not hold yet): what ``other_backbones`` candidates read."""
     import json
-    from pathlib import Path
 
     from graft.cache import plan_cache, read_features
-    from graft.engine import compute_features, make_engine
+    from graft.engine import fill_cache
 
     plan = plan_cache(fp, manifest)
-    if plan.todo:
-        todo = [(s, str(Path(root) / p)) for s, p in plan.todo]
-        engine = make_engine(fp, plan.cache, plan.description, plan.backbone, todo)  # int8 calibrates on these
-        compute_features(
-            engine,
-            plan.preprocess,
-            plan.dim,
-            todo,
-            plan.cache,
-            fp.batch_size,
-            fp.workers,
-            fp.part_rows,
-            desc=f"featurize {plan.name}",
-        )
+    fill_cache(fp, plan, root)
     table = read_features(plan.cache, plan.dim, plan.shas)
     matrix = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, plan.dim)
     meta = {"graft.backbone": plan.name, "graft.description": json.dumps(plan.description, sort_keys=True)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -28,6 +29,7 @@ from graft.sources import decoded_batches
 
 if TYPE_CHECKING:
     from graft.backbones import Backbone
+    from graft.cache import CachePlan
     from graft.params import FeaturizeParams
 
 log = logging.getLogger("graft.engine")
@@ -182,3 +184,26 @@ def make_engine(
         fp.streams,
         quantize,
     )
+
+
+def fill_cache(fp: FeaturizeParams, plan: CachePlan, root: str | Path) -> tuple[str | None, int, float]:
+    """Compute the features of ``plan.todo`` (paths relative to ``root``) into ``plan.cache``; an int8 engine
+    calibrates on those images. Returns (the engine's name or None when nothing was missing, images computed,
+    seconds spent computing them)."""
+    if not plan.todo:
+        return None, 0, 0.0
+    todo = [(sha, str(Path(root) / path)) for sha, path in plan.todo]
+    engine = make_engine(fp, plan.cache, plan.description, plan.backbone, todo)
+    t0 = time.perf_counter()
+    computed = compute_features(
+        engine,
+        plan.preprocess,
+        plan.dim,
+        todo,
+        plan.cache,
+        fp.batch_size,
+        fp.workers,
+        fp.part_rows,
+        desc=f"featurize {plan.name}",
+    )
+    return engine.name, computed, time.perf_counter() - t0

@@ -22,7 +22,7 @@ from graft.compare import score as metric_score
 from graft.dataset import split_items
 from graft.images import Preprocess
 from graft.model import Classifier, head_config, initial_model, make_head, run_key
-from graft.params import Params
+from graft.params import FinetuneParams, Params
 from graft.precision import device_and_amp
 from graft.select import (
     LINEAR_C_GRID,
@@ -73,20 +73,7 @@ def finetune_candidate(
         _probe_head(model, x_tr, train_items[1], len(classes), probe_c)
     ftp = ft.model_copy(update={"image_size": size, "head_epochs": 0 if ft.init == "probe" else ft.head_epochs})
     key = run_key(params, manifest, bb.fingerprint) + "-search"
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-finetune.pt"
-    state, history, _ = fit(
-        model,
-        train_items,
-        val_items,
-        bb.preprocess,
-        ftp,
-        len(classes),
-        params.seed,
-        checkpoint,
-        key,
-        params.train.class_weights,
-    )
-    checkpoint.unlink(missing_ok=True)
+    state, history = _fit_once(model, train_items, val_items, bb.preprocess, ftp, params, len(classes), key, "finetune")
     model.load_state_dict(state)
     val_logits = predict_logits(model, val_items[0], bb.preprocess, workers=ft.workers)
     pred = val_logits.argmax(1)
@@ -194,18 +181,27 @@ def refit_finetune(
         }
     )
     key = run_key(params, manifest, bb.fingerprint) + "-" + "+".join(splits)
-    checkpoint = Path(params.train.model_dir) / "checkpoints" / "auto-refit.pt"
-    state, _, _ = fit(
-        model,
-        (paths, y),
-        ([], np.zeros(0, np.int64)),
-        bb.preprocess,
-        ftp,
-        len(classes),
-        params.seed,
-        checkpoint,
-        key,
-        params.train.class_weights,
+    no_val = ([], np.zeros(0, np.int64))
+    state, _ = _fit_once(model, (paths, y), no_val, bb.preprocess, ftp, params, len(classes), key, "refit")
+    return {"state_dict": state, "head": _head_config(model), "fit": "+".join(splits)}
+
+
+def _fit_once(
+    model: Classifier,
+    train_items: tuple[list[str], np.ndarray],
+    val_items: tuple[list[str], np.ndarray],
+    pp: Preprocess,
+    ftp: FinetuneParams,
+    params: Params,
+    n_classes: int,
+    key: str,
+    name: str,
+) -> tuple[dict, list[dict]]:
+    """:func:`graft.tune.fit` with its resume checkpoint at ``models/checkpoints/auto-<name>.pt`` (a killed
+    run resumes from it), deleted once the run has finished; returns (the best state dict, the history)."""
+    checkpoint = Path(params.train.model_dir) / "checkpoints" / f"auto-{name}.pt"
+    state, history, _ = fit(
+        model, train_items, val_items, pp, ftp, n_classes, params.seed, checkpoint, key, params.train.class_weights
     )
     checkpoint.unlink(missing_ok=True)
-    return {"state_dict": state, "head": _head_config(model), "fit": "+".join(splits)}
+    return state, history

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from graft.cache import plan_cache, write_features
-from graft.engine import compute_features, make_engine
+from graft.engine import fill_cache
 from graft.params import Params
 from graft.tasks import stage_task
 
@@ -46,25 +46,7 @@ def featurize(params: Params, backbone: Backbone | None = None) -> dict:
     fp = params.featurize
     manifest = pd.read_parquet(Path(params.data.out_dir) / "manifest.parquet", columns=["path", "sha256"])
     plan = plan_cache(fp, manifest, backbone)
-    root = Path(params.data.root)
-    todo = [(sha, str(root / path)) for sha, path in plan.todo]
-    engine_name, computed, seconds = None, 0, 0.0
-    if todo:
-        engine = make_engine(fp, plan.cache, plan.description, plan.backbone, todo)
-        engine_name = engine.name
-        t0 = time.perf_counter()
-        computed = compute_features(
-            engine,
-            plan.preprocess,
-            plan.dim,
-            todo,
-            plan.cache,
-            fp.batch_size,
-            fp.workers,
-            fp.part_rows,
-            desc=f"featurize {plan.name}",
-        )
-        seconds = time.perf_counter() - t0
+    engine_name, computed, seconds = fill_cache(fp, plan, params.data.root)
     write_features(plan.cache, plan.dim, plan.shas, fp.out, plan.table_metadata)
     return {
         "backbone": plan.name,

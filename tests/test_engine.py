@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import graft.backbones
+import graft.engine
 import graft.onnxengine
-import graft.tasks.featurize
 from graft import GraftError
 from graft.backbones import build_backbone, describe_backbone, fingerprint_of
 from graft.cache import feature_schema, load_feature_table
@@ -168,7 +168,7 @@ def test_cache_hit_on_lite0_builds_nothing(ws: Path, monkeypatch: pytest.MonkeyP
         raise AssertionError("must not be called on a cache hit")
 
     monkeypatch.setattr(graft.backbones, "build_backbone", refuse)
-    monkeypatch.setattr(graft.tasks.featurize, "make_engine", refuse)
+    monkeypatch.setattr(graft.engine, "make_engine", refuse)
     summary = featurize(params)
     assert (summary["computed"], summary["from_cache"], summary["engine"]) == (0, len(shas), None)
     got, meta = load_feature_table(params.featurize.out)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import graft.tasks.featurize
+import graft.engine
 from graft import GraftError
 from graft.backbones import build_backbone
 from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature_table, read_features
@@ -53,8 +53,8 @@ class CountingBackbone:
     def run(self, params) -> dict:
         """Featurize with this backbone; return the summary after checking it agrees with the counter."""
         before = self.seen
-        real = graft.tasks.featurize.make_engine
-        with mock.patch.object(graft.tasks.featurize, "make_engine", lambda *a, **k: self._counted(real(*a, **k))):
+        real = graft.engine.make_engine
+        with mock.patch.object(graft.engine, "make_engine", lambda *a, **k: self._counted(real(*a, **k))):
             summary = featurize(params, backbone=self.bb)
         assert summary["computed"] == self.seen - before
         return summary
@@ -302,7 +302,7 @@ def test_meta_mismatch_is_rejected(setup) -> None:
 
 def _failing_engine(after_batches: int):
     """A make_engine replacement whose engine raises on batch number ``after_batches + 1``."""
-    real = graft.tasks.featurize.make_engine
+    real = graft.engine.make_engine
 
     def make(*args, **kwargs):
         engine, calls = real(*args, **kwargs), [0]
@@ -334,7 +334,7 @@ def test_interrupted_run_keeps_what_was_done(ws: Path) -> None:
     ingest(params)
     counter = CountingBackbone()
     with (
-        mock.patch.object(graft.tasks.featurize, "make_engine", _failing_engine(5)),
+        mock.patch.object(graft.engine, "make_engine", _failing_engine(5)),
         pytest.raises(RuntimeError, match="simulated crash"),
     ):
         featurize(params, backbone=counter.bb)
@@ -353,7 +353,7 @@ def test_cache_hit_starts_no_engine(setup) -> None:
     """When every image is cached, no engine (and no ONNX export) is created at all."""
     ws, params = setup
     featurize(params)
-    with mock.patch.object(graft.tasks.featurize, "make_engine", side_effect=AssertionError("engine started")):
+    with mock.patch.object(graft.engine, "make_engine", side_effect=AssertionError("engine started")):
         summary = featurize(params)
     assert summary["computed"] == 0 and summary["engine"] is None
 
@@ -380,11 +380,12 @@ def test_feature_table_streams_part_by_part(setup) -> None:
 
 _KILLABLE = """
 import sys, time
+import graft.engine as engine_module
 import graft.tasks.featurize as tf
 from graft.params import parse_params
 import json
 params = parse_params(json.loads(sys.argv[1]))
-real = tf.make_engine
+real = engine_module.make_engine
 
 def slow(*a, **k):
     engine = real(*a, **k)
@@ -395,7 +396,7 @@ def slow(*a, **k):
             return engine(x)
     return Slow()
 
-tf.make_engine = slow
+engine_module.make_engine = slow
 tf.featurize(params)
 """
 
