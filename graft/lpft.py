@@ -181,7 +181,7 @@ def refit_finetune(
         }
     )
     key = run_key(params, manifest, bb.fingerprint) + "-" + "+".join(splits)
-    no_val = ([], np.zeros(0, np.int64))
+    no_val: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int64))
     state, _ = _fit_once(model, (paths, y), no_val, bb.preprocess, ftp, params, len(classes), key, "refit")
     return {"state_dict": state, "head": _head_config(model), "fit": "+".join(splits)}
 
