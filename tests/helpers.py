@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -81,3 +83,12 @@ def run_stages(params: Params, *stages):
         return [stage(params) for stage in stages][-1]
     finally:
         torch.set_num_threads(threads)
+
+
+def load_bench(name: str) -> ModuleType:
+    """The benchmark script ``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

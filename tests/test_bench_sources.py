@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from graft import GraftError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def datasets():
-    spec = importlib.util.spec_from_file_location("bench_datasets", REPO / "bench" / "datasets.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("datasets")
 
 
 def test_missing_packages_are_named_together_before_any_set_is_built(datasets, tmp_path, monkeypatch):

@@ -4,23 +4,18 @@ kept held-out predictions, so a PASS or FAIL inside the noise of a few hundred i
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def transfer():
-    spec = importlib.util.spec_from_file_location("bench_transfer", REPO / "bench" / "transfer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("transfer")
 
 
 def _keep(set_dir: Path, row: str, labels: list[str], guesses: list[str]) -> None:
