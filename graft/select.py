@@ -68,6 +68,11 @@ class Candidate:
     fold_scores: tuple[float, ...] = ()
     fit_seconds: float = 0.0
 
+    @property
+    def cv_std(self) -> float:
+        """The standard deviation of the fold scores (NaN for a single validation score)."""
+        return float(np.std(self.fold_scores, ddof=1)) if len(self.fold_scores) > 1 else float("nan")
+
 
 def cv_splits(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, shuffled K-fold splits; K drops to the rarest class's count so every fold sees every class.
@@ -256,7 +261,7 @@ def cv_grid(
     return rows
 
 
-LEADERBOARD_COLUMNS = ["candidate", "score", "se", "scored_on", "settings", "onnx_bytes", "chosen", "note"]
+LEADERBOARD_COLUMNS = ["candidate", "score", "se", "cv_std", "scored_on", "settings", "onnx_bytes", "chosen", "note"]
 # Wall-clock figures differ on every run: a DVC output holding them would be "modified" after each `graft run`.
 TIMING_COLUMNS = ["candidate", "train_seconds", "latency_ms_batch_1"]
 

@@ -235,7 +235,8 @@ def _payload(
 
 
 def leaderboard(params: Params, results: list[Result], winner: Result, classes: list[str]) -> list[dict]:
-    """One row per candidate: held-out score ± SE, seconds, settings, and the exported graph's size and speed."""
+    """One row per candidate: held-out score ± SE (and the CV folds' std), seconds, settings, and the exported
+    graph's size and speed."""
     rows = []
     for r in results:
         row = {
@@ -248,6 +249,8 @@ def leaderboard(params: Params, results: list[Result], winner: Result, classes: 
         if r.ran:
             best = r.chosen
             row.update(score=round(best.score, 4), se=round(best.se, 4), settings=json.dumps(best.settings))
+            if np.isfinite(best.cv_std):  # cross-validated: how much the score moves from fold to fold
+                row["cv_std"] = round(best.cv_std, 4)
             size = best.settings.get("image_size")
             fp = r.extra.get("featurize", params.featurize)
             bb = build_backbone(fp.backbone, fp.weights, size, r.taps, fp.raw_size)

@@ -180,16 +180,16 @@ def _which_model(w: dict) -> str:
     if board:
         lines += [
             "",
-            "| candidate | held-out macro-F1 | ± SE | scored on | ONNX MB | note |",
-            "|---|---|---|---|---|---|",
+            "| candidate | held-out macro-F1 | ± SE | CV std | scored on | ONNX MB | note |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in board:
             score = "" if pd.isna(r.get("score")) else f"{r['score']:.4f}"
-            se = "" if pd.isna(r.get("se")) else f"{r['se']:.4f}"
+            se, std = ("" if pd.isna(r.get(k)) else f"{r[k]:.4f}" for k in ("se", "cv_std"))
             mb = "" if pd.isna(r.get("onnx_bytes")) else f"{r['onnx_bytes'] / 1e6:.2f}"
             name = f"**{r['candidate']}**" if r.get("chosen") else r["candidate"]
             scored_on, note = (_cell(v) if isinstance(v, str) else "" for v in (r.get("scored_on"), r.get("note")))
-            lines.append(f"| {name} | {score} | {se} | {scored_on} | {mb} | {note} |")
+            lines.append(f"| {name} | {score} | {se} | {std} | {scored_on} | {mb} | {note} |")
         lines += [
             "",
             "Train time and batch-1 latency per candidate: `leaderboard_timings.csv` beside the metrics "

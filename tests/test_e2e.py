@@ -76,6 +76,12 @@ def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None
     assert metrics["vs_baseline"]["verdict"] in ("wins", "ties", "loses")
     report = (repo / "reports/report.md").read_text()
     assert f"chose **{chosen}**" in report and metrics["vs_baseline"]["sentence"] in report
+    rows = {line.split("|")[1].strip().strip("*"): line for line in report.splitlines() if line.startswith("| ")}
+    for name, r in ran.iterrows():  # the leaderboard's table in the report: score, SE and the CV folds' std
+        cells = [c.strip() for c in rows[name].split("|")[2:5]]
+        std = "" if pd.isna(r["cv_std"]) else f"{r['cv_std']:.4f}"
+        assert cells == [f"{r['score']:.4f}", f"{r['se']:.4f}", std], rows[name]
+    assert rows[chosen].startswith(f"| **{chosen}** |") and pd.notna(board.loc["fusion", "cv_std"])
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(repo / "models/model.onnx")).metadata_props}
