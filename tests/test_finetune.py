@@ -535,3 +535,39 @@ def test_lpft_probe_reads_the_feature_table_when_featurize_ran_the_same_backbone
     assert finetune(params)["probe_features"] == "feature cache" and passes == []
     bigger = make_params(ws, {"train": {"mode": "finetune", "finetune": {**FAST, "image_size": 64}}})
     assert finetune(bigger)["probe_features"] == "computed" and passes == [1]
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(5, 1), (3, 2)])
+def test_folded_fp32_depthwise_gradients_match_the_plain_layers(kernel: int, stride: int) -> None:
+    """The folded fp32 depthwise convolution computes its bias gradient as a sum outside oneDNN (faster there):
+    the input, convolution and BatchNorm gradients are those of the plain fp32 layers; with nothing to train
+    below, no graph is recorded."""
+    from torch import nn
+
+    from graft.precision import fold_frozen_bn, fp32_depthwise
+
+    def run(fast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(6, 6, kernel, stride, kernel // 2, groups=6, bias=False), nn.BatchNorm2d(6))
+        net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2), net[1].bias.data.uniform_(-1, 1)
+        net = net.eval().to(memory_format=torch.channels_last)
+        x = torch.rand(4, 6, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        ctx = contextlib.ExitStack()
+        if fast:
+            ctx.enter_context(fp32_depthwise(net))
+            assert ctx.enter_context(fold_frozen_bn(net)) == 1
+            ctx.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        with ctx:
+            out = net(x)
+            assert not fast or type(out.grad_fn).__name__ == "_BiasGradBySumBackward"
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), [x.grad, *(p.grad for p in net.parameters())]
+
+    (ref, ref_grads), (got, got_grads) = run(False), run(True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert all(g is not None for g in got_grads) and len(got_grads) == 4  # input, conv weight, BatchNorm gamma, beta
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    net = nn.Sequential(nn.Conv2d(6, 6, 5, 1, 2, groups=6, bias=False), nn.BatchNorm2d(6)).eval().requires_grad_(False)
+    with fp32_depthwise(net), fold_frozen_bn(net), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.rand(1, 6, 8, 8)).grad_fn is None  # frozen (last_n's lower blocks): nothing recorded
