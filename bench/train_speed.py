@@ -1,7 +1,7 @@
 """Training and start-up speed on CPU, in one run: graft's fine-tune against a plain loop, bf16 against fp32,
 ``last_n`` against ``full``, int8 against fp32 featurize, and how fast the light commands start.
 
-    python bench/train_speed.py             # everything (~12-15 min on 2 cores)
+    python bench/train_speed.py             # everything (~15-19 min on 2 cores)
     python bench/train_speed.py --quick     # fewer images and epochs, no demo accuracy runs: a smoke test
     python bench/train_speed.py --pairs 5   # only the 224 px target: 5 bracketed (plain loop, graft) pairs
     python bench/train_speed.py --pairs 3 --per-class 100   # the same on 800 images: the fixed costs amortised
@@ -452,8 +452,7 @@ def bracketed_pairs(
         out.append((left, r, right))
         print(
             f"pair {i + 1}: plain loop {left:.1f} | graft full {precision} {r['img_per_s']:.1f} img/s "
-            f"({r['wall_s']:.1f} s) "
-            f"| plain loop {right:.1f}: {pair_ratio(out[-1]):.2f}x",
+            f"({r['wall_s']:.1f} s) | plain loop {right:.1f}: {pair_ratio(out[-1]):.2f}x",
             flush=True,
         )
         left = right
@@ -474,9 +473,9 @@ def pairs_line(pairs: list[tuple[float, dict, float]]) -> tuple[str, bool]:
 
 
 def ratio_pairs(n: int, keep: str | None, per_class: int = 30) -> int:
-    """The 224 px target on a noisy machine: the plain loop, then ``n`` times (whole graft train full bf16, the
-    plain loop) on ``8 x per_class`` images; each graft run against the faster plain loop beside it, and the
-    median of those ratios."""
+    """The 224 px target on a noisy machine: the plain loop, then ``n`` times (a whole graft train, full, in the
+    best precision; the plain loop) on ``8 x per_class`` images; each graft run against the faster plain loop
+    beside it, and the median of those ratios."""
     epochs = default_epochs()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(keep or tmp)

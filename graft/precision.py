@@ -200,7 +200,7 @@ class _BiasGradBySum(torch.autograd.Function):
 
     oneDNN's fp32 depthwise backward computes the bias gradient slowly: batch 32, channels_last, input and weight
     gradients with the bias' against without it and a separate sum, 672 channels at 14 px 5x5: 41.0 against
-    26.8 + 0.5 ms; over Lite0's fp32 depthwise layers at 224 px 326 against 272 ms a step. One bf16 step at
+    26.8 + 0.5 ms; over Lite0's fp32 depthwise layers at 224 px 326 against 269 + 5 ms a step. One bf16 step at
     224 px: 37.8 against 36.5 img/s (three fresh processes each, every pair in its favour)."""
 
     @staticmethod
