@@ -164,14 +164,9 @@ def _step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     import graft.precision as precision
     from graft.backbones import build_backbone
     from graft.layerwise import layer_groups, set_trainable, train_mode
+    from graft.memory import keep_freed_memory
     from graft.model import Classifier, head_config, make_head
-    from graft.precision import (
-        device_and_amp,
-        fold_frozen_bn,
-        fp32_depthwise,
-        keep_freed_memory,
-        out_of_place_activations,
-    )
+    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, out_of_place_activations
 
     if "every depthwise" in mode:  # graft's choice before: all depthwise layers fp32, 3x3 stride-1 ones included
         precision.slow_in_bf16 = precision.is_depthwise

@@ -186,7 +186,8 @@ def probe_features(
     ``amp``: the CPU autocast dtype the fine-tune trains in (Lite0's forward pass is 2.2x faster in bf16; its
     activations then run out of place, as in training: :func:`graft.precision.out_of_place_activations`)."""
     from graft.batches import image_batches
-    from graft.precision import keep_freed_memory, out_of_place_activations
+    from graft.memory import keep_freed_memory
+    from graft.precision import out_of_place_activations
 
     t0 = time.perf_counter()
     out = []

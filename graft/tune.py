@@ -34,9 +34,10 @@ from graft.frozen import ValActivations
 from graft.heads import class_weights
 from graft.images import Preprocess
 from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trainable, train_mode, trainable_groups
+from graft.memory import keep_freed_memory
 from graft.model import Classifier, classifier_from_payload
 from graft.params import FinetuneParams
-from graft.precision import cpu_bf16_layers, device_and_amp, fold_frozen_bn, keep_freed_memory
+from graft.precision import cpu_bf16_layers, device_and_amp, fold_frozen_bn
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import nn
 from graft import GraftError
 from graft.atomic import BackgroundWriter
 from graft.batches import DecodedImages
-from graft.precision import keep_freed_memory
+from graft.memory import keep_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
