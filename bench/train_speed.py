@@ -384,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         return ratio_pairs(args.pairs, args.dir, args.per_class)
     import torch
 
-    from graft.precision import cpu_bf16_native
-
     per_class, epochs, steps, n_pairs = (12, 1, 3, 1) if args.quick else (30, default_epochs(), 6, 3)
     best = best_precision()
     with tempfile.TemporaryDirectory() as tmp:
@@ -394,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if not data_root.is_dir():
             write_images(data_root, 8, per_class)
         print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, native CPU bf16: {cpu_bf16_native()}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, native CPU bf16: {best == 'bf16'}; "
             f"{8 * per_class} photo-like JPEGs 320x256 in 8 classes; graft runs {epochs} epochs",
             flush=True,
         )
