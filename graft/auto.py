@@ -86,15 +86,17 @@ def score_features(
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
     scored_on: str,
     seed: int = 0,
+    class_weight: str | None = None,
 ) -> Result:
     """Score one feature candidate over its regularisation grid; keep the setting the 1-SE rule picks.
 
-    With a single split (the val set) the SE of the score is a bootstrap over the val images.
+    With a single split (the val set) the SE of the score is a bootstrap over the val images. ``class_weight
+    "balanced"`` (``train.class_weights: true``) weighs the classes; the settings keep it for the refit.
     """
     taps, kind = FEATURE_CANDIDATES[name]
     t0 = time.perf_counter()
     grid = LINEAR_C_GRID if kind == "linear" else MLP_ALPHA_GRID
-    rows = cv_grid(kind, x, y, grid, splits, seed=seed)
+    rows = cv_grid(kind, x, y, grid, splits, class_weight=class_weight, seed=seed)
     best = one_se_choice(rows)
     if len(splits) == 1:  # one val score: its SE comes from resampling the val images
         tr, va = splits[0]
@@ -113,9 +115,10 @@ def score_features(
 
 def fit_features(kind: str, x: np.ndarray, y: np.ndarray, settings: dict, seed: int = 0) -> Any:
     """Fit a feature candidate with fixed settings (the refit): a scaler + logistic regression or MLP pipeline."""
+    weight = settings.get("class_weight")
     if kind == "linear":
-        return fit_linear(x, y, settings["C"])
-    return fit_mlp(x, y, settings["alpha"], settings.get("hidden", 256), seed=seed)
+        return fit_linear(x, y, settings["C"], weight)
+    return fit_mlp(x, y, settings["alpha"], settings.get("hidden", 256), seed=seed, class_weight=weight)
 
 
 def finetune_size(sides: np.ndarray, crop: int) -> int:

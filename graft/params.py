@@ -181,7 +181,7 @@ class TrainParams(_Strict):
     batch_size: int = Field(256, ge=1)
     max_epochs: int = Field(300, ge=1)
     patience: int = Field(30, ge=1)  # epochs without val improvement before stopping
-    class_weights: bool = False  # weight the loss by inverse class frequency of the train split
+    class_weights: bool = False  # weigh the loss (and auto's feature candidates) by inverse class frequency
     model_dir: str = "models"
     init_from: str | None = None  # fine-tuning starts from an earlier graft model (file or folder)
     finetune: FinetuneParams = FinetuneParams()

@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
 from graft import GraftError
@@ -156,13 +157,24 @@ def fit_linear(
 
 
 def fit_mlp(
-    X: np.ndarray, y: np.ndarray, alpha: float, hidden: int = 256, max_iter: int = MLP_MAX_ITER, seed: int = 0
+    X: np.ndarray,
+    y: np.ndarray,
+    alpha: float,
+    hidden: int = 256,
+    max_iter: int = MLP_MAX_ITER,
+    seed: int = 0,
+    class_weight: str | None = None,
 ) -> Pipeline:
-    """Standardise, then a one-hidden-layer ReLU MLP (adam, fixed epochs, fixed seed, L2 ``alpha``)."""
+    """Standardise, then a one-hidden-layer ReLU MLP (adam, fixed epochs, fixed seed, L2 ``alpha``); ``class_weight
+    "balanced"`` weighs each image by n / (K * n_c)."""
     pipe = make_pipeline(StandardScaler(), _mlp(alpha, hidden, max_iter, seed, len(y)))
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)  # a fixed epoch budget is the point
-        return pipe.fit(X, y)
+        return pipe.fit(X, y, mlpclassifier__sample_weight=_sample_weight(class_weight, y))
+
+
+def _sample_weight(class_weight: str | None, y: np.ndarray) -> np.ndarray | None:
+    return compute_sample_weight(class_weight, y) if class_weight else None
 
 
 def _logreg(C: float, class_weight: str | None, warm_start: bool = False) -> LogisticRegression:
@@ -204,7 +216,7 @@ def cv_grid(
         y: labels.
         grid: the values to try.
         splits: from :func:`cv_splits`.
-        class_weight: ``None`` or ``"balanced"`` (linear only).
+        class_weight: ``None`` or ``"balanced"`` (kept in each row's settings for the refit).
         hidden, max_iter, seed: the MLP's width, epoch budget and seed.
 
     Returns:
@@ -239,13 +251,16 @@ def cv_grid(
                 model: LogisticRegression | MLPClassifier = (
                     linear.set_params(C=grid[i]) if kind == "linear" else _mlp(grid[i], hidden, max_iter, seed, tr.size)
                 )
-                fitted = model.fit(Xtr, y[tr])
+                weights = None if kind == "linear" else _sample_weight(class_weight, y[tr])  # linear: in the model
+                fitted = model.fit(Xtr, y[tr], sample_weight=weights)
                 seconds[i] += time.perf_counter() - t0
                 scores[i, f] = f1_score(y[va], fitted.predict(Xva), labels=labels, average="macro", zero_division=0)
     rank = {i: r for r, i in enumerate(order)}
     rows = []
     for i, value in enumerate(grid):
-        settings = {key: float(value)} if kind == "linear" else {key: float(value), "hidden": int(hidden)}
+        settings: dict = {key: float(value)} if kind == "linear" else {key: float(value), "hidden": int(hidden)}
+        if class_weight:
+            settings["class_weight"] = class_weight
         name = f"{'logreg' if kind == 'linear' else 'mlp'} {key}={value:g}"
         rows.append(
             Candidate(

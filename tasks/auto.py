@@ -107,7 +107,7 @@ def auto(params: Params) -> dict:
             except GraftError as exc:
                 results.append(Result(name, note=f"skipped: {exc}"))
                 continue
-            results.append(score_features(name, x, y, splits, scored_on, params.seed))
+            results.append(score_features(name, x, y, splits, scored_on, params.seed, _class_weight(params)))
             print(
                 f"auto: {name:<11} macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f} "
                 f"({results[-1].seconds:.1f} s)"
@@ -180,11 +180,16 @@ def other_backbones(
         t0 = time.perf_counter()
         feats, meta = backbone_features(fp, manifest, params.data.root)
         x, y = _matrix(rows, feats, classes)
-        r = score_features("logreg", x, y, splits, scored_on, params.seed)
+        r = score_features("logreg", x, y, splits, scored_on, params.seed, _class_weight(params))
         r.name, r.seconds = f"{name} logreg", time.perf_counter() - t0
         r.extra = {"group": "other_backbones", "featurize": fp, "feats": feats, "meta": meta}
         out.append(r)
     return out
+
+
+def _class_weight(params: Params) -> str | None:
+    """sklearn's ``class_weight`` for the feature candidates: ``train.class_weights`` as the head's loss uses it."""
+    return "balanced" if params.train.class_weights else None
 
 
 def _payload(

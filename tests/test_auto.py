@@ -126,6 +126,23 @@ def test_refit_uses_every_non_test_image(tmp_path: Path, refit: str, fit: str) -
         torch.testing.assert_close(payload["state_dict"][k], v, rtol=1e-3, atol=1e-3)  # lbfgs stops within tol
 
 
+@pytest.mark.parametrize(("candidate", "kind"), [("logreg", "linear"), ("mlp", "mlp")])
+def test_class_weights_reach_the_candidates_and_their_refit(tmp_path: Path, candidate: str, kind: str) -> None:
+    """``train.class_weights: true`` weighs auto's feature candidates as it weighs the head's loss, and the
+    shipped refit is fitted with the same weights."""
+    manifest, x, meta = _workspace(tmp_path, {"last": 1.0})
+    params = _params(tmp_path, class_weights=True, candidates=[candidate])
+    auto(params)
+    payload = load_model(tmp_path / "models/model.pt")
+    assert payload["settings"]["class_weight"] == "balanced"
+    rows = np.r_[np.flatnonzero(manifest["split"] == "train"), np.flatnonzero(manifest["split"] == "val")]
+    y = manifest["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    cols = tap_columns(meta, ("last",))  # the MLP's fit depends on the row order: train rows, then val rows
+    pipe = fit_features(kind, x[rows][:, cols], y[rows], payload["settings"], params.seed)
+    for k, v in to_torch_head(pipe, len(CLASSES)).items():
+        torch.testing.assert_close(payload["state_dict"][k], v, rtol=1e-3, atol=1e-3)
+
+
 def test_refit_all_adds_a_final_model_on_every_image(tmp_path: Path) -> None:
     _workspace(tmp_path, {"last": 1.0})
     auto(_params(tmp_path, refit="all", candidates=["logreg"]))

@@ -165,6 +165,13 @@ def test_class_weight_option_and_head_errors():
     assert balanced[-1].class_weight == "balanced"
     rare = y == 1
     assert balanced.predict_proba(X[rare])[:, 1].mean() > plain.predict_proba(X[rare])[:, 1].mean()
+    mlp = fit_mlp(X[keep], y[keep], alpha=1.0, hidden=8, max_iter=30, class_weight="balanced")
+    mlp_plain = fit_mlp(X[keep], y[keep], alpha=1.0, hidden=8, max_iter=30)
+    assert mlp.predict_proba(X[rare])[:, 1].mean() > mlp_plain.predict_proba(X[rare])[:, 1].mean()
+    splits = cv_splits(y[keep], n_splits=3)
+    for kind, grid in (("linear", [0.01]), ("mlp", [1.0])):
+        row = cv_grid(kind, X[keep], y[keep], grid, splits, class_weight="balanced", hidden=8, max_iter=30)[0]
+        assert row.settings["class_weight"] == "balanced"  # the refit (graft.auto.fit_features) reads it
     with pytest.raises(GraftError, match="knows 3 classes but the head needs 4"):
         to_torch_head(plain, 4)
     with pytest.raises(GraftError, match="integer labels must be 0..2"):
