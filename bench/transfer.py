@@ -106,6 +106,7 @@ def lite0_features(
 
     from graft.backbones import build_backbone, describe_backbone, fingerprint_of
     from graft.cache import preprocess_of
+    from graft.quantize import with_precision
 
     description = describe_backbone("efficientnet_lite0")  # the model is built only if vectors are missing
     pp = preprocess_of(description)
@@ -116,7 +117,7 @@ def lite0_features(
         calib = sorted(
             (key_of.get(str(p)) or hashlib.sha256(p.read_bytes()).hexdigest(), str(p)) for p in int8_calibration
         )
-        description = {**description, "precision": "int8"}
+        description = with_precision(description, "int8")
         calibrated_on = hashlib.sha256(" ".join(k for k, _ in calib).encode()).hexdigest()
         fingerprint = f"{fingerprint_of(description)}:{calibrated_on}"
     known: dict[str, tuple[np.ndarray, float]] = {}

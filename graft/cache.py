@@ -31,6 +31,7 @@ from graft import GraftError
 from graft.atomic import write_json, write_with
 from graft.images import Preprocess
 from graft.integrity import read_part
+from graft.quantize import with_precision
 
 if TYPE_CHECKING:
     from graft.backbones import Backbone
@@ -285,9 +286,7 @@ def plan_cache(fp: FeaturizeParams, manifest: pd.DataFrame, backbone: Backbone |
             )
         return built
 
-    description = cheap or bb().describe()
-    if fp.precision != "fp32":  # another model computes these features: its own fingerprint and folder
-        description = {**description, "precision": fp.precision}
+    description = with_precision(cheap or bb().describe(), fp.precision)
     plan = CachePlan(description, Path(), list(unique["sha256"]), [], bb)
     plan.cache = cache_dir_for(fp.cache_dir, plan.name, plan.fingerprint)
     open_cache(plan.cache, description)

@@ -159,7 +159,9 @@ def quantize_backbone(model, path: Path, size: int, metadata: dict[str, str], re
         export_backbone(model, scratch, size, metadata)
         with atomic_path(path) as tmp:
             meta = {**metadata, "graft.precision": "int8"}
-            quantize_int8(scratch, tmp, reader, meta, hint="set featurize.precision: fp32", graph_hash=True)
+            quantize_int8(
+                scratch, tmp, reader, meta, hint="set featurize.precision: fp32", graph_hash=True, correct_output=True
+            )
     finally:
         scratch.unlink(missing_ok=True)
     log.info("quantized %s to int8", path)

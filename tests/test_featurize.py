@@ -514,6 +514,36 @@ def test_int8_features_get_their_own_cache_calibrated_once(ws: Path) -> None:
     assert again["computed"] == 1 and graph.read_bytes() == before
 
 
+def test_int8_graph_maps_its_outputs_onto_fp32(ws: Path) -> None:
+    """The int8 feature graph ends in a per-channel gain and offset fitted on its calibration images
+    (:func:`graft.quantize.output_correction`): on the images it was not calibrated on, its features are closer
+    to fp32's than the quantized layers' own outputs; the scheme is part of the fingerprint."""
+    import onnx
+    from onnx import numpy_helper
+
+    write_tree(ws / "raw", ("cat", "dog", "owl"), per_class=12)
+    fp32 = make_params(ws, {"featurize": {"engine": "onnxruntime"}})
+    int8 = make_params(ws, {"featurize": {"engine": "onnxruntime", "precision": "int8", "calibration_images": 16}})
+    ingest(fp32)
+    a, b = featurize(fp32), featurize(int8)
+    proto = onnx.load(str(Path(b["cache"]) / "backbone.onnx"))
+    assert [n.op_type for n in proto.graph.node[-2:]] == ["Mul", "Add"]
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    gain, offset = init["features_gain"], init["features_offset"]
+    assert gain.shape == offset.shape == (DIM,) and np.all((gain >= 0.5) & (gain <= 2.0))
+    assert json.loads((Path(b["cache"]) / "meta.json").read_text())["quantization"].endswith("output correction")
+    shas = sorted(_unique(fp32))
+    unseen = shas[16:]  # calibration takes the first 16 in content-hash order
+
+    def features(cache: str) -> np.ndarray:
+        table = read_features(Path(cache), DIM, unseen).sort_by("sha256")
+        return np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
+
+    ref, corrected = features(a["cache"]), features(b["cache"])
+    raw = (corrected - offset) / gain  # what the quantized layers put out before the correction
+    assert np.mean((corrected - ref) ** 2) < np.mean((raw - ref) ** 2)
+
+
 def test_int8_needs_onnxruntime_and_the_local_runner(ws: Path) -> None:
     with pytest.raises(GraftError, match="int8 runs on onnxruntime"):
         make_params(ws, {"featurize": {"engine": "torch", "precision": "int8"}})
