@@ -37,11 +37,11 @@ INT8_SCHEME = "static QDQ, per-channel output correction"
 
 
 def with_precision(description: dict, precision: str) -> dict:
-    """A backbone description for features computed at ``precision``: fp32 is the backbone's own; another model
-    (the int8 graph) computes other features, so it gets its own fingerprint and cache folder."""
+    """A backbone description for features computed at ``precision`` (``featurize.precision``): fp32 is the
+    backbone's own; the int8 graph computes other features, so it gets its own fingerprint and cache folder."""
     if precision == "fp32":
         return description
-    return {**description, "precision": precision, **({"quantization": INT8_SCHEME} if precision == "int8" else {})}
+    return {**description, "precision": precision, "quantization": INT8_SCHEME}
 
 
 class CalibrationReader:
