@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import train_speed as ts
+import speed_runs as ts  # bench/speed_runs.py: the images, workspaces and CLI runs of bench/train_speed.py
 
 SPENT: collections.Counter[str] = collections.Counter()
 

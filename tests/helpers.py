@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -86,7 +87,10 @@ def run_stages(params: Params, *stages):
 
 
 def load_bench(name: str) -> ModuleType:
-    """The benchmark script ``bench/<name>.py`` as a module (bench/ is scripts, not a package)."""
+    """The benchmark script ``bench/<name>.py`` as a module (bench/ is scripts, not a package). bench/ goes on
+    ``sys.path`` (last, as running a script there would put it first) for the modules a script imports beside it."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.append(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -49,14 +49,15 @@ def test_missing_packages_are_named_together_before_any_set_is_built(datasets, t
         datasets.check_sources(["icons"], out, seed=0, force=True)
 
 
-def test_a_builder_names_the_package_it_misses(datasets, tmp_path, monkeypatch):
+def test_a_builder_names_the_package_it_misses(tmp_path, monkeypatch):
+    sources = load_bench("set_sources")  # the readers, beside bench/datasets.py
     missing = tmp_path / "no-stamps"
-    monkeypatch.setattr(datasets, "NEEDS", {**datasets.NEEDS, "stamps": ((missing, "tuxpaint-stamps-default"),)})
-    monkeypatch.setattr(datasets, "TUXPAINT", missing)
+    monkeypatch.setattr(sources, "NEEDS", {**sources.NEEDS, "stamps": ((missing, "tuxpaint-stamps-default"),)})
+    monkeypatch.setattr(sources, "TUXPAINT", missing)
     with pytest.raises(
         GraftError, match=r"no-stamps not found: install with `apt-get install -y tuxpaint-stamps-default`"
     ):
-        list(datasets.stamp_items())
+        list(sources.stamp_items())
 
 
 def test_every_set_declares_what_it_reads(datasets):

@@ -39,7 +39,10 @@ def test_every_auto_check_quotes_the_paired_interval_of_its_difference(transfer,
     preds = {"auto": noisy(0.10), "probe": noisy(0.12), "pixels": noisy(0.40), "head": noisy(0.20)}
     for row, guesses in preds.items():
         _keep(tmp_path, row, labels, guesses)
-    rows = {row: {"macro_f1": transfer.macro_f1(np.array(labels), np.array(g))} for row, g in preds.items()}
+    rows = {
+        row: {"macro_f1": load_bench("transfer_scores").macro_f1(np.array(labels), np.array(g))}
+        for row, g in preds.items()
+    }
     lines = transfer.targets(rows, "macro_f1", tmp_path, seed=0)
 
     interval = re.compile(r"paired 95% CI ([+-]\d+\.\d) to ([+-]\d+\.\d) pt, McNemar p=(\d\.\d\d)")
@@ -66,3 +69,17 @@ def test_no_interval_without_both_rows_kept_predictions(transfer, tmp_path):
     assert line == "PASS (auto 1.0000 vs probe 0.9000)"  # the probe's predictions were not kept
     same = transfer.targets(rows, "macro_f1", None)["auto >= sklearn probe"]
     assert same == line
+
+
+def test_the_int8_probe_check_compares_the_same_folds_and_only_the_features():
+    checks = load_bench("transfer_checks")
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array(["a", "b", "c"]), 60)
+    x = rng.normal(size=(len(y), 20)) + 1.5 * (y[:, None] == np.array(["a", "b", "c"] * 6 + ["a", "b"])[None, :])
+    same = checks.paired_cv_gaps(x, x.copy(), y, 1.0, "macro_f1", repeats=3)
+    assert same.shape == (3, 2) and np.all(same == 0.0)  # same features, same folds, same C: nothing differs
+    blurred = checks.paired_cv_gaps(x, x + rng.normal(scale=3.0, size=x.shape), y, 1.0, "accuracy", repeats=3)
+    assert np.all(blurred[:, 0] < -0.2)  # features drowned in noise lose on every repeat
+    shifted = checks.paired_cv_gaps(x, 0.5 * x + rng.normal(scale=2.0, size=20), y, 1.0, "accuracy", repeats=3)
+    assert np.all(np.abs(shifted[:, 0]) <= 1 / len(y))  # its scaler undoes a per-channel map: nothing lost ...
+    assert np.all(shifted[:, 1] < -0.2)  # ... until it is served the unshifted features: the train/serve skew
