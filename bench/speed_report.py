@@ -27,6 +27,8 @@ def pairs_line(pairs: list[tuple[float, dict, float]]) -> tuple[str, bool]:
 
 
 def report(res: dict) -> str:
+    """The full run's tables (throughput, last_n and the step anatomy, featurize, start-up, demo accuracy) and its
+    target lines."""
     g, plain = res["graft"], res["plain"]
     lines = ["", "== fine-tune throughput (img/s; graft = whole `graft train` processes, start-up and val included)"]
     lines.append(f"{'':<28}{'224 px':>10}{'96 px':>10}")
