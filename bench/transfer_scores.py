@@ -29,12 +29,11 @@ def class_files(folder: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def pixel_features(paths: list[Path]) -> np.ndarray:
-    """16x16 grey pixels in [0, 1], decoded by graft (alpha over white), resampled as graft's baseline does."""
-    out = np.empty((len(paths), PIXELS * PIXELS), np.float32)
-    for i, p in enumerate(paths):
-        img = load_rgb(p, min_side=PIXELS)[0].convert("L").resize((PIXELS, PIXELS), resample=3, reducing_gap=2.0)
-        out[i] = np.asarray(img, np.float32).ravel() / 255.0
-    return out
+    """16x16 grey pixels in [0, 1], exactly what graft's evaluate baseline reads (decoded by graft, alpha over
+    white): :func:`graft.tasks.evaluate.pixel_matrix`."""
+    from graft.tasks.evaluate import pixel_matrix
+
+    return pixel_matrix(paths, PIXELS)
 
 
 def lite0_features(
