@@ -111,17 +111,19 @@ def paired_cv_gaps(
     return np.array(out)
 
 
-def int8_probe_cv_gaps(set_dir: Path, metric: str, seed: int = 0) -> np.ndarray | None:
+def int8_probe_cv_gaps(set_dir: Path, metric: str, seed: int = 0, c: float | None = None) -> np.ndarray | None:
     """:func:`paired_cv_gaps` of the probe on int8 against fp32 Lite0 features over every pool and held-out image,
-    at the ``C`` the fp32 probe row chooses on the pool; None unless both rows have cached their features. (The
-    int8 engine was calibrated on 64 pool images: its activation ranges, not labels, so no fold learns a label.)"""
+    at the ``C`` the fp32 probe row chose on the pool (``c``, its row's; chosen again only for a row recorded
+    before rows kept it); None unless both rows have cached their features. (The int8 engine was calibrated on
+    64 pool images: its activation ranges, not labels, so no fold learns a label.)"""
     fp32, int8 = set_dir / "lite0_features.npz", set_dir / "lite0_int8_features.npz"
     if not (fp32.is_file() and int8.is_file()):
         return None
     (pool, y_pool), (held, y_held) = class_files(set_dir / "pool"), class_files(set_dir / "heldout")
     x_a = lite0_features(pool + held, fp32)[0]
     x_b = lite0_features(pool + held, int8, int8_calibration=pool)[0]
-    _, c = fit_probe(x_a[: len(pool)], y_pool, seed)
+    if c is None:
+        _, c = fit_probe(x_a[: len(pool)], y_pool, seed)
     return paired_cv_gaps(x_a, x_b, np.concatenate([y_pool, y_held]), c, metric, seed=seed)
 
 
@@ -174,7 +176,8 @@ def targets(rows: dict[str, dict], metric: str, set_dir: Path | None = None, see
             f" ({val['probe_int8']:.4f} vs {val['probe']:.4f}, {100 * gap:+.1f} pt"
             f"{paired_note(set_dir, 'probe_int8', 'probe', metric, seed)})"
         )
-    cv = int8_probe_cv_gaps(set_dir, metric, seed) if set_dir and "probe_int8" in val and "probe" in val else None
+    run_cv = set_dir and "probe_int8" in val and "probe" in val
+    cv = int8_probe_cv_gaps(set_dir, metric, seed, rows["probe"].get("C")) if run_cv else None
     if cv is not None:  # the same on every image of the set, each scored once per repeat; judged on the worse mean
         both, served = 100 * cv[:, 0], 100 * cv[:, 1]
         out[f"sklearn probe on int8 features >= probe - 0.5 pt, {len(cv)}x5-fold CV on pool and held-out"] = (

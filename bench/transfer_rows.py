@@ -63,7 +63,12 @@ def sklearn_row(kind: str, set_dir: Path, seed: int) -> dict:
     pred = model.predict(x_held)
     kept = [{"path": str(h), "best_guess": g} for h, g in zip(held, pred, strict=True)]  # like graft's rows' ones,
     write_csv_rows(set_dir / "runs" / kind / "heldout_preds.csv", kept)  # for the targets' paired comparisons
-    row = {**score(y_held, pred, seed), "wall_s": time.perf_counter() - t0 + feature_s, "note": f"{note}C={c:g}"}
+    row = {
+        **score(y_held, pred, seed),
+        "wall_s": time.perf_counter() - t0 + feature_s,
+        "note": f"{note}C={c:g}",
+        "C": c,  # the int8 CV target line fits its probes at this C
+    }
     if kind in ("probe", "probe_int8"):  # how much the probe itself moves with the CV folds choosing its C (not timed)
         others = [fit_probe(x_pool, y_pool, seed + k)[0].predict(x_held) for k in range(1, PROBE_SEEDS)]
         f1s = [macro_f1(y_held, p) for p in others]
