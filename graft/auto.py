@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -217,3 +218,23 @@ def backbone_features(fp: Any, manifest: Any, root: str) -> tuple[dict[str, np.n
     matrix = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, plan.dim)
     meta = {"graft.backbone": plan.name, "graft.description": json.dumps(plan.description, sort_keys=True)}
     return dict(zip(table["sha256"].to_pylist(), matrix, strict=True)), meta
+
+
+LEADERBOARD_COLUMNS = ["candidate", "score", "se", "cv_std", "scored_on", "settings", "onnx_bytes", "chosen", "note"]
+# Wall-clock figures differ on every run: a DVC output holding them would be "modified" after each `graft run`.
+TIMING_COLUMNS = ["candidate", "train_seconds", "latency_ms_batch_1"]
+
+
+def write_leaderboard(metrics_dir: str | Path, rows: list[dict]) -> Path:
+    """``<metrics_dir>/leaderboard.csv``: one row per candidate the train stage considered (best score first).
+
+    Its times go to ``leaderboard_timings.csv`` beside it (not a DVC output: they change on every run).
+    """
+    import pandas as pd
+
+    from graft.atomic import write_csv
+
+    frame = pd.DataFrame(rows)
+    order = frame.reindex(columns=["score"]).sort_values("score", ascending=False, na_position="last", kind="stable")
+    write_csv(Path(metrics_dir) / "leaderboard_timings.csv", frame.reindex(columns=TIMING_COLUMNS).loc[order.index])
+    return write_csv(Path(metrics_dir) / "leaderboard.csv", frame.reindex(columns=LEADERBOARD_COLUMNS).loc[order.index])

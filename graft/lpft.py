@@ -100,8 +100,9 @@ def finetune_candidate(
 
 
 def _head_config(model: Classifier) -> dict:
-    first = cast(nn.Linear, model.head.net[0])
-    hidden = first.out_features if len(model.head.net) > 1 else 0
+    net = cast(nn.Sequential, model.head.net)  # a fine-tuned model's head is a plain Head
+    first = cast(nn.Linear, net[0])
+    hidden = first.out_features if len(net) > 1 else 0
     return head_config("mlp" if hidden else "logreg", first.in_features, hidden, 0.0)
 
 

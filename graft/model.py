@@ -20,6 +20,7 @@ from torch import nn
 from graft import GraftError
 from graft.atomic import write_torch
 from graft.backbones import Backbone, build_backbone
+from graft.ensemble_head import EnsembleHead
 from graft.params import FeaturizeParams, Params
 from graft.taps import FeatureExtractor
 
@@ -54,7 +55,7 @@ class Classifier(nn.Module):
     ``temperature`` is a plain float (1 until calibrated), not a buffer: state dicts stay as they were.
     """
 
-    def __init__(self, features: FeatureExtractor, head: Head):
+    def __init__(self, features: FeatureExtractor, head: Head | EnsembleHead):
         super().__init__()
         self.features, self.head = features, head
         self.temperature = 1.0
@@ -87,7 +88,10 @@ def head_config(kind: str, dim: int, hidden: int, dropout: float) -> dict:
     return {"kind": kind, "dim": int(dim), "hidden": int(hidden), "dropout": float(dropout)}
 
 
-def make_head(cfg: dict, n_classes: int) -> Head:
+def make_head(cfg: dict, n_classes: int) -> Head | EnsembleHead:
+    if cfg["kind"] == "ensemble":  # auto's ensemble candidate: a head per member (graft.ensemble)
+        members = cfg["members"]
+        return EnsembleHead([make_head(m, n_classes) for m in members], [m["dim"] for m in members], n_classes)
     return Head(cfg["dim"], n_classes, cfg["kind"], cfg["hidden"], cfg["dropout"])
 
 
@@ -140,6 +144,9 @@ def _payload_problem(payload: dict) -> str | None:
             return f"{where}'state_dict' is missing"
         if not isinstance(part.get("head"), dict) or not all(k in part["head"] for k in _HEAD_KEYS):
             return f"{where}'head' must name {', '.join(_HEAD_KEYS)}"
+        members = part["head"].get("members") if part["head"]["kind"] == "ensemble" else [part["head"]]
+        if not isinstance(members, list) or not all(isinstance(m, dict) and set(_HEAD_KEYS) <= set(m) for m in members):
+            return f"{where}'head' of an ensemble must list its members' heads"
         for name, value in part["state_dict"].items():
             if not isinstance(value, torch.Tensor):
                 return f"{where}state_dict entry {str(name)[:60]!r} is a {type(value).__name__}, not a tensor"
@@ -153,7 +160,7 @@ def trained(payload: dict, final: bool = False) -> dict:
     return part or {"head": payload["head"], "state_dict": payload["state_dict"]}
 
 
-def head_from_payload(payload: dict, final: bool = False) -> Head:
+def head_from_payload(payload: dict, final: bool = False) -> Head | EnsembleHead:
     """The trained head of a model file (feature transfer, or the classifier of a fine-tuned one)."""
     part = trained(payload, final)
     head = make_head(part["head"], len(payload["classes"]))
@@ -168,7 +175,11 @@ def model_name(payload: dict) -> str:
     """A reader's name for the model: what it reads and how it was trained."""
     b = payload["backbone"]
     taps = b.get("taps", ["last"])
-    kind = trained(payload)["head"]["kind"]
+    head = trained(payload)["head"]
+    kind = head["kind"]
+    if kind == "ensemble":
+        names = ", ".join(str(m.get("name", m["kind"])) for m in head["members"])
+        return f"{b['name']} features: mean of {len(head['members'])} heads ({names})"
     if payload["kind"] == "finetune":
         size = b.get("image_size")
         return f"{b['name']} fine-tuned" + (f" at {size} px" if size else "")

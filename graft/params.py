@@ -154,7 +154,7 @@ class FinetuneParams(_Strict):
     augment: AugmentParams = AugmentParams()
 
 
-Candidate = Literal["pixels", "logreg", "mlp", "multilayer", "fusion", "finetune", "other_backbones"]
+Candidate = Literal["pixels", "logreg", "mlp", "multilayer", "fusion", "ensemble", "finetune", "other_backbones"]
 CANDIDATES: tuple[Candidate, ...] = typing.get_args(Candidate)  # cheapest first: the order auto tries them in
 
 

@@ -1,12 +1,13 @@
 """Train, mode ``auto``: try every candidate the budget allows, keep the best for this data, refit it.
 
 Candidates, cheapest first (``train.candidates``): the raw-pixel model, logistic-regression and MLP
-heads on the last-layer features, the multi-layer head, the multi-layer + raw-pixel fusion, LP-FT
-fine-tuning at the input size the data asks for, and every other backbone whose weights are on this
-machine. Each is scored on held-out data (:mod:`graft.auto`); the one-standard-error rule keeps the
-cheapest within one SE of the best. The winner is refit on train+val (``train.refit``) with the
-settings it was chosen with, and, with ``refit: all``, once more on every image for the exported
-model (``payload["final"]``), after the train+val model's test metrics are recorded by evaluate.
+heads on the last-layer features, the multi-layer head, the multi-layer + raw-pixel fusion, the ensemble
+of those (the mean of their probabilities, :mod:`graft.ensemble`), LP-FT fine-tuning at the input size
+the data asks for, and every other backbone whose weights are on this machine. Each is scored on
+held-out data (:mod:`graft.auto`); the one-standard-error rule keeps the cheapest within one SE of the
+best. The winner is refit on train+val (``train.refit``) with the settings it was chosen with, and,
+with ``refit: all``, once more on every image for the exported model (``payload["final"]``), after the
+train+val model's test metrics are recorded by evaluate.
 
 Outputs: ``models/model.pt``, ``metrics/leaderboard.csv`` (every candidate, skipped ones with the
 reason), ``metrics/train.json`` and the training curves.
@@ -32,10 +33,12 @@ from graft.auto import (
     holdout,
     onnx_cost,
     score_features,
+    write_leaderboard,
 )
 from graft.backbones import build_backbone, local_backbones
 from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.dataset import read_classes, read_manifest
+from graft.ensemble import fit_ensemble, members_of, score_ensemble
 from graft.lpft import finetune_candidate, refit_finetune
 from graft.model import Classifier, backbone_entry, head_config, make_head, save_model
 from graft.params import Params
@@ -45,7 +48,6 @@ from graft.select import (
     head_spec,
     one_se_choice,
     to_torch_head,
-    write_leaderboard,
 )
 from graft.tasks import stage_task
 from graft.trust import calibrate, oof_logits
@@ -76,6 +78,8 @@ def refit_features(
 ) -> dict:
     """A feature winner refit on ``splits`` with its chosen regularisation, as a graft head."""
     x, y = _matrix(_rows(manifest, splits), feats, classes)
+    if result.kind == "ensemble":
+        return {**fit_ensemble(result, x, y, meta, len(classes), params.seed), "fit": "+".join(splits)}
     pipe = fit_features(
         result.kind, select_columns(x, tap_columns(meta, result.taps)), y, result.chosen.settings, params.seed
     )
@@ -112,6 +116,10 @@ def auto(params: Params) -> dict:
                 f"auto: {name:<11} macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f} "
                 f"({results[-1].seconds:.1f} s)"
             )
+        elif name == "ensemble":
+            results.append(score_ensemble(members_of(results), x_all, meta, y, splits, scored_on))
+            if results[-1].ran:
+                print(f"auto: ensemble    macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f}")
         elif name == "finetune":
             probe = next((r for r in results if r.name == "logreg" and r.ran), None)
             results.append(
@@ -215,7 +223,7 @@ def _payload(
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
         x, y = _matrix(_rows(manifest, ("train", "val")), own_feats, classes)
         x = select_columns(x, tap_columns(own_meta, winner.taps))
-        logits, covered = oof_logits(winner.kind, x, y, winner.chosen.settings, splits)
+        logits, covered = winner.extra.get("oof") or oof_logits(winner.kind, x, y, winner.chosen.settings, splits)
         y_held = y[covered]
 
         def refit(splits: tuple[str, ...]) -> dict:
@@ -259,12 +267,10 @@ def leaderboard(params: Params, results: list[Result], winner: Result, classes: 
             size = best.settings.get("image_size")
             fp = r.extra.get("featurize", params.featurize)
             bb = build_backbone(fp.backbone, fp.weights, size, r.taps, fp.raw_size)
-            head = make_head(
-                head_config(
-                    "mlp" if r.kind == "mlp" else "logreg", bb.feature_dim, int(best.settings.get("hidden", 0)), 0.0
-                ),
-                len(classes),
+            config = r.extra.get("head_config") or head_config(
+                "mlp" if r.kind == "mlp" else "logreg", bb.feature_dim, int(best.settings.get("hidden", 0)), 0.0
             )
+            head = make_head(config, len(classes))
             row["onnx_bytes"], row["latency_ms_batch_1"] = onnx_cost(Classifier(bb.model, head), bb.preprocess.crop)
         rows.append(row)
     return rows

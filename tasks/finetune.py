@@ -22,7 +22,7 @@ import torch
 
 from graft import GraftError
 from graft.atomic import write_json
-from graft.auto import data_image_size
+from graft.auto import data_image_size, write_leaderboard
 from graft.backbones import Backbone
 from graft.cache import cached_pooled_features
 from graft.dataset import read_classes, read_manifest, split_items
@@ -30,7 +30,6 @@ from graft.lpft import probe_start
 from graft.model import Classifier, head_config, initial_model, run_key, save_model
 from graft.params import Params
 from graft.plots import write_curves
-from graft.select import write_leaderboard
 from graft.tasks import stage_task
 from graft.trust import calibrate
 from graft.tune import fit, predict_logits, read_checkpoint

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from graft.atomic import write_json
+from graft.auto import write_leaderboard
 from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.dataset import read_classes, read_manifest, split_arrays
 from graft.heads import fit_head
 from graft.model import backbone_entry, head_config, save_model
 from graft.params import Params
 from graft.plots import write_curves
-from graft.select import write_leaderboard
 from graft.tasks import stage_task
 from graft.trust import calibrate
 

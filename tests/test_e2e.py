@@ -66,7 +66,7 @@ def test_dvc_repro_runs_the_whole_pipeline(repo_copy: tuple[Path, dict]) -> None
 
     board = pd.read_csv(repo / "metrics/leaderboard.csv").set_index("candidate")
     ran = board[board["score"].notna()]
-    assert {"pixels", "logreg", "mlp", "multilayer", "fusion", "finetune"} <= set(ran.index), board
+    assert {"pixels", "logreg", "mlp", "multilayer", "fusion", "ensemble", "finetune"} <= set(ran.index), board
     # other_backbones: make installs the lite extra, so Lite1 and Lite2 compete on their own real features
     assert {"efficientnet_lite1 logreg", "efficientnet_lite2 logreg"} <= set(ran.index), board
     chosen = json.loads((repo / "metrics/train.json").read_text())["chosen"]

@@ -140,7 +140,9 @@ def test_auto_mode_defaults() -> None:
     """train.mode auto and its keys default to the documented values; candidates keep their cheapest-first order."""
     t = Params().train
     assert (t.mode, t.budget_minutes, t.refit, t.cv_folds, t.cv_below) == ("auto", 20, "trainval", 5, 2000)
-    assert list(t.candidates) == ["pixels", "logreg", "mlp", "multilayer", "fusion", "finetune", "other_backbones"]
+    assert list(t.candidates) == [
+        *("pixels", "logreg", "mlp", "multilayer", "fusion", "ensemble", "finetune", "other_backbones")
+    ]
     assert tuple(t.candidates) == CANDIDATES
     assert (t.finetune.ema, t.finetune.init, t.finetune.strategy) == (0.999, "probe", "staged")
     assert t.finetune.image_size is None and Params().retrain.escalate_below_val_accuracy is None

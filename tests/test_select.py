@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import sem
+from sklearn.metrics import f1_score
 
 from graft import GraftError
 from graft.heads import head_spec, to_torch_head
@@ -140,6 +141,24 @@ def test_cv_grid_rows_describe_every_setting():
     ]
     with pytest.raises(GraftError, match="unknown candidate kind"):
         cv_grid("svm", X, y, [1.0], splits)
+
+
+def test_a_refit_with_the_chosen_c_is_the_model_its_cv_score_describes():
+    """Few, wide samples (the small sets auto meets): at weak penalties lbfgs stops at its tolerance, at a point
+    that depends on where it started. fit_linear must follow the warm-started path cv_grid scored, so refitting
+    a fold's training rows at any C reproduces that fold's score exactly."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 25)
+    X = rng.normal(size=(100, 1500)) + 0.12 * rng.normal(size=(4, 1500))[y]  # cold refits at C=1, 10: -5 pt a fold
+    splits = cv_splits(y)
+    rows = cv_grid("linear", X, y, LINEAR_C_GRID, splits)
+    labels = np.unique(y)
+    for row in rows:
+        refit = [
+            f1_score(y[va], fit_linear(X[tr], y[tr], row.settings["C"]).predict(X[va]), labels=labels, average="macro")
+            for tr, va in splits
+        ]
+        assert refit == pytest.approx(row.fold_scores, abs=1e-12), row.settings
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
