@@ -54,6 +54,7 @@ def score_ensemble(
     y: np.ndarray,
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
     scored_on: str,
+    seed: int = 0,
 ) -> Result:
     """Score the mean of ``members``' probabilities on ``splits`` (their own folds, their chosen settings).
 
@@ -66,7 +67,7 @@ def score_ensemble(
     covered, probs = np.zeros(len(y), bool), []
     for r in members:
         x = select_columns(x_all, tap_columns(meta, r.taps))
-        logits, covered = oof_logits(r.kind, x, y, r.chosen.settings, list(splits))
+        logits, covered = oof_logits(r.kind, x, y, r.chosen.settings, list(splits), seed)
         probs.append(_softmax(logits))
     mean = np.mean(probs, axis=0)
     pred = np.full(len(y), -1)

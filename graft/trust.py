@@ -143,15 +143,18 @@ def distance_score(x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray) -> n
     return -d2.min(1) / x.shape[1]
 
 
-def oof_logits(kind: str, x: np.ndarray, y: np.ndarray, settings: dict, splits: list) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out logits of a feature candidate with fixed settings over ``splits``, and the rows they cover."""
+def oof_logits(
+    kind: str, x: np.ndarray, y: np.ndarray, settings: dict, splits: list, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out logits of a feature candidate with fixed settings over ``splits``, and the rows they cover; the
+    fits are those :func:`graft.select.cv_grid` scored (the same warm-start path, the MLP's ``seed``)."""
     from graft.auto import fit_features
     from graft.select import to_torch_head
 
     out = np.zeros((len(y), len(np.unique(y))), np.float32)
     covered = np.zeros(len(y), bool)
     for tr, va in splits:
-        out[va], covered[va] = _logits(fit_features(kind, x[tr], y[tr], settings), x[va], to_torch_head), True
+        out[va], covered[va] = _logits(fit_features(kind, x[tr], y[tr], settings, seed), x[va], to_torch_head), True
     return out[covered], covered
 
 

@@ -117,7 +117,7 @@ def auto(params: Params) -> dict:
                 f"({results[-1].seconds:.1f} s)"
             )
         elif name == "ensemble":
-            results.append(score_ensemble(members_of(results), x_all, meta, y, splits, scored_on))
+            results.append(score_ensemble(members_of(results), x_all, meta, y, splits, scored_on, params.seed))
             if results[-1].ran:
                 print(f"auto: ensemble    macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f}")
         elif name == "finetune":
@@ -223,7 +223,8 @@ def _payload(
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
         x, y = _matrix(_rows(manifest, ("train", "val")), own_feats, classes)
         x = select_columns(x, tap_columns(own_meta, winner.taps))
-        logits, covered = winner.extra.get("oof") or oof_logits(winner.kind, x, y, winner.chosen.settings, splits)
+        settings = winner.chosen.settings
+        logits, covered = winner.extra.get("oof") or oof_logits(winner.kind, x, y, settings, splits, params.seed)
         y_held = y[covered]
 
         def refit(splits: tuple[str, ...]) -> dict:
