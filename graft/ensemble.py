@@ -25,6 +25,7 @@ from sklearn.metrics import f1_score
 
 from graft.auto import FEATURE_CANDIDATES, Result, fit_features
 from graft.cache import select_columns, tap_columns
+from graft.model import head_config
 from graft.registry import canonical_taps
 from graft.select import Candidate, bootstrap_se, head_spec, se_of_mean, to_torch_head
 from graft.trust import oof_logits
@@ -65,11 +66,13 @@ def score_ensemble(
         return Result("ensemble", note="skipped: it averages two or more feature candidates, and fewer ran")
     t0 = time.perf_counter()
     union = canonical_taps([t for r in members for t in r.taps])
-    covered, probs = np.zeros(len(y), bool), []
+    covered, probs, configs = np.zeros(len(y), bool), [], []
     for r in members:
         x = select_columns(x_all, tap_columns(meta, r.taps))
         logits, covered = oof_logits(r.kind, x, y, r.chosen.settings, list(splits), seed)
         probs.append(_softmax(logits))
+        hidden = int(r.chosen.settings.get("hidden", 0)) if r.kind == "mlp" else 0  # the export's shapes
+        configs.append(head_config("mlp" if hidden else "logreg", x.shape[1], hidden, 0.0) | {"name": r.name})
     mean = np.mean(probs, axis=0)
     pred = np.full(len(y), -1)
     pred[covered] = mean.argmax(1)
@@ -79,24 +82,10 @@ def score_ensemble(
     settings = {"members": [r.name for r in members]}
     best = Candidate("ensemble", float(np.mean(folds)), se, 0.0, settings, tuple(folds) if len(folds) > 1 else ())
     width = len(tap_columns(meta, union)) or x_all.shape[1]
-    config = ensemble_config(members, meta, union, width, x_all.shape[1])
+    config = {"kind": "ensemble", "dim": int(width), "hidden": 0, "dropout": 0.0, "members": configs}
     oof = (np.log(np.clip(mean, 1e-12, None)).astype(np.float32), covered)
     extra = {"oof": oof, "head_config": config, "members": list(members)}
     return Result("ensemble", union, "ensemble", best, [best], time.perf_counter() - t0, scored_on, extra=extra)
-
-
-def ensemble_config(
-    members: Sequence[Result], meta: dict[str, str], union: tuple[str, ...], width: int, table_dim: int
-) -> dict:
-    """The ``head`` entry of an ensemble's model file: the union's width and one head config per member."""
-    configs = []
-    for r in members:
-        cols = len(tap_columns(meta, r.taps)) or table_dim
-        hidden = int(r.chosen.settings.get("hidden", 0)) if r.kind == "mlp" else 0
-        configs.append(
-            {"kind": "mlp" if hidden else "logreg", "dim": cols, "hidden": hidden, "dropout": 0.0, "name": r.name}
-        )
-    return {"kind": "ensemble", "dim": int(width), "hidden": 0, "dropout": 0.0, "members": configs}
 
 
 def fit_ensemble(

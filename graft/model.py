@@ -144,8 +144,10 @@ def _payload_problem(payload: dict) -> str | None:
             return f"{where}'state_dict' is missing"
         if not isinstance(part.get("head"), dict) or not all(k in part["head"] for k in _HEAD_KEYS):
             return f"{where}'head' must name {', '.join(_HEAD_KEYS)}"
-        members = part["head"].get("members") if part["head"]["kind"] == "ensemble" else [part["head"]]
-        if not isinstance(members, list) or not all(isinstance(m, dict) and set(_HEAD_KEYS) <= set(m) for m in members):
+        members = part["head"].get("members")
+        if part["head"]["kind"] == "ensemble" and not (
+            isinstance(members, list) and all(isinstance(m, dict) and set(_HEAD_KEYS) <= set(m) for m in members)
+        ):
             return f"{where}'head' of an ensemble must list its members' heads"
         for name, value in part["state_dict"].items():
             if not isinstance(value, torch.Tensor):

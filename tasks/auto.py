@@ -222,9 +222,11 @@ def _payload(
     else:
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
         x, y = _matrix(_rows(manifest, ("train", "val")), own_feats, classes)
-        x = select_columns(x, tap_columns(own_meta, winner.taps))
-        settings = winner.chosen.settings
-        logits, covered = winner.extra.get("oof") or oof_logits(winner.kind, x, y, settings, splits, params.seed)
+        if "oof" in winner.extra:  # the ensemble kept the out-of-fold logits it was scored on
+            logits, covered = winner.extra["oof"]
+        else:
+            x = select_columns(x, tap_columns(own_meta, winner.taps))
+            logits, covered = oof_logits(winner.kind, x, y, winner.chosen.settings, splits, params.seed)
         y_held = y[covered]
 
         def refit(splits: tuple[str, ...]) -> dict:
