@@ -18,7 +18,7 @@ import io
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +99,10 @@ def score_features(
     grid = LINEAR_C_GRID if kind == "linear" else MLP_ALPHA_GRID
     rows = cv_grid(kind, x, y, grid, splits, class_weight=class_weight, seed=seed)
     best = one_se_choice(rows)
-    if len(splits) == 1:  # one val score: its SE comes from resampling the val images
-        tr, va = splits[0]
-        pred = fit_features(kind, x[tr], y[tr], best.settings, seed).predict(x[va])
-        best = Candidate(
-            best.name,
-            best.score,
-            bootstrap_se(y[va], pred),
-            best.cost,
-            best.settings,
-            best.fold_scores,
-            best.fit_seconds,
-        )
+    if len(splits) == 1 and best.oof is not None:  # one val score: its SE comes from resampling the val images
+        logits, covered = best.oof
+        best = replace(best, se=bootstrap_se(y[covered], logits.argmax(1)))
+    rows = [replace(r, oof=None) for r in rows]  # the chosen setting's held-out logits are kept in ``best`` only
     return Result(name, taps, kind, best, rows, time.perf_counter() - t0, scored_on)
 
 

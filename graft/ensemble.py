@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from graft import GraftError
 from graft.auto import FEATURE_CANDIDATES, Result, fit_features
 from graft.cache import select_columns, tap_columns
 from graft.model import head_config
 from graft.registry import canonical_taps
 from graft.select import Candidate, bootstrap_se, head_spec, se_of_mean, to_torch_head
-from graft.trust import oof_logits
 
 
 def members_of(results: Sequence[Result]) -> list[Result]:
@@ -56,23 +57,25 @@ def score_ensemble(
     y: np.ndarray,
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
     scored_on: str,
-    seed: int = 0,
 ) -> Result:
     """Score the mean of ``members``' probabilities on ``splits`` (their own folds, their chosen settings).
 
-    ``extra``: the out-of-fold logits (log mean probability) and the rows they cover, for the calibration, and
-    the head config the export builds."""
+    Each member's out-of-fold logits are those its own CV kept (``Candidate.oof``): nothing is fitted again. The
+    result's ``oof`` is the log mean probability on the rows they cover, for the calibration; ``extra`` holds the
+    head config the export builds and the members."""
     if len(members) < 2:
         return Result("ensemble", note="skipped: it averages two or more feature candidates, and fewer ran")
     t0 = time.perf_counter()
     union = canonical_taps([t for r in members for t in r.taps])
     covered, probs, configs = np.zeros(len(y), bool), [], []
     for r in members:
-        x = select_columns(x_all, tap_columns(meta, r.taps))
-        logits, covered = oof_logits(r.kind, x, y, r.chosen.settings, list(splits), seed)
+        if r.chosen.oof is None:
+            raise GraftError(f"ensemble: member {r.name} kept no out-of-fold logits (score it with cv_grid)")
+        logits, covered = r.chosen.oof
         probs.append(_softmax(logits))
         hidden = int(r.chosen.settings.get("hidden", 0)) if r.kind == "mlp" else 0  # the export's shapes
-        configs.append(head_config("mlp" if hidden else "logreg", x.shape[1], hidden, 0.0) | {"name": r.name})
+        dim = len(tap_columns(meta, r.taps)) or x_all.shape[1]
+        configs.append(head_config("mlp" if hidden else "logreg", dim, hidden, 0.0) | {"name": r.name})
     mean = np.mean(probs, axis=0)
     pred = np.full(len(y), -1)
     pred[covered] = mean.argmax(1)
@@ -84,7 +87,8 @@ def score_ensemble(
     width = len(tap_columns(meta, union)) or x_all.shape[1]
     config = {"kind": "ensemble", "dim": int(width), "hidden": 0, "dropout": 0.0, "members": configs}
     oof = (np.log(np.clip(mean, 1e-12, None)).astype(np.float32), covered)
-    extra = {"oof": oof, "head_config": config, "members": list(members)}
+    best = replace(best, oof=oof)
+    extra = {"head_config": config, "members": list(members)}
     return Result("ensemble", union, "ensemble", best, [best], time.perf_counter() - t0, scored_on, extra=extra)
 
 

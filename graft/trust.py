@@ -12,9 +12,6 @@ leave-one-class-out AUROC, and the report shows both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
@@ -105,7 +102,8 @@ def leave_one_class_out(
     calibrate it on its own out-of-fold logits, and score how well the test images of class k are rejected:
     AUROC of each score (test images of the other classes vs class k) and the rejection rate at the threshold."""
     from graft.auto import fit_features
-    from graft.select import cv_splits, to_torch_head
+    from graft.heads import head_logits
+    from graft.select import cv_splits
 
     rows: dict[str, list[float]] = {
         key: [] for key in (*(f"auroc_{s}" for s in (*SCORES, "distance")), "rejected_at_threshold")
@@ -118,9 +116,9 @@ def leave_one_class_out(
         labels = np.searchsorted(np.setdiff1d(classes, [k]), y[keep])
         logits_oof = np.zeros((int(keep.sum()), len(classes) - 1))
         for tr, va in cv_splits(labels, 3):
-            logits_oof[va] = _logits(fit_features(kind, x[keep][tr], labels[tr], settings), x[keep][va], to_torch_head)
+            logits_oof[va] = head_logits(fit_features(kind, x[keep][tr], labels[tr], settings), x[keep][va])
         cal = calibrate(logits_oof, labels, accept_rate, kind_score)
-        z = _logits(fit_features(kind, x[keep], labels, settings), x_test, to_torch_head)
+        z = head_logits(fit_features(kind, x[keep], labels, settings), x_test)
         t, inside = cal["temperature"], y_test != k
         for s in SCORES:
             score = in_distribution_score(z, t, s)
@@ -141,36 +139,6 @@ def distance_score(x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray) -> n
     z = (x - mean) / std
     d2 = (z**2).sum(1)[:, None] - 2 * z @ means.T + (means**2).sum(1)[None, :]
     return -d2.min(1) / x.shape[1]
-
-
-def oof_logits(
-    kind: str, x: np.ndarray, y: np.ndarray, settings: dict, splits: list, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out logits of a feature candidate with fixed settings over ``splits``, and the rows they cover; the
-    fits are those :func:`graft.select.cv_grid` scored (the same warm-start path, the MLP's ``seed``)."""
-    from graft.auto import fit_features
-    from graft.select import to_torch_head
-
-    out = np.zeros((len(y), len(np.unique(y))), np.float32)
-    covered = np.zeros(len(y), bool)
-    for tr, va in splits:
-        out[va], covered[va] = _logits(fit_features(kind, x[tr], y[tr], settings, seed), x[va], to_torch_head), True
-    return out[covered], covered
-
-
-def _logits(pipe: Any, x: np.ndarray, to_head: Callable[[Any, int], dict]) -> np.ndarray:
-    """The logits graft's exported head computes for a fitted sklearn pipeline (binary: [0, z])."""
-    import torch
-
-    from graft.model import Head
-
-    n = len(pipe.classes_)
-    state = to_head(pipe, n)
-    hidden = state["net.0.weight"].shape[0] if "net.3.weight" in state else 0
-    head = Head(x.shape[1], n, "mlp" if hidden else "logreg", hidden or 512, 0.0)
-    head.load_state_dict(state)
-    with torch.no_grad():
-        return head.eval()(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
 
 def photos() -> list:

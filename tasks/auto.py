@@ -50,7 +50,7 @@ from graft.select import (
     to_torch_head,
 )
 from graft.tasks import stage_task
-from graft.trust import calibrate, oof_logits
+from graft.trust import calibrate
 
 
 def _rows(manifest: pd.DataFrame, splits: tuple[str, ...]) -> pd.DataFrame:
@@ -117,7 +117,7 @@ def auto(params: Params) -> dict:
                 f"({results[-1].seconds:.1f} s)"
             )
         elif name == "ensemble":
-            results.append(score_ensemble(members_of(results), x_all, meta, y, splits, scored_on, params.seed))
+            results.append(score_ensemble(members_of(results), x_all, meta, y, splits, scored_on))
             if results[-1].ran:
                 print(f"auto: ensemble    macro-F1 {results[-1].chosen.score:.4f} ± {results[-1].chosen.se:.4f}")
         elif name == "finetune":
@@ -134,7 +134,7 @@ def auto(params: Params) -> dict:
     order = {n: i for i, n in enumerate(tp.candidates)}
     chosen = one_se_choice([replace(r.chosen, name=r.name, cost=order[r.extra.get("group", r.name)]) for r in ran])
     winner = next(r for r in ran if r.name == chosen.name)
-    payload = _payload(params, manifest, feats, meta, classes, winner, splits)
+    payload = _payload(params, manifest, feats, meta, classes, winner, y)
     save_model(Path(tp.model_dir) / "model.pt", payload)
     write_leaderboard(params.evaluate.metrics_dir, leaderboard(params, results, winner, classes))
     history = winner.extra.get("history") or [
@@ -207,7 +207,7 @@ def _payload(
     meta: dict[str, str],
     classes: list[str],
     winner: Result,
-    splits: list,
+    y: np.ndarray,
 ) -> dict:
     """The model file of the winner, refit as ``train.refit`` says, with its calibration (temperature and
     unknown threshold) fitted on the winner's held-out logits: out-of-fold for feature candidates."""
@@ -221,13 +221,10 @@ def _payload(
         size = winner.chosen.settings["image_size"]
     else:
         own_feats, own_meta = winner.extra.get("feats", feats), winner.extra.get("meta", meta)
-        x, y = _matrix(_rows(manifest, ("train", "val")), own_feats, classes)
-        if "oof" in winner.extra:  # the ensemble kept the out-of-fold logits it was scored on
-            logits, covered = winner.extra["oof"]
-        else:
-            x = select_columns(x, tap_columns(own_meta, winner.taps))
-            logits, covered = oof_logits(winner.kind, x, y, winner.chosen.settings, splits, params.seed)
-        y_held = y[covered]
+        if winner.chosen.oof is None:
+            raise GraftError(f"auto: {winner.name} kept no out-of-fold logits to calibrate on")
+        logits, covered = winner.chosen.oof  # its CV's own fits' held-out logits, refit on nothing
+        y_held = y[covered]  # ``y``: the train+val labels in the order every candidate was scored on
 
         def refit(splits: tuple[str, ...]) -> dict:
             return refit_features(params, manifest, own_feats, own_meta, classes, winner, splits)

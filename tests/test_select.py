@@ -11,7 +11,8 @@ from scipy.stats import sem
 from sklearn.metrics import f1_score
 
 from graft import GraftError
-from graft.heads import head_spec, to_torch_head
+from graft.auto import fit_features
+from graft.heads import head_logits, head_spec, to_torch_head
 from graft.model import Head, make_head
 from graft.select import (
     LINEAR_C_GRID,
@@ -159,6 +160,41 @@ def test_a_refit_with_the_chosen_c_is_the_model_its_cv_score_describes():
             for tr, va in splits
         ]
         assert refit == pytest.approx(row.fold_scores, abs=1e-12), row.settings
+
+
+@pytest.mark.parametrize(("kind", "grid"), [("linear", LINEAR_C_GRID), ("mlp", (1e-2, 1.0))])
+def test_kept_out_of_fold_logits_are_the_refit_heads_on_each_fold(kind: str, grid: tuple) -> None:
+    """The calibration and the ensemble read the out-of-fold logits cv_grid keeps instead of fitting the folds
+    again: on each fold they must be the exported head's logits of the refit path (fit_features: the warm-start
+    path, the MLP's seed) on that fold's training rows, and score the CV's macro-F1, at every setting."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 25)
+    X = rng.normal(size=(100, 1500)) + 0.12 * rng.normal(size=(4, 1500))[y]
+    splits = cv_splits(y)
+    for row in cv_grid(kind, X, y, grid, splits, seed=3, hidden=16):
+        assert row.oof is not None
+        logits, covered = row.oof
+        assert covered.all() and logits.shape == (100, 4)
+        for f, (tr, va) in enumerate(splits):
+            refit = head_logits(fit_features(kind, X[tr], y[tr], row.settings, seed=3), X[va])
+            np.testing.assert_allclose(logits[va], refit, rtol=1e-5, atol=1e-5, err_msg=str(row.settings))
+            score = f1_score(y[va], logits[va].argmax(1), labels=np.unique(y), average="macro")
+            assert score == pytest.approx(row.fold_scores[f], abs=1e-12), row.settings
+
+
+def test_kept_logits_of_a_val_split_cover_its_rows_only_and_are_the_heads() -> None:
+    """One val split (larger sets): the kept logits are the val rows', in order; a binary model's are [0, z]."""
+    X, y = _hidden_direction(separable=True, seed=0)
+    order = np.random.default_rng(1).permutation(len(y))
+    X, y = X[order], y[order]
+    split = [(np.arange(120), np.arange(120, 160))]
+    row = cv_grid("linear", X, y, LINEAR_C_GRID, split)[LINEAR_C_GRID.index(1.0)]
+    assert row.oof is not None
+    logits, covered = row.oof
+    assert covered.tolist() == [False] * 120 + [True] * 40 and logits.shape == (40, 2)
+    assert np.all(logits[:, 0] == 0)
+    pipe = fit_linear(X[:120], y[:120], 1.0)
+    np.testing.assert_allclose(logits[:, 1], pipe.decision_function(X[120:]), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

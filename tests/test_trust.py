@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score
 
 from graft.model import Classifier, Head, Serving
-from graft.select import LINEAR_C_GRID, cv_grid, cv_splits
 from graft.taps import FeatureExtractor
 from graft.trust import (
     auroc,
@@ -17,7 +15,6 @@ from graft.trust import (
     in_distribution_score,
     leave_one_class_out,
     nll,
-    oof_logits,
     reliability_table,
     threshold_for,
 )
@@ -89,18 +86,3 @@ def test_serving_graph_outputs_calibrated_probabilities_and_the_score(score: str
     z = model.logits(x).detach().numpy()
     np.testing.assert_allclose(proba.detach().numpy(), torch.softmax(torch.from_numpy(z) / 2.5, 1).numpy(), atol=1e-6)
     np.testing.assert_allclose(s.detach().numpy(), in_distribution_score(z, 2.5, score), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(("kind", "grid"), [("linear", LINEAR_C_GRID), ("mlp", (1e-2, 1.0))])
-def test_out_of_fold_logits_come_from_the_fits_the_cv_scored(kind: str, grid: tuple) -> None:
-    """The calibration and the ensemble read out-of-fold logits: they must come from the very fits the CV scored
-    (the same warm-start path, the MLP's seed), so on every fold their macro-F1 is the CV's, at every setting."""
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(4), 25)
-    X = rng.normal(size=(100, 1500)) + 0.12 * rng.normal(size=(4, 1500))[y]
-    splits = cv_splits(y)
-    for row in cv_grid(kind, X, y, grid, splits, seed=3, hidden=16):
-        logits, covered = oof_logits(kind, X, y, row.settings, splits, seed=3)
-        assert covered.all()
-        scores = [f1_score(y[va], logits[va].argmax(1), labels=np.unique(y), average="macro") for _, va in splits]
-        assert scores == pytest.approx(row.fold_scores, abs=1e-12), row.settings
