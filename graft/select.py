@@ -249,8 +249,10 @@ def cv_grid(
     labels = np.unique(y)
     scores = np.zeros((len(grid), len(splits)))
     seconds = np.zeros(len(grid))
-    logits = np.zeros((len(grid), len(y), labels.size), np.float32)
     covered = np.zeros(len(y), bool)
+    covered[np.concatenate([va for _, va in splits])] = True
+    at = np.cumsum(covered) - 1  # a held-out row's place among the held-out rows (only those are kept: val only)
+    logits = np.zeros((len(grid), int(covered.sum()), labels.size), np.float32)
     # small matrices: one BLAS thread is as fast, and immune to a busy host (threaded BLAS on 2 busy cores: ~5x slower)
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -270,8 +272,7 @@ def cv_grid(
                 fitted = model.fit(Xtr, y[tr], sample_weight=weights)
                 seconds[i] += time.perf_counter() - t0
                 scores[i, f] = f1_score(y[va], fitted.predict(Xva), labels=labels, average="macro", zero_division=0)
-                logits[i][va] = head_logits(make_pipeline(scaler, fitted), X[va])  # ingest: every class in train
-            covered[va] = True
+                logits[i][at[va]] = head_logits(make_pipeline(scaler, fitted), X[va])  # ingest: every class in train
     rank = {i: r for r, i in enumerate(order)}
     rows = []
     for i, value in enumerate(grid):
@@ -288,7 +289,7 @@ def cv_grid(
                 settings,
                 tuple(float(s) for s in scores[i]),
                 float(seconds[i]),
-                (logits[i][covered], covered),
+                (logits[i], covered),
             )
         )
     return rows
