@@ -127,11 +127,13 @@ def to_torch_head(pipeline: Pipeline, n_classes: int) -> dict[str, torch.Tensor]
 def head_logits(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
     """The logits graft's exported head computes for a fitted pipeline on raw features ``x`` (float32; a binary
     model's are ``[0, z]``): what the calibration and the ensemble must see, as the energy score is not
-    invariant to a shift of a row's logits."""
+    invariant to a shift of a row's logits. torch's global RNG is left as it was (cv_grid calls this inside the
+    LP-FT probe, after the fine-tune's seed is set)."""
     n = len(_parts(pipeline)[1].classes_)
     state = to_torch_head(pipeline, n)
     hidden = state["net.0.weight"].shape[0] if "net.3.weight" in state else 0
-    head = Head(x.shape[1], n, "mlp" if hidden else "logreg", hidden or 512, 0.0)
+    with torch.random.fork_rng(devices=[]):  # the layers' initial draws, overwritten by the state right after
+        head = Head(x.shape[1], n, "mlp" if hidden else "logreg", hidden or 512, 0.0)
     head.load_state_dict(state)
     with torch.no_grad():
         return head.eval()(torch.from_numpy(np.asarray(x, np.float32))).numpy()

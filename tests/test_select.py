@@ -171,7 +171,10 @@ def test_kept_out_of_fold_logits_are_the_refit_heads_on_each_fold(kind: str, gri
     y = np.repeat(np.arange(4), 25)
     X = rng.normal(size=(100, 1500)) + 0.12 * rng.normal(size=(4, 1500))[y]
     splits = cv_splits(y)
-    for row in cv_grid(kind, X, y, grid, splits, seed=3, hidden=16):
+    rng_state = torch.random.get_rng_state()
+    rows = cv_grid(kind, X, y, grid, splits, seed=3, hidden=16)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # a fine-tune seeded before its probe keeps its draws
+    for row in rows:
         assert row.oof is not None
         logits, covered = row.oof
         assert covered.all() and logits.shape == (100, 4)
