@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.metrics import f1_score
 
 from graft import GraftError
@@ -43,11 +43,6 @@ def _positions(meta: dict[str, str], taps: tuple[str, ...], union: tuple[str, ..
     if not len(all_cols):  # a table that holds the last-layer features only: every column is "last"
         return np.arange(dim)
     return np.searchsorted(all_cols, cols)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def score_ensemble(
@@ -72,7 +67,7 @@ def score_ensemble(
         if r.chosen.oof is None:
             raise GraftError(f"ensemble: member {r.name} kept no out-of-fold logits (score it with cv_grid)")
         logits, covered = r.chosen.oof
-        probs.append(_softmax(logits))
+        probs.append(softmax(logits, axis=1))
         hidden = int(r.chosen.settings.get("hidden", 0)) if r.kind == "mlp" else 0  # the export's shapes
         dim = len(tap_columns(meta, r.taps)) or x_all.shape[1]
         configs.append(head_config("mlp" if hidden else "logreg", dim, hidden, 0.0) | {"name": r.name})
@@ -83,11 +78,11 @@ def score_ensemble(
     folds = [f1_score(y[va], pred[va], labels=labels, average="macro", zero_division=0) for _, va in splits]
     se = se_of_mean(folds) if len(splits) > 1 else bootstrap_se(y[covered], pred[covered])
     settings = {"members": [r.name for r in members]}
-    best = Candidate("ensemble", float(np.mean(folds)), se, 0.0, settings, tuple(folds) if len(folds) > 1 else ())
+    oof = (np.log(np.clip(mean, 1e-12, None)).astype(np.float32), covered)
+    fold_scores = tuple(folds) if len(folds) > 1 else ()
+    best = Candidate("ensemble", float(np.mean(folds)), se, 0.0, settings, fold_scores, oof=oof)
     width = len(tap_columns(meta, union)) or x_all.shape[1]
     config = {"kind": "ensemble", "dim": int(width), "hidden": 0, "dropout": 0.0, "members": configs}
-    oof = (np.log(np.clip(mean, 1e-12, None)).astype(np.float32), covered)
-    best = replace(best, oof=oof)
     extra = {"head_config": config, "members": list(members)}
     return Result("ensemble", union, "ensemble", best, [best], time.perf_counter() - t0, scored_on, extra=extra)
 

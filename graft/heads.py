@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from graft import GraftError
-from graft.model import Head
+from graft.model import Head, make_head
 from graft.params import TrainParams
 
 
@@ -130,11 +130,9 @@ def head_logits(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
     invariant to a shift of a row's logits. torch's global RNG is left as it was (cv_grid calls this inside the
     LP-FT probe, after the fine-tune's seed is set)."""
     n = len(_parts(pipeline)[1].classes_)
-    state = to_torch_head(pipeline, n)
-    hidden = state["net.0.weight"].shape[0] if "net.3.weight" in state else 0
     with torch.random.fork_rng(devices=[]):  # the layers' initial draws, overwritten by the state right after
-        head = Head(x.shape[1], n, "mlp" if hidden else "logreg", hidden or 512, 0.0)
-    head.load_state_dict(state)
+        head = make_head(head_spec(pipeline), n)
+    head.load_state_dict(to_torch_head(pipeline, n))
     with torch.no_grad():
         return head.eval()(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
