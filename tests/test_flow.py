@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -36,6 +37,11 @@ def test_pipeline_flow_runs_every_stage_and_publishes_artifacts(ws: Path, prefec
     assert [r["model"] for r in rows] == [metrics["model_name"], "raw-pixel baseline"]
     assert rows[0]["accuracy"] == metrics["model"]["accuracy"]
     assert summary["verdict"] == metrics["vs_baseline"]["sentence"]  # the log ends with short lines, not a dict
+    board = Artifact.get("graft-leaderboard")  # the train stage's candidates (head mode: its one row)
+    assert board is not None and board.type == "table"
+    csv_rows = pd.read_csv(Path(params.evaluate.metrics_dir) / "leaderboard.csv").to_dict("records")
+    shown = [(r["candidate"], r["score"]) for r in json.loads(board.data)]
+    assert shown == [(r["candidate"], None if pd.isna(r["score"]) else r["score"]) for r in csv_rows]  # NaN: no JSON
     report = Artifact.get("graft-report")
     assert report is not None and report.type == "markdown" and "raw pixels" in report.data
 
