@@ -47,10 +47,11 @@ def step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
     import graft.precision as precision
     from graft.backbones import build_backbone
+    from graft.fold import fold_frozen_bn
     from graft.layerwise import layer_groups, set_trainable, train_mode
     from graft.memory import keep_freed_memory
     from graft.model import Classifier, head_config, make_head
-    from graft.precision import device_and_amp, fold_frozen_bn, fp32_depthwise, out_of_place_activations
+    from graft.precision import device_and_amp, fp32_depthwise, out_of_place_activations
 
     if "every depthwise" in mode:  # graft's choice before: all depthwise layers fp32, 3x3 stride-1 ones included
         precision.slow_in_bf16 = precision.is_depthwise
@@ -82,7 +83,8 @@ def step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
     depthwise = fp32_depthwise(model) if amp is not None and "bf16 depthwise" not in mode else contextlib.nullcontext()
     activations = out_of_place_activations(model, amp is not None and "in place" not in mode)
-    folded = fold_frozen_bn(model) if "not folded" not in mode else contextlib.nullcontext()
+    fuse = "not fused into" not in mode  # the activations computed by the convolutions' oneDNN call (graft.fold)
+    folded = fold_frozen_bn(model, fuse_activations=fuse) if "not folded" not in mode else contextlib.nullcontext()
     with keep_freed_memory("malloc defaults" not in mode), depthwise, activations, folded:
         for i in range(steps + 1):
             if i == 1:
@@ -97,9 +99,10 @@ def step_rate(mode: str, size: int, steps: int, batch: int) -> float:
 
 def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     """img/s of graft's training step (channels_last, bf16 where native with the depthwise convolutions that are
-    slow in bf16 in fp32 and activations out of place, frozen BatchNorm folded into the convolutions, freed
-    memory kept for reuse), each row in a fresh process: every layer trains, also with glibc's default malloc
-    settings, without the fold, in fp32, with every depthwise convolution in fp32, with in-place activations,
+    slow in bf16 in fp32 and activations out of place, frozen BatchNorm folded into the convolutions and the
+    activations after it computed by them, freed memory kept for reuse), each row in a fresh process: every layer
+    trains, also with glibc's default malloc settings, without the fold, with the fold but the activations run on
+    their own, in fp32, with every depthwise convolution in fp32, with in-place activations,
     with every depthwise convolution in bf16 (what graft avoids), and with AdamW's per-tensor loop instead of its
     fused kernel; ``last_n: 2`` by ``requires_grad``
     alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
@@ -107,6 +110,7 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
         "full",
         "full, glibc malloc defaults",
         "full, BatchNorm not folded",
+        "full, act. not fused into conv",
         "full fp32",
         "full, every depthwise fp32",
         "full, activations in place",

@@ -24,8 +24,9 @@ each in a fresh process):
                  its features from the feature table; one more 224 px bf16 run without the table computes them.
   step anatomy   one training step at 224 px: every layer trains (graft's step: bf16 where native with the
                  depthwise convolutions that are slow in bf16 in fp32 and activations out of place, frozen
-                 BatchNorm folded into the convolutions, and freed memory kept for reuse; also with glibc's malloc
-                 defaults, without the fold, all fp32, every depthwise layer fp32, in-place activations, and every
+                 BatchNorm folded into the convolutions with the activations after it computed by them, and freed
+                 memory kept for reuse; also with glibc's malloc defaults, without the fold, with the fold but the
+                 activations on their own, all fp32, every depthwise layer fp32, in-place activations, and every
                  depthwise layer bf16, and AdamW not fused),
                  ``last_n: 2`` by ``requires_grad`` alone (autograd then records nothing below the first trainable
                  block), and the same with the frozen prefix run under ``torch.no_grad`` explicitly: what the

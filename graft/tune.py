@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from graft import GraftError
 from graft.atomic import BackgroundWriter, torch_bytes
 from graft.batches import DecodedImages, image_batches, to_device
+from graft.fold import fold_frozen_bn
 from graft.frozen import ValActivations
 from graft.heads import class_weights
 from graft.images import Preprocess
@@ -37,7 +38,7 @@ from graft.layerwise import layer_groups, make_scheduler, param_groups, set_trai
 from graft.memory import keep_freed_memory
 from graft.model import Classifier, classifier_from_payload
 from graft.params import FinetuneParams
-from graft.precision import cpu_bf16_layers, device_and_amp, fold_frozen_bn
+from graft.precision import cpu_bf16_layers, device_and_amp
 
 
 @torch.no_grad()

@@ -436,7 +436,7 @@ def _conv_bn_net() -> torch.nn.Sequential:
 def test_folded_batchnorm_gives_the_same_outputs_and_gradients() -> None:
     """fold_frozen_bn folds each inference-mode BatchNorm into its convolution: the same outputs and the same
     gradients for the convolution and BatchNorm parameters; afterwards the modules and names are as before."""
-    from graft.precision import fold_frozen_bn
+    from graft.fold import fold_frozen_bn
 
     x = torch.rand(2, 3, 12, 12)
 
@@ -463,7 +463,7 @@ def test_batchnorm_that_is_not_applied_to_its_convolution_is_not_folded() -> Non
     outputs and nothing is folded."""
     from torch import nn
 
-    from graft.precision import fold_frozen_bn
+    from graft.fold import fold_frozen_bn
 
     class Odd(nn.Module):
         def __init__(self) -> None:
@@ -484,7 +484,8 @@ def test_folded_depthwise_layer_stays_fp32_under_bf16() -> None:
     CPU bf16 autocast, matching the unfolded fp32 layer; on exit every module is plain again."""
     from torch import nn
 
-    from graft.precision import fold_frozen_bn, fp32_depthwise
+    from graft.fold import fold_frozen_bn
+    from graft.precision import fp32_depthwise
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 3, 5, padding=2, groups=3), nn.BatchNorm2d(3)).eval()
@@ -544,7 +545,8 @@ def test_folded_fp32_depthwise_gradients_match_the_plain_layers(kernel: int, str
     below, no graph is recorded."""
     from torch import nn
 
-    from graft.precision import fold_frozen_bn, fp32_depthwise
+    from graft.fold import fold_frozen_bn
+    from graft.precision import fp32_depthwise
 
     def run(fast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         torch.manual_seed(0)
