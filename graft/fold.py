@@ -23,6 +23,7 @@ from graft.precision import Fp32DepthwiseConv
 
 Conf = tuple[list[int], list[int], list[int], int]  # stride, padding, dilation, groups
 PostOp = tuple[str, list[float]]  # a oneDNN post-op and its scalars
+Fused = tuple[nn.Module, PostOp, Conf]  # the activation module, its post-op, the convolution's geometry
 
 
 def post_op(act: nn.Module) -> PostOp | None:
@@ -93,19 +94,18 @@ class _FoldedConv(nn.Conv2d):
         if self.bias is not None:
             bias = bias + self.bias * s
         weight = self.weight * s.reshape(-1, 1, 1, 1)
-        act = self.__dict__.get("_graft_act")
-        if act is None:
+        fused: Fused | None = self.__dict__.get("_graft_act")
+        if fused is None:
             return self._conv_forward(x, weight, bias)
+        act, op, conf = fused
         if x.device.type != "cpu":  # the post-op is oneDNN's: elsewhere the activation runs after the convolution
             return act(self._conv_forward(x, weight, bias))
         # the fused op has no autocast rule: cast as autocast casts conv2d's arguments
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        conf: Conf = (list(self.stride), list(self.padding), list(self.dilation), self.groups)  # type: ignore[arg-type]
-        op = post_op(act)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
             return _ConvAct.apply(x, weight, bias, conf, op)
-        return _pointwise(x, weight, bias, conf, op)  # type: ignore[arg-type]
+        return _pointwise(x, weight, bias, conf, op)
 
 
 class _FoldedFp32DepthwiseConv(Fp32DepthwiseConv, _FoldedConv):
@@ -175,15 +175,18 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
     return pairs
 
 
-def _fusable(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
-    """The activation of ``bn`` that ``conv`` can compute as its post-op, or None: one oneDNN has, straight after
-    the BatchNorm (no dropout between), and a convolution with explicit zero padding."""
+def _fusable(conv: nn.Module, bn: nn.Module) -> Fused | None:
+    """The activation of ``bn`` that ``conv`` can compute as its post-op, with the post-op and the convolution's
+    geometry, or None: an activation oneDNN has, straight after the BatchNorm (no dropout between), and a
+    convolution with explicit zero padding."""
     act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
-    if act is None or post_op(act) is None or not isinstance(drop, nn.Identity | None):
+    op = post_op(act) if isinstance(act, nn.Module) else None
+    if act is None or op is None or not isinstance(drop, nn.Identity | None) or not isinstance(conv, nn.Conv2d):
         return None
-    if getattr(conv, "padding_mode", None) != "zeros" or isinstance(getattr(conv, "padding", ""), str):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
-    return act
+    conf: Conf = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return act, op, conf
 
 
 def _eval_outputs(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], size: int) -> torch.Tensor:
@@ -225,9 +228,9 @@ def fold_frozen_bn(
             swapped.append((conv, type(conv)))
             swapped.append((bn, type(bn)))
             conv.__dict__["_graft_bn"] = bn
-            act = _fusable(conv, bn) if fuse else None
-            if act is not None:
-                conv.__dict__["_graft_act"], bn.__dict__["_graft_fused"] = act, True
+            fused = _fusable(conv, bn) if fuse else None
+            if fused is not None:
+                conv.__dict__["_graft_act"], bn.__dict__["_graft_fused"] = fused, True
             conv.__class__ = _FoldedFp32DepthwiseConv if type(conv) is Fp32DepthwiseConv else _FoldedConv
             cls = type(bn)
             if cls not in _AFTER_FOLD:
