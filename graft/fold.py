@@ -214,7 +214,8 @@ def fold_frozen_bn(
     BatchNormAct2d is computed by the convolution; yields how many BatchNorms were folded.
 
     Folded, one Lite0 step at 224 px (bf16, fp32 depthwise layers) went from 20.7-29.6 to 40.8-43.2 img/s (two
-    runs each); fusing the 33 ReLU6 as well, 38.2-39.3 to 39.6-41.7 img/s (three fresh processes each).
+    runs each); computing its 33 ReLU6 in the convolutions as well, 35.9-39.2 to 39.7-43.2 img/s (six
+    fresh processes each, alternating).
     ``forward`` (the model's forward, e.g. ``Classifier.logits``) is run in inference mode on a ``size`` px
     batch with and without the fold: when the outputs differ (a pairing that is not conv -> BatchNorm in the
     data flow), nothing is folded. Undone on exit; parameter names are unchanged.
