@@ -48,16 +48,22 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conf: 
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, *op, "")
 
 
-class _ConvAct(torch.autograd.Function):
-    """``act(conv2d(x, weight, bias))`` as one oneDNN call. The backward masks the output gradient where the
-    activation is flat, read off its output (ReLU6's output is in (0, 6) exactly where its input is), then asks
-    oneDNN for the convolution's gradients; in fp32 the bias gradient is a plain sum (oneDNN's fp32 depthwise one is
-    slow, see :class:`_BiasGradBySum`), in bf16 oneDNN's (PyTorch's CPU sum over bf16 is slower)."""
+class _FoldedConvGrad(torch.autograd.Function):
+    """``conv2d(x, weight, bias)``, with ``op`` followed by its activation in the same oneDNN call, and a backward
+    that computes the bias gradient itself in fp32.
+
+    With ``op`` the backward first masks the output gradient where the activation is flat, read off the output
+    (ReLU6's output is in (0, 6) exactly where its input is), so the pre-activation is never kept. Then oneDNN
+    gives the input and weight gradients. In fp32 the bias gradient is a plain sum: oneDNN's fp32 depthwise
+    backward computes it slowly (batch 32, channels_last, 672 channels at 14 px 5x5: 41.0 ms with the bias'
+    against 26.8 + 0.5 ms without it and a sum; over Lite0's fp32 depthwise layers at 224 px 326 against
+    269 + 5 ms a step; one bf16 step 37.8 against 36.5 img/s, three fresh processes each). In bf16 oneDNN
+    computes it (PyTorch's CPU sum over a bf16 tensor is slower still)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, conf, op):
-        y = _pointwise(x, weight, bias, conf, op)
-        ctx.save_for_backward(x, weight, y)
+        y = _pointwise(x, weight, bias, conf, op) if op else nn.functional.conv2d(x, weight, bias, *conf)
+        ctx.save_for_backward(x, weight, y if op else None)
         ctx.conf, ctx.op = conf, op
         return y
 
@@ -65,9 +71,10 @@ class _ConvAct(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        attr, scalars = ctx.op
-        if attr == "hardtanh":
-            g = torch.ops.aten.hardtanh_backward(grad, y, *scalars)
+        if ctx.op is None:
+            g = grad
+        elif ctx.op[0] == "hardtanh":
+            g = torch.ops.aten.hardtanh_backward(grad, y, *ctx.op[1])
         else:
             g = torch.ops.aten.threshold_backward(grad, y, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -80,6 +87,18 @@ class _ConvAct(torch.autograd.Function):
                 g, x, weight, size, stride, padding, dilation, False, [0, 0], groups, mask
             )
         return gx, gw, g.sum((0, 2, 3)) if by_sum else gb, None, None
+
+
+def _geometry(conv: nn.Conv2d) -> Conf | None:
+    """``conv``'s stride, padding, dilation and groups as the oneDNN calls take them; None for padding that is
+    not explicit zeros (a string, or another padding mode), which those calls cannot express."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _FoldedConv(nn.Conv2d):
@@ -103,48 +122,20 @@ class _FoldedConv(nn.Conv2d):
         # the fused op has no autocast rule: cast as autocast casts conv2d's arguments
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
-            return _ConvAct.apply(x, weight, bias, conf, op)
+        if _needs_grad(x, weight, bias):
+            return _FoldedConvGrad.apply(x, weight, bias, conf, op)
         return _pointwise(x, weight, bias, conf, op)
 
 
 class _FoldedFp32DepthwiseConv(Fp32DepthwiseConv, _FoldedConv):
     """Both: autocast off and fp32 input (:class:`Fp32DepthwiseConv`), then the folded convolution, whose bias
-    gradient is a plain sum (:class:`_BiasGradBySum`, or :class:`_ConvAct` with the activation) when a backward
-    pass will run."""
+    gradient is a plain sum (:class:`_FoldedConvGrad`) when a backward pass will run."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        grads = bias is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-        if not grads or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        conf = _geometry(self)
+        if bias is None or conf is None or not _needs_grad(x, weight, bias):
             return super()._conv_forward(x, weight, bias)
-        return _BiasGradBySum.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class _BiasGradBySum(torch.autograd.Function):
-    """``conv2d`` whose bias gradient is the output gradient summed over batch and space, outside oneDNN.
-
-    oneDNN's fp32 depthwise backward computes the bias gradient slowly: batch 32, channels_last, input and weight
-    gradients with the bias' against without it and a separate sum, 672 channels at 14 px 5x5: 41.0 against
-    26.8 + 0.5 ms; over Lite0's fp32 depthwise layers at 224 px 326 against 269 + 5 ms a step. One bf16 step at
-    224 px: 37.8 against 36.5 img/s (three fresh processes each, every pair in its favour)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (list(stride), list(padding), list(dilation), groups)
-        return nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = None
-        if need_x or need_w:
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
-            )
-        return gx, gw, grad.sum((0, 2, 3)) if need_b else None, None, None, None, None
+        return _FoldedConvGrad.apply(x, weight, bias, conf, None)
 
 
 def _after_fold(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -158,14 +149,15 @@ def _after_fold(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _AFTER_FOLD: dict[type, type] = {}
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     """Each plain convolution registered right before a BatchNorm of its width, in the same parent."""
     pairs = []
     for parent in model.modules():
         kids = list(parent.children())
         for conv, bn in zip(kids, kids[1:], strict=False):
             if (
-                type(conv) in (nn.Conv2d, Fp32DepthwiseConv)
+                isinstance(conv, nn.Conv2d)
+                and type(conv) in (nn.Conv2d, Fp32DepthwiseConv)  # not a subclass graft does not know
                 and isinstance(bn, nn.BatchNorm2d)
                 and bn.track_running_stats
                 and bn.affine
@@ -175,18 +167,15 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
     return pairs
 
 
-def _fusable(conv: nn.Module, bn: nn.Module) -> Fused | None:
+def _fusable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Fused | None:
     """The activation of ``bn`` that ``conv`` can compute as its post-op, with the post-op and the convolution's
     geometry, or None: an activation oneDNN has, straight after the BatchNorm (no dropout between), and a
     convolution with explicit zero padding."""
     act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
-    op = post_op(act) if isinstance(act, nn.Module) else None
-    if act is None or op is None or not isinstance(drop, nn.Identity | None) or not isinstance(conv, nn.Conv2d):
+    if not isinstance(act, nn.Module) or not isinstance(drop, nn.Identity | None):
         return None
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    conf: Conf = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
-    return act, op, conf
+    op, conf = post_op(act), _geometry(conv)
+    return None if op is None or conf is None else (act, op, conf)
 
 
 def _eval_outputs(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], size: int) -> torch.Tensor:

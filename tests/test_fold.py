@@ -38,10 +38,16 @@ def _block(act: type[nn.Module], kernel: int = 5, stride: int = 1) -> nn.Sequent
 def _run(act: type[nn.Module], mode: str, bf16: bool, kernel: int = 5, stride: int = 1) -> dict:
     """Output, gradients (input and every parameter), the convolutions' grad_fn names and their largest output."""
     net = _block(act, kernel, stride)
-    seen: list[tuple[str, float]] = []
+    seen: list[tuple[str, str | None, float]] = []  # grad_fn, the oneDNN post-op it computed, largest output
     for conv in net[0::2]:
         conv.register_forward_hook(
-            lambda m, a, out: seen.append((type(out.grad_fn).__name__, float(out.detach().float().max())))
+            lambda m, a, out: seen.append(
+                (
+                    type(out.grad_fn).__name__,
+                    (getattr(out.grad_fn, "op", None) or [None])[0],
+                    float(out.detach().float().max()),
+                )
+            )
         )
     x = (torch.randn(4, 3, 12, 12) * 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with contextlib.ExitStack() as stack:
@@ -69,9 +75,14 @@ def test_fused_activation_gives_the_plain_layers_outputs_and_gradients_in_fp32(
 ) -> None:
     plain, fused = _run(act, "plain", False, kernel, stride), _run(act, "fused", False, kernel, stride)
     # the two convolutions followed by an activation run fused; the projection (no activation) does not
-    assert [name for name, _ in fused["seen"]] == ["_ConvActBackward", "_ConvActBackward", "ConvolutionBackward0"]
+    expected = "hardtanh" if act is nn.ReLU6 else "relu"
+    assert [(name, op) for name, op, _ in fused["seen"]] == [
+        ("_FoldedConvGradBackward", expected),
+        ("_FoldedConvGradBackward", expected),
+        ("ConvolutionBackward0", None),
+    ]
     if act is nn.ReLU6:  # the fused convolution's own output is clamped; plain, the convolution's is not
-        assert max(v for _, v in fused["seen"][:2]) <= 6.0 < max(v for _, v in plain["seen"][:2])
+        assert max(v for *_, v in fused["seen"][:2]) <= 6.0 < max(v for *_, v in plain["seen"][:2])
     torch.testing.assert_close(fused["out"], plain["out"], rtol=1e-5, atol=1e-5)
     assert len(fused["grads"]) == 1 + 3 + 6 and all(g is not None for g in fused["grads"])
     for a, b in zip(fused["grads"], plain["grads"], strict=True):
@@ -83,8 +94,8 @@ def test_fused_activation_under_bf16_matches_the_unfused_fold() -> None:
     outputs and gradients, and stay near the plain fp32 layers."""
     unfused, fused = _run(nn.ReLU6, "folded", True), _run(nn.ReLU6, "fused", True)
     fp32 = _run(nn.ReLU6, "plain", False)
-    assert [name for name, _ in fused["seen"]][:2] == ["_ConvActBackward", "_ConvActBackward"]
-    assert "_ConvActBackward" not in {name for name, _ in unfused["seen"]}
+    assert [op for _, op, _ in fused["seen"]] == ["hardtanh", "hardtanh", None]
+    assert [op for _, op, _ in unfused["seen"]] == [None, None, None]
     torch.testing.assert_close(fused["out"], unfused["out"], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(fused["out"], fp32["out"], rtol=5e-2, atol=5e-2)
     for a, b in zip(fused["grads"], unfused["grads"], strict=True):
