@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from graft.precision import Fp32DepthwiseConv
+from graft.precision import Fp32DepthwiseConv, cpu_bf16_native
 
 Conf = tuple[list[int], list[int], list[int], int]  # stride, padding, dilation, groups
 PostOp = tuple[str, list[float]]  # a oneDNN post-op and its scalars
@@ -41,6 +41,14 @@ def post_op(act: nn.Module) -> PostOp | None:
 def fused_available() -> bool:
     """Whether this torch build has oneDNN's convolution with a post-op (a CPU build with oneDNN)."""
     return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+@functools.cache
+def fused_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's convolution with a post-op runs in ``dtype`` on this CPU: fp32 anywhere, bf16 only where
+    the CPU has it (AVX512-BF16/AMX or AVX-NE-CONVERT; elsewhere the op refuses, where a plain convolution falls
+    back to a slower path), nothing else."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_bf16_native())
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conf: Conf, op: PostOp) -> torch.Tensor:
@@ -117,10 +125,10 @@ class _FoldedConv(nn.Conv2d):
         if fused is None:
             return self._conv_forward(x, weight, bias)
         act, op, conf = fused
-        if x.device.type != "cpu":  # the post-op is oneDNN's: elsewhere the activation runs after the convolution
-            return act(self._conv_forward(x, weight, bias))
         # the fused op has no autocast rule: cast as autocast casts conv2d's arguments
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if x.device.type != "cpu" or not fused_dtype(dtype):  # the post-op is oneDNN's, for fp32 and native bf16
+            return act(self._conv_forward(x, weight, bias))
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         if _needs_grad(x, weight, bias):
             return _FoldedConvGrad.apply(x, weight, bias, conf, op)
