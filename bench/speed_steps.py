@@ -97,7 +97,7 @@ def step_rate(mode: str, size: int, steps: int, batch: int) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
+def step_anatomy(size: int, steps: int, batch: int = 32, bf16: bool = True) -> dict[str, float]:
     """img/s of graft's training step (channels_last, bf16 where native with the depthwise convolutions that are
     slow in bf16 in fp32 and activations out of place, frozen BatchNorm folded into the convolutions and the
     activations after it computed by them, freed memory kept for reuse), each row in a fresh process: every layer
@@ -105,7 +105,9 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
     their own, in fp32, with every depthwise convolution in fp32, with in-place activations,
     with every depthwise convolution in bf16 (what graft avoids), and with AdamW's per-tensor loop instead of its
     fused kernel; ``last_n: 2`` by ``requires_grad``
-    alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``."""
+    alone; and ``last_n: 2`` with the frozen prefix under an explicit ``no_grad``. Without ``bf16`` (a CPU
+    without native bf16, where graft's step is fp32) the rows that differ from ``full`` only in bf16 are left
+    out."""
     modes = (
         "full",
         "full, glibc malloc defaults",
@@ -119,6 +121,8 @@ def step_anatomy(size: int, steps: int, batch: int = 32) -> dict[str, float]:
         "last_n 2 (requires_grad)",
         "last_n 2 (+ no_grad prefix)",
     )
+    if not bf16:
+        modes = tuple(m for m in modes if "fp32" not in m and "bf16" not in m and "in place" not in m)
     out = {}
     for mode in modes:  # each in a fresh process: glibc's malloc state (and oneDNN's caches) start as a user's do
         code = f"import speed_steps as t; print(t.step_rate({mode!r}, {size}, {steps}, {batch}))"

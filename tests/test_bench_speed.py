@@ -42,3 +42,32 @@ def test_the_target_fails_when_the_median_pair_misses(speed) -> None:
     pairs = [(10.0, {"img_per_s": v}, 10.0) for v in (30.0, 24.9, 24.0)]  # one pair passes, the median does not
     text, ok = speed.pairs_line(pairs)
     assert not ok and "2.49x" in text
+
+
+def test_the_report_on_a_cpu_without_bf16_judges_fp32_and_lists_no_bf16_row(speed) -> None:
+    """An AVX2 CPU: graft trains in fp32, the run measures no bf16 row, and the report judges last_n in fp32."""
+
+    def run(v: float) -> dict:
+        return {"img_per_s": v, "precision": "fp32", "probe_features": "feature cache", "wall_s": 60.0}
+
+    g = {(224, "fp32", "full"): run(16.0), (96, "fp32", "full"): run(60.0)}
+    g |= {(224, "fp32", "last_n 2"): run(40.0), (224, "fp32", "full, no table"): run(15.0)}
+    res = {
+        "precisions": ("fp32",),
+        "plain": {224: 8.0, 96: 60.0},
+        "graft": g,
+        "pairs": [(7.0, run(16.0), 8.0)],
+        "anatomy": {"full": 22.0},
+        "featurize": {p: {"img_per_s": v, "computed": 240, "setup_s": 5.0} for p, v in (("fp32", 80), ("int8", 130))},
+        "startup": {"graft featurize (cached)": 1.0, "graft backbones": 0.2},
+        "demo": {
+            (s, "fp32"): {"accuracy": a, "macro_f1": a, "wall_s": 80.0, "n": 146} for s, a in ((0, 1.0), (1, 0.98))
+        },
+    }
+    text = speed.report(res)
+    rows = text.splitlines()
+    assert "(no bf16 rows: this CPU has no native bf16, so graft's `precision: auto` trains in fp32)" in rows
+    assert not [r for r in rows if r.startswith(("graft full bf16", "  x plain loop, bf16", "bf16:"))]
+    assert "last_n 2 >= 2.0x full (fp32): PASS" in text and "fp32: full 16.0, last_n 2 40.0 img/s: 2.50x" in text
+    assert "2.5x plain at 224 px, median of 1 bracketed pairs 2.00x (2.00x): FAIL" in text
+    assert "mean accuracy over 2 seeds: fp32 0.9900" in text
