@@ -125,9 +125,11 @@ class _FoldedConv(nn.Conv2d):
         if fused is None:
             return self._conv_forward(x, weight, bias)
         act, op, conf = fused
-        # the fused op has no autocast rule: cast as autocast casts conv2d's arguments
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-        if x.device.type != "cpu" or not fused_dtype(dtype):  # the post-op is oneDNN's, for fp32 and native bf16
+        # the fused op is oneDNN's (CPU; fp32, or bf16 where native) and has no autocast rule: cast as autocast
+        # casts conv2d's arguments; anywhere else the activation runs after the convolution
+        cpu = x.device.type == "cpu"
+        dtype = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else weight.dtype
+        if not (cpu and fused_dtype(dtype)):
             return act(self._conv_forward(x, weight, bias))
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         if _needs_grad(x, weight, bias):
