@@ -27,13 +27,15 @@ lint: install
 	ruff format --check
 	mypy
 
-## test: lint, then the whole suite, including the end-to-end `dvc repro` with the real Lite0 weights
+## test: lint, then the whole suite, including the end-to-end `dvc repro` with the real Lite0 weights.
+## pytest-xdist runs it on every core (at most 4 workers; each worker has its own Prefect test server).
+PYTEST_WORKERS ?= -n auto --maxprocesses=4
 test: lint
-	pytest -q
+	pytest -q $(PYTEST_WORKERS)
 
 ## test-fast: unit tests only (skips the slow end-to-end and real-weights tests)
 test-fast: install
-	pytest -q -m "not slow"
+	pytest -q $(PYTEST_WORKERS) -m "not slow"
 
 repro: install
 	dvc repro
