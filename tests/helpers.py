@@ -96,3 +96,14 @@ def load_bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_seven_bit_weights(proto) -> None:
+    """Every int8 weight of a quantized graph lies in [-64, 64] (``reduce_range``): uint8 x int8 pairs then sum
+    below 32,767 in the 16-bit ``vpmaddubsw`` of CPUs without VNNI (255 x 64 x 2 = 32,640), so nothing saturates."""
+    from onnx import TensorProto, numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == TensorProto.INT8]
+    weights = [w for w in weights if w.size > 1]  # per-tensor zero points are single int8 zeros
+    assert weights, "no int8 weights in the graph"
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64

@@ -25,7 +25,7 @@ from graft.tasks.export import calibration_paths, export, int8_path
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
 from graft.tasks.train_head import train
-from tests.helpers import make_params, run_stages, write_tree
+from tests.helpers import assert_seven_bit_weights, make_params, run_stages, write_tree
 
 CLASSES = ("cat", 'chat "noir" é', "dog")  # a label with spaces, quotes and non-ASCII must survive
 
@@ -196,6 +196,7 @@ def test_int8_model_beside_fp32_with_metadata(exported) -> None:
     assert {k: int8_meta[k] for k in fp32_meta} == fp32_meta
     assert json.loads(int8_meta["graft.quantization"])["dtype"] == "int8"
     assert any(n.op_type == "QuantizeLinear" for n in int8_proto.graph.node)
+    assert_seven_bit_weights(int8_proto)
     assert [i.name for i in int8_proto.graph.input] == ["image"]
     clf = OnnxClassifier(q)
     assert clf.classes == sorted(CLASSES)

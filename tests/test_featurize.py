@@ -23,7 +23,7 @@ from graft.cache import cache_dir_for, cached_keys, feature_schema, load_feature
 from graft.images import load_rgb, preprocess
 from graft.tasks.featurize import featurize
 from graft.tasks.ingest import ingest
-from tests.helpers import class_image, make_params, write_tree
+from tests.helpers import assert_seven_bit_weights, class_image, make_params, write_tree
 
 DIM = 32  # tiny_cnn feature width
 
@@ -498,6 +498,7 @@ def test_int8_features_get_their_own_cache_calibrated_once(ws: Path) -> None:
     proto = onnx.load(str(graph))
     assert {p.key: p.value for p in proto.metadata_props}["graft.precision"] == "int8"
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    assert_seven_bit_weights(proto)
 
     def features(cache: str) -> np.ndarray:
         table = read_features(Path(cache), DIM, sorted(_unique(fp32))).sort_by("sha256")
