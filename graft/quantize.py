@@ -81,10 +81,10 @@ def quantize_int8(
 
     QDQ with per-channel int8 weights and uint8 activations is onnxruntime's fast path on x86
     (measured on the 2-core EPYC: QOperator and int8 activations were slower). The weights use 7 of the 8
-    bits (``reduce_range``): x86 CPUs without VNNI multiply uint8 by int8 with ``vpmaddubsw``, whose 16-bit
-    sums of two products saturate past 32,767 (255 x 127 x 2 = 64,770; 255 x 63 x 2 = 32,130 does not).
+    bits (``reduce_range``, -64..64): x86 CPUs without VNNI multiply uint8 by int8 with ``vpmaddubsw``, whose
+    16-bit sums of two products saturate past 32,767 (255 x 127 x 2 = 64,770; 255 x 64 x 2 = 32,640 fits).
     On an AVX2 CPU this halved the int8 features' median relative error on the digits pool (0.078 -> 0.038),
-    and a graph now computes the same features on every x86 CPU, so a shared cache holds one kind. The head and, in a
+    and the integer sums of a graph no longer depend on whether the CPU has VNNI. The head and, in a
     deep net, the first three and the last convolutions stay float: quantizing everything cost ~3 points on
     the digits demo. On Lite0 (its stem and first block at 112 px) the first three rather than the first one
     cut the median relative feature error from 0.103 to 0.090 on the digits pool and from 0.113 to 0.091 on
