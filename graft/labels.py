@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.special import softmax
-from sklearn.metrics import log_loss
 
 from graft import GraftError
 from graft.atomic import write_csv
@@ -31,6 +30,7 @@ from graft.cache import load_feature_table, select_columns, tap_columns
 from graft.params import Params
 from graft.plots import plot_gallery
 from graft.select import cv_grid, cv_splits
+from graft.trust import nll
 
 # Inverse L2 strengths tried for the out-of-fold heads; the one with the lowest out-of-fold log-loss wins,
 # because cleanlab's thresholds rest on the probabilities, not on the argmax (weaker C overfits noisy labels).
@@ -58,17 +58,13 @@ def out_of_fold_proba(
     # logits on the rows it held out: 12x faster than a cold cross_val_predict per C (8.3 against 0.7 s on
     # 500 x 1,280 features), the same C and probabilities within 1e-3
     rows = cv_grid("linear", X, y, grid, cv_splits(y, n_splits, seed))
-    best: tuple[float, np.ndarray, float] | None = None
-    for C, row in zip(grid, rows, strict=True):
+    logits = []
+    for row in rows:
         if row.oof is None or not row.oof[1].all():  # cv_grid keeps them; the splits cover every row
             raise GraftError("out_of_fold_proba: the CV left rows without a held-out prediction")
-        logits = row.oof[0]
-        proba = softmax(logits.astype(np.float64), axis=1)
-        loss = log_loss(y, proba, labels=np.arange(proba.shape[1]))
-        if best is None or loss < best[0]:
-            best = (loss, proba, float(C))
-    assert best is not None  # cv_grid refuses an empty grid
-    return best[1], best[2]
+        logits.append(row.oof[0])
+    best = int(np.argmin([nll(z, y) for z in logits]))  # the out-of-fold log-loss, read off the logits
+    return softmax(logits[best].astype(np.float64), axis=1), float(rows[best].settings["C"])
 
 
 def rank_label_issues(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
